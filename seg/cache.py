@@ -1,0 +1,241 @@
+"""Reading a feature cache: per-sample access, whole-split loading, human summary, verification."""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from pathlib import Path
+from typing import Callable, Optional
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from seg import cache_format as cf
+from seg.backbone import file_sha256
+from seg.classes import ClassTable
+from seg.errors import SegError
+
+
+class FeatureCache:
+    """A complete cache directory; `split(name)` gives its samples."""
+
+    def __init__(self, path: str | Path, require_complete: bool = True) -> None:
+        self.path = Path(path)
+        self.manifest = cf.read_manifest(self.path)
+        if require_complete and not self.manifest.get("complete"):
+            raise SegError(f"{self.path}: cache is incomplete (extraction was interrupted); "
+                           "rerun the same `seg extract` command to finish it")
+
+    @property
+    def class_table(self) -> ClassTable:
+        return ClassTable.from_json(self.manifest["class_table"], source=str(self.path / cf.MANIFEST))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def in_channels(self) -> int:
+        layers, dim = self.manifest["token_shape"][:2]
+        return layers * dim
+
+    def split(self, name: str) -> "CacheSplit":
+        if name not in self.manifest["splits"]:
+            raise SegError(f"{self.path}: cache has no {name!r} split (it has {', '.join(self.splits) or 'none'})")
+        return CacheSplit(self.path, self.manifest, name)
+
+
+class CacheSplit(Dataset):
+    """Sample i -> (tokens float16 [L, C, Hp, Wp], mask uint8 [H, W], image name, aug seed).
+
+    HDF5 handles are opened lazily per process, so DataLoader workers each get their own.
+    """
+
+    def __init__(self, path: Path, manifest: dict, split: str) -> None:
+        self.path, self.manifest, self.name = path, manifest, split
+        s = manifest["splits"][split]
+        self.images: list[str] = s["images"]
+        self.seeds: list[int] = s["seeds"]
+        self.shards = cf.split_shards(manifest, split)
+        self._starts = [p.start for p in self.shards]
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.images) * len(self.seeds)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def _file(self, j: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: never share the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(j)
+        if f is None:
+            path = self.path / self.shards[j].file
+            try:
+                f = h5py.File(path, "r")
+            except OSError as exc:
+                raise SegError(f"{path}: cannot open shard ({exc})") from None
+            self._files[j] = f
+        return f
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(shard index, row in shard) of sample k."""
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        j = bisect_right(self._starts, k) - 1
+        return j, k - self._starts[j]
+
+    def sample_info(self, k: int) -> tuple[str, int]:
+        i, seed = cf.sample_of(k, len(self.images), self.seeds)
+        return self.images[i], seed
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        j, row = self.locate(k)
+        f = self._file(j)
+        try:
+            tokens = f["tokens"][row]
+            mask = f["masks"][row]
+        except OSError as exc:  # fletcher32 mismatch or truncated file
+            raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
+        name, seed = self.sample_info(k)
+        return torch.from_numpy(tokens), torch.from_numpy(mask), name, seed
+
+    def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and masks of several samples, read shard by shard in sorted order."""
+        indices = np.asarray(indices)
+        token_shape, mask_shape = self.manifest["token_shape"], self.manifest["mask_shape"]
+        tokens = np.empty((len(indices), *token_shape), np.float16)
+        masks = np.empty((len(indices), *mask_shape), np.uint8)
+        order = np.argsort(indices, kind="stable")
+        for pos in order:
+            j, row = self.locate(int(indices[pos]))
+            f = self._file(j)
+            try:
+                f["tokens"].read_direct(tokens, np.s_[row], np.s_[pos])
+                f["masks"].read_direct(masks, np.s_[row], np.s_[pos])
+            except OSError as exc:
+                raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
+        return tokens, masks
+
+    def load(self, device: torch.device | str = "cpu", progress: Optional[Callable[[int], None]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as (tokens float16 [N, L, C, Hp, Wp], masks uint8 [N, H, W]) on device."""
+        token_shape, mask_shape = self.manifest["token_shape"], self.manifest["mask_shape"]
+        tokens = torch.empty((len(self), *token_shape), dtype=torch.float16, device=device)
+        masks = torch.empty((len(self), *mask_shape), dtype=torch.uint8, device=device)
+        for j, plan in enumerate(self.shards):
+            f = self._file(j)
+            try:
+                t, m = f["tokens"][()], f["masks"][()]
+            except OSError as exc:
+                raise SegError(f"{self.path / plan.file}: corrupt shard ({exc}); run `seg cache verify`") from None
+            tokens[plan.start:plan.start + plan.count] = torch.from_numpy(t)
+            masks[plan.start:plan.start + plan.count] = torch.from_numpy(m)
+            if progress:
+                progress(plan.count)
+        return tokens, masks
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+def describe(path: str | Path) -> list[str]:
+    """`seg cache info`: the manifest in human form."""
+    m = cf.read_manifest(Path(path))
+    size, grid = m["size"], m["patch_grid"]
+    lines = [
+        f"cache        {path}  ({'complete' if m.get('complete') else 'INCOMPLETE: rerun the extract command'})",
+        f"format       {m['format']} v{m['format_version']} (seg {m.get('seg_version', '?')})",
+        f"backbone     {m['backbone']}  weights {m['weights_sha256'] if m['weights_sha256'] == 'random-init' else m['weights_sha256'][:16] + '...'}"
+        f"  ({m['weights_source']})",
+        f"input        {size['width']}x{size['height']}  -> patch grid {grid['width']}x{grid['height']} "
+        f"= {grid['width'] * grid['height']} tokens",
+        f"tokens       {m['token_dtype']} {m['token_shape']} per sample (layers {m['layers']}, normed), "
+        f"computed in {m.get('compute_dtype')} on {m.get('device')}",
+        f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']})",
+        f"classes      {len(m['class_table']['classes'])}: "
+        + ", ".join(f"{c['id']}={c['name']}{c['values']}" for c in m["class_table"]["classes"]),
+    ]
+    total_bytes = 0
+    for name, s in m["splits"].items():
+        b = sum(sh.get("bytes") or 0 for sh in s["shards"])
+        total_bytes += b
+        lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
+                     f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB")
+    lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
+    return lines
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def verify(path: str | Path, progress: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Re-read every shard: file checksum, HDF5 fletcher32, shapes, dtypes and sample order.
+
+    Returns the problems found (empty when the cache is sound).
+    """
+    path = Path(path)
+    m = cf.read_manifest(path)
+    problems = []
+    if not m.get("complete"):
+        problems.append(f"{path / cf.MANIFEST}: cache is incomplete (extraction did not finish)")
+    for split, s in m["splits"].items():
+        plans = cf.split_shards(m, split)
+        if [sh["file"] for sh in s["shards"]] != [p.file for p in plans]:
+            problems.append(f"{path / cf.MANIFEST}: {split} shard list does not match the planned layout")
+            continue
+        for plan, sh in zip(plans, s["shards"]):
+            f_path = path / plan.file
+            if not f_path.is_file():
+                problems.append(f"{f_path}: missing")
+                continue
+            if sh.get("sha256") and file_sha256(f_path) != sh["sha256"]:
+                problems.append(f"{f_path}: sha256 differs from the manifest (file changed or corrupt)")
+            problems += _verify_shard(f_path, plan, s, m)
+            if progress:
+                progress(plan.count)
+    return problems
+
+
+def _verify_shard(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> list[str]:
+    expect = {
+        "tokens": ((plan.count, *m["token_shape"]), np.float16),
+        "masks": ((plan.count, *m["mask_shape"]), np.uint8),
+        "image_index": ((plan.count,), np.int32),
+        "aug_seed": ((plan.count,), np.int32),
+    }
+    data = {}
+    try:
+        with h5py.File(f_path, "r") as f:
+            for key, (shape, dtype) in expect.items():
+                if key not in f:
+                    return [f"{f_path}: dataset {key!r} missing"]
+                d = f[key]
+                if d.shape != shape or d.dtype != dtype:
+                    return [f"{f_path}: {key} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}"]
+                data[key] = d[()]  # reading every chunk checks its fletcher32 checksum
+    except OSError as exc:
+        return [f"{f_path}: unreadable or corrupt ({str(exc).splitlines()[0][:160]})"]
+    problems = []
+    n_img = len(split["images"])
+    ks = np.arange(plan.start, plan.start + plan.count)
+    if not (np.array_equal(data["image_index"], ks % n_img)
+            and np.array_equal(data["aug_seed"], np.asarray(split["seeds"])[ks // n_img])):
+        problems.append(f"{f_path}: image_index/aug_seed do not follow the manifest's sample order")
+    masks = data["masks"]
+    if ((masks >= len(m["class_table"]["classes"])) & (masks != m["ignore_index"])).any():
+        problems.append(f"{f_path}: masks hold ids outside the class table")
+    if not np.isfinite(data["tokens"]).all():
+        problems.append(f"{f_path}: tokens hold NaN or infinite values")
+    return problems

@@ -1,0 +1,153 @@
+"""The feature cache on disk (DESIGN.md section 4): manifest, sample order, shard files.
+
+A cache is a directory holding `manifest.json` and shards `<split>-NNNNN.h5`. The manifest is
+written first (with `"complete": false`) so that a rerun knows the plan, and rewritten with the
+shards' checksums when every shard exists. Sample order is seed-major: sample k of a split is
+image `k % n_images` with aug seed `seeds[k // n_images]`, and shard j holds samples
+`[j * shard_size, (j + 1) * shard_size)`. Everything about the layout derives from the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+
+from seg.atomic import write_atomic, write_json
+from seg.errors import SegError
+
+FORMAT = "seg-feature-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Fields that describe results, not settings: a rerun with the same settings may differ in these.
+RESULT_FIELDS = ("complete", "compute_dtype", "device", "seg_version")
+SHARD_RESULT_FIELDS = ("sha256", "bytes")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    start: int      # first sample of the split in this shard
+    count: int
+
+    @property
+    def file(self) -> str:
+        return shard_file(self.split, self.index)
+
+
+def shard_file(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.h5"
+
+
+def plan_shards(split: str, num_samples: int, shard_size: int) -> list[ShardPlan]:
+    return [
+        ShardPlan(split, j, start, min(shard_size, num_samples - start))
+        for j, start in enumerate(range(0, num_samples, shard_size))
+    ]
+
+
+def sample_of(k: int, num_images: int, seeds: list[int]) -> tuple[int, int]:
+    """(image index, aug seed) of sample k in seed-major order."""
+    return k % num_images, seeds[k // num_images]
+
+
+def split_shards(manifest: dict, split: str) -> list[ShardPlan]:
+    s = manifest["splits"][split]
+    return plan_shards(split, len(s["images"]) * len(s["seeds"]), manifest["shard_size"])
+
+
+def settings_of(manifest: dict) -> dict:
+    """The manifest minus results: two runs with equal settings must produce the same cache."""
+    out = {k: v for k, v in manifest.items() if k not in RESULT_FIELDS}
+    out["splits"] = {
+        name: {
+            **{k: v for k, v in s.items() if k not in ("shards", "data_dir")},
+            "shards": [{k: v for k, v in sh.items() if k not in SHARD_RESULT_FIELDS} for sh in s["shards"]],
+        }
+        for name, s in manifest["splits"].items()
+    }
+    return out
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two settings dicts differ."""
+    diffs = []
+    for key in sorted(set(a) | set(b), key=str):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += differing_fields(va, vb, name + ".")
+        elif va != vb:
+            diffs.append(name)
+    return diffs
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise SegError(f"{cache_dir}: not a feature cache (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SegError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise SegError(f"{path}: not a seg feature cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SegError(f"{path}: cache format version {manifest.get('format_version')}, "
+                       f"this seg reads version {FORMAT_VERSION}; re-extract it")
+    return manifest
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    write_json(Path(cache_dir) / MANIFEST, manifest)
+
+
+def write_shard(
+    path: Path,
+    tokens: np.ndarray,
+    masks: np.ndarray,
+    image_index: np.ndarray,
+    aug_seed: np.ndarray,
+    attrs: Optional[dict[str, Any]] = None,
+) -> None:
+    """One shard, written under <name>.tmp and renamed when complete.
+
+    Tokens are stored uncompressed (float16 features barely compress and decompressing would
+    slow training reads); masks compress well with lzf. One chunk per sample, fletcher32 on all.
+    """
+    n = tokens.shape[0]
+    if not (masks.shape[0] == image_index.shape[0] == aug_seed.shape[0] == n):
+        raise ValueError("shard arrays disagree on the sample count")
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=tokens.astype(np.float16, copy=False),
+                             chunks=(1, *tokens.shape[1:]), fletcher32=True)
+            f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
+                             compression="lzf", fletcher32=True)
+            f.create_dataset("image_index", data=image_index.astype(np.int32, copy=False), chunks=(n,),
+                             fletcher32=True)
+            f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
+                             fletcher32=True)
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v
+
+    write_atomic(Path(path), write)
+
+
+def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: list[int]) -> bool:
+    """Cheap check that a finished shard has the planned shapes (used when resuming)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (
+                f["tokens"].shape == (plan.count, *token_shape)
+                and f["masks"].shape == (plan.count, *mask_shape)
+                and f["image_index"].shape == (plan.count,)
+            )
+    except (OSError, KeyError):
+        return False

@@ -1,0 +1,115 @@
+"""The `seg` command. Thin: parse flags, call the stage, print; user mistakes exit 1 with one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from seg import __version__
+from seg.errors import SegError
+
+
+def user_errors(fn):
+    """Turn SegError (and a few OS errors on user paths) into a one-line ClickException."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SegError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="seg")
+def main() -> None:
+    """Semantic-segmentation heads on cached, frozen DINOv2 features."""
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Dataset root (Falcon layout).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create or resume.")
+@click.option("--backbone", default="vitb14_reg", show_default=True, help="vits14|vitb14|vitl14|vitg14, optionally _reg.")
+@click.option("--size", default="644x364", show_default=True, help="Input WIDTHxHEIGHT, multiples of 14.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="Local checkpoint file (else the official URL via the torch hub cache).")
+@click.option("--random-init", is_flag=True, help="Seeded random weights instead of DINOv2's (tests, offline trials).")
+@click.option("--random-init-seed", default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--aug-policy", type=click.Choice(["none", "phase2", "phase3"]), default="none", show_default=True, help="Augmentation policy for train seeds > 0.")
+@click.option("--aug-seeds", default=1, show_default=True, help="K: train images get aug seeds 0..K-1 (0 = no augmentation).")
+@click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to extract.")
+@click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
+@click.option("--batch-size", default=8, show_default=True, help="Images per backbone forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
+@click.option("--workers", default=None, type=int, help="Decoding/augmentation worker processes [default: cores - 1, at most 8].")
+@click.option("--shard-size", default=64, show_default=True, help="Samples per HDF5 shard.")
+@click.option("--classes", default=None, type=click.Path(dir_okay=False), help="JSON class table (default: the published 10 classes, 600 -> Background).")
+@click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache with other settings in --out.")
+@user_errors
+def extract(**kw) -> None:
+    """Run the frozen backbone once per (image, aug seed) and store tokens in HDF5 shards."""
+    from seg.extract_features import ExtractConfig, extract as run
+
+    cfg = ExtractConfig(
+        data=kw["data"], out=kw["out"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
+        random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"],
+        aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
+        layers=kw["layers"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
+        shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
+    )
+    summary = run(cfg, log=click.echo)
+    for line in summary.lines:
+        click.echo(line)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and check feature caches."""
+
+
+@cache.command("info")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@user_errors
+def cache_info(cache_dir: str, as_json: bool) -> None:
+    """Print a cache's manifest in human form."""
+    from seg.cache import describe
+    from seg.cache_format import read_manifest
+
+    if as_json:
+        click.echo(json.dumps(read_manifest(cache_dir), indent=2))
+        return
+    for line in describe(cache_dir):
+        click.echo(line)
+
+
+@cache.command("verify")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@user_errors
+def cache_verify(cache_dir: str) -> None:
+    """Re-read every shard; check checksums, shapes and order. Exit 1 on any problem."""
+    from tqdm import tqdm
+
+    from seg.cache import verify
+    from seg.cache_format import read_manifest
+
+    total = sum(s["num_samples"] for s in read_manifest(cache_dir)["splits"].values())
+    with tqdm(total=total, unit="sample", desc="verify", dynamic_ncols=True) as bar:
+        problems = verify(cache_dir, progress=bar.update)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise click.ClickException(f"{cache_dir}: {len(problems)} problem(s) found")
+    click.echo(f"{cache_dir}: OK ({total} samples)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Stage one: run the frozen backbone once per (image, aug seed) and store tokens in a cache."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import seg
+from seg import cache_format as cf
+from seg.augment import Augmenter, parse_size, policy_params
+from seg.backbone import PATCH_SIZE, load_backbone
+from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
+from seg.data import SplitFiles, list_split, read_pair
+from seg.device import autocast, half_dtype, resolve_device
+from seg.errors import SegError
+from seg.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+DEFAULT_SHARD_SIZE = 64
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    out: str
+    backbone: str = "vitb14_reg"
+    size: str = "644x364"
+    weights: Optional[str] = None
+    random_init: bool = False
+    random_init_seed: int = 0
+    aug_policy: str = "none"
+    aug_seeds: int = 1
+    splits: tuple[str, ...] = ("train", "val")
+    layers: str = "1"
+    batch_size: int = 8
+    device: str = "auto"
+    workers: Optional[int] = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    classes: Optional[str] = None
+    overwrite: bool = False
+    half: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    cache: Path
+    samples_total: int
+    samples_written: int
+    shards_written: int
+    shards_total: int
+    bytes_on_disk: int
+    seconds: float
+    images_per_s: float
+    lines: list[str] = field(default_factory=list)
+
+
+def parse_layers(text: str) -> int | list[int]:
+    """'4' -> the last 4 blocks; '8,9,11' -> those block indices."""
+    try:
+        parts = [int(p) for p in str(text).split(",") if p.strip() != ""]
+    except ValueError:
+        raise SegError(f"--layers takes a count (e.g. 4) or block indices (e.g. 8,9,10,11), got {text!r}") from None
+    if not parts:
+        raise SegError("--layers is empty")
+    return parts[0] if "," not in str(text) else parts
+
+
+class ExtractionSamples(Dataset):
+    """Sample k of a split -> resized, augmented uint8 image and class-id mask (or an error text)."""
+
+    def __init__(self, files: SplitFiles, seeds: list[int], augmenter: Augmenter, lut: np.ndarray) -> None:
+        self.files, self.seeds, self.augmenter, self.lut = files, seeds, augmenter, lut
+
+    def __len__(self) -> int:
+        return len(self.files.names) * len(self.seeds)
+
+    def __getitem__(self, k: int) -> dict:
+        i, seed = cf.sample_of(k, len(self.files.names), self.seeds)
+        try:
+            image, mask = read_pair(self.files, i, self.lut)
+            image, mask = self.augmenter(image, mask, self.files.names[i], seed)
+        except SegError as exc:
+            # Raised in a worker, an exception comes back wrapped in a traceback; pass the text instead.
+            return {"error": str(exc), "k": k}
+        return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask), "k": k}
+
+
+def _collate(batch: list[dict]) -> dict:
+    errors = [b["error"] for b in batch if "error" in b]
+    if errors:
+        return {"error": errors[0]}
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "k": torch.tensor([b["k"] for b in batch]),
+    }
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # the backbone owns the cores; decoding workers must not oversubscribe
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tuple[int, int],
+                   table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device) -> dict:
+    w, h = size
+    seeds = {s: (list(range(cfg.aug_seeds)) if s == "train" else [0]) for s in split_files}
+    splits = {}
+    for name, files in split_files.items():
+        n = len(files.names) * len(seeds[name])
+        splits[name] = {
+            "data_dir": str(files.root),
+            "images": list(files.names),
+            "seeds": seeds[name],
+            "num_samples": n,
+            "shards": [{"file": p.file, "start": p.start, "samples": p.count, "sha256": None, "bytes": None}
+                       for p in cf.plan_shards(name, n, cfg.shard_size)],
+        }
+    return {
+        "format": cf.FORMAT,
+        "format_version": cf.FORMAT_VERSION,
+        "seg_version": seg.__version__,
+        "complete": False,
+        "backbone": info.name,
+        "weights_sha256": info.weights_sha256,
+        "weights_source": info.weights_source,
+        "random_init_seed": info.random_init_seed,
+        "weights_fingerprint": info.state_fingerprint,
+        "size": {"width": w, "height": h},
+        "patch_size": PATCH_SIZE,
+        "patch_grid": {"width": w // PATCH_SIZE, "height": h // PATCH_SIZE},
+        "embed_dim": model.embed_dim,
+        "layers": layers,
+        "layer_norm": True,
+        "token_dtype": "float16",
+        "token_shape": [len(layers), model.embed_dim, h // PATCH_SIZE, w // PATCH_SIZE],
+        "mask_shape": [h, w],
+        "compute_dtype": str(half_dtype(device)).removeprefix("torch.") if cfg.half else "float32",
+        "device": device.type,
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "resize": {"image": "bilinear (cv2.INTER_LINEAR)", "mask": "nearest"},
+        "class_table": table.to_json(),
+        "ignore_index": IGNORE_INDEX,
+        "augmentation": {
+            "policy": cfg.aug_policy,
+            "transforms": policy_params(cfg.aug_policy),
+            "albumentations": _albumentations_version(),
+            "seeding": "per sample: sha256(image name, aug seed) -> numpy Generator + random.Random; seed 0 = resize only",
+        },
+        "shard_size": cfg.shard_size,
+        "sample_order": "seed-major: sample k = (image k % n_images, seeds[k // n_images])",
+        "splits": splits,
+    }
+
+
+def _albumentations_version() -> str:
+    import albumentations
+
+    return albumentations.__version__
+
+
+def prepare_cache_dir(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Refuse to mix settings in one cache; a rerun with the same settings keeps finished shards."""
+    if overwrite:
+        if out.exists():
+            for p in list(out.glob("*.h5")) + list(out.glob("*.tmp")) + [out / cf.MANIFEST]:
+                p.unlink(missing_ok=True)
+    elif (out / cf.MANIFEST).exists():
+        try:
+            old = cf.read_manifest(out)
+        except SegError as exc:
+            raise SegError(f"{exc}; pass --overwrite to replace it") from None
+        diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
+        if diffs:
+            raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
+                           + (" ..." if len(diffs) > 6 else "") + "); use another --out or pass --overwrite")
+    elif out.exists() and any(out.iterdir()):
+        raise SegError(f"{out}: exists and is not a feature cache; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> list[cf.ShardPlan]:
+    missing = []
+    for plan in shards:
+        path = out / plan.file
+        cf_tmp = path.with_name(path.name + ".tmp")
+        cf_tmp.unlink(missing_ok=True)  # an interrupted write; it is redone
+        if not cf.shard_ok(path, plan, manifest["token_shape"], manifest["mask_shape"]):
+            path.unlink(missing_ok=True)
+            missing.append(plan)
+    return missing
+
+
+def finalize_manifest(out: Path, manifest: dict) -> int:
+    """Record every shard's sha256 and size, mark the cache complete; returns total bytes."""
+    from seg.backbone import file_sha256
+
+    total = 0
+    for split in manifest["splits"].values():
+        for sh in split["shards"]:
+            path = out / sh["file"]
+            if not path.is_file():
+                raise SegError(f"{path}: shard missing at the end of extraction")
+            sh["sha256"] = file_sha256(path)
+            sh["bytes"] = path.stat().st_size
+            total += sh["bytes"]
+    manifest["complete"] = True
+    cf.write_manifest(out, manifest)
+    return total
+
+
+def extract(
+    cfg: ExtractConfig,
+    shard_filter: Callable[[cf.ShardPlan], bool] = lambda plan: True,
+    finalize: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExtractSummary:
+    """Fill the cache at cfg.out; shard_filter picks this process's shards (all of them by default)."""
+    t0 = time.perf_counter()
+    size = parse_size(cfg.size, PATCH_SIZE)
+    if cfg.aug_seeds < 1:
+        raise SegError(f"--aug-seeds must be at least 1, got {cfg.aug_seeds}")
+    if cfg.aug_policy == "none" and cfg.aug_seeds > 1:
+        raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3)")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise SegError("--batch-size and --shard-size must be at least 1")
+    device = resolve_device(cfg.device)
+    table = load_class_table(cfg.classes)
+    split_files = {s: list_split(cfg.data, s) for s in cfg.splits}
+    model, info = load_backbone(cfg.backbone, cfg.weights, cfg.random_init, cfg.random_init_seed)
+    if cfg.random_init:
+        log(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")
+    try:
+        layers = model.resolve_layers(parse_layers(cfg.layers))
+    except ValueError as exc:
+        raise SegError(f"--layers: {exc}") from None
+    manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device)
+    out = Path(cfg.out)
+    prepare_cache_dir(out, manifest, cfg.overwrite)
+    if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
+        cf.write_manifest(out, manifest)
+
+    model.to(device)
+    augmenter = Augmenter(cfg.aug_policy, size)
+    lut = table.lut()
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
+    mine = [p for p in all_plans if shard_filter(p)]
+    todo = missing_shards(out, manifest, mine)
+    n_todo = sum(p.count for p in todo)
+    log(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
+        f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
+        f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers")
+
+    written = 0
+    with tqdm(total=n_todo, unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for split in split_files:
+            plans = [p for p in todo if p.split == split]
+            if plans:
+                written += _extract_split(model, device, layers, split_files[split], manifest, plans,
+                                          augmenter, lut, cfg, workers, out, bar)
+    seconds = time.perf_counter() - t0
+    total_bytes = 0
+    if finalize:
+        total_bytes = finalize_manifest(out, manifest)
+    summary = ExtractSummary(out, sum(p.count for p in all_plans), written, len(todo), len(all_plans),
+                             total_bytes, seconds, written / seconds if seconds > 0 else 0.0)
+    per = total_bytes / summary.samples_total if summary.samples_total else 0
+    summary.lines = [
+        f"cache: {out}",
+        f"samples: {summary.samples_total} ({written} extracted now), shards: {len(all_plans)} ({len(todo)} written now)",
+        f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)" if finalize else "bytes: (not finalized by this process)",
+        f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s",
+    ]
+    return summary
+
+
+@torch.inference_mode()
+def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar) -> int:
+    seeds = manifest["splits"][files.split]["seeds"]
+    dataset = ExtractionSamples(files, seeds, augmenter, lut)
+    # Batches never cross a shard boundary: a resumed shard is computed in exactly the same batches.
+    batches = [list(range(s, min(s + cfg.batch_size, p.start + p.count)))
+               for p in plans for s in range(p.start, p.start + p.count, cfg.batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        prefetch_factor=4 if workers else None)
+    token_shape, mask_shape = manifest["token_shape"], manifest["mask_shape"]
+    plan_iter = iter(plans)
+    plan = next(plan_iter)
+    buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+    buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
+    filled, written = 0, 0
+    for batch in loader:
+        if "error" in batch:
+            raise SegError(batch["error"])
+        x = normalize(batch["image"].to(device, non_blocking=True))
+        with autocast(device, cfg.half):
+            feats = model.get_intermediate_layers(x, n=layers, reshape=True, norm=True)
+        tokens = torch.stack(feats, dim=1).to(torch.float16).cpu().numpy()
+        b = tokens.shape[0]
+        buf_tokens[filled:filled + b] = tokens
+        buf_masks[filled:filled + b] = batch["mask"].numpy()
+        filled += b
+        bar.update(b)
+        if filled == plan.count:
+            ks = np.arange(plan.start, plan.start + plan.count)
+            cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
+                           np.asarray(seeds)[ks // len(files.names)],
+                           attrs={"split": plan.split, "shard": plan.index, "start": plan.start})
+            written += plan.count
+            plan = next(plan_iter, None)
+            if plan is None:
+                break
+            buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+            buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
+            filled = 0
+    return written
