@@ -2,4 +2,5 @@
 
 from seg.cli import main
 
-main(prog_name="seg")
+if __name__ == "__main__":  # not on re-import by spawned worker processes
+    main(prog_name="seg")

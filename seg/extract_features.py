@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -105,10 +106,6 @@ def _collate(batch: list[dict]) -> dict:
     }
 
 
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # the backbone owns the cores; decoding workers must not oversubscribe
-
-
 def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -128,7 +125,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
             "shards": [{"file": p.file, "start": p.start, "samples": p.count, "sha256": None, "bytes": None}
                        for p in cf.plan_shards(name, n, cfg.shard_size)],
         }
-    return {
+    manifest = {
         "format": cf.FORMAT,
         "format_version": cf.FORMAT_VERSION,
         "seg_version": seg.__version__,
@@ -163,6 +160,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "sample_order": "seed-major: sample k = (image k % n_images, seeds[k // n_images])",
         "splits": splits,
     }
+    return json.loads(json.dumps(manifest))  # exactly what a reader of manifest.json sees (no tuples)
 
 
 def _albumentations_version() -> str:
@@ -290,12 +288,15 @@ def extract(
 @torch.inference_mode()
 def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar) -> int:
     seeds = manifest["splits"][files.split]["seeds"]
+    # One OpenCV thread per decoding process: the backbone owns the cores. Set here, before the
+    # workers fork, because calling it inside a forked child hangs if the parent used OpenCV's pool.
+    cv2.setNumThreads(1)
     dataset = ExtractionSamples(files, seeds, augmenter, lut)
     # Batches never cross a shard boundary: a resumed shard is computed in exactly the same batches.
     batches = [list(range(s, min(s + cfg.batch_size, p.start + p.count)))
                for p in plans for s in range(p.start, p.start + p.count, cfg.batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     token_shape, mask_shape = manifest["token_shape"], manifest["mask_shape"]
     plan_iter = iter(plans)

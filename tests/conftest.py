@@ -1,0 +1,27 @@
+from pathlib import Path
+
+import pytest
+
+from seg.synthetic import write_dataset
+
+DATA_DIR = Path(__file__).parent / "data"
+# Small but real: 960x540 RGB PNGs and uint16 raw masks in the Falcon layout.
+COUNTS = {"train": 6, "val": 3, "test": 2}
+SMALL_SIZE = "224x126"  # 16x9 patches: keeps the ViT-S forward pass to a few tens of ms
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("falcon"), COUNTS)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, dataset) -> Path:
+    """A phase3-augmented vits14 random-init cache shared by read-only tests."""
+    from seg.extract_features import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("cache") / "c"
+    extract(ExtractConfig(data=str(dataset), out=str(out), backbone="vits14", size=SMALL_SIZE,
+                          random_init=True, aug_policy="phase3", aug_seeds=2, splits=("train", "val", "test"),
+                          batch_size=4, shard_size=4, workers=0, progress=False), log=lambda s: None)
+    return out

@@ -1,0 +1,106 @@
+"""The feature cache: manifest fields, byte layout of shards, round trip against the backbone."""
+
+import json
+
+import h5py
+import numpy as np
+import torch
+
+from seg.augment import Augmenter
+from seg.backbone import load_backbone
+from seg.cache import FeatureCache, verify
+from seg.classes import default_class_table
+from seg.data import list_split, read_pair
+from seg.device import autocast
+from seg.normalize import normalize
+
+
+def test_manifest_has_every_agreed_field(small_cache):
+    m = json.loads((small_cache / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["complete"] is True
+    assert m["backbone"] == "vits14" and m["weights_sha256"] == "random-init" and m["random_init_seed"] == 0
+    assert m["size"] == {"width": 224, "height": 126} and m["patch_grid"] == {"width": 16, "height": 9}
+    assert m["embed_dim"] == 384 and m["layers"] == [11] and m["token_dtype"] == "float16"
+    assert m["token_shape"] == [1, 384, 9, 16] and m["mask_shape"] == [126, 224]
+    assert [c["name"] for c in m["class_table"]["classes"]][9] == "Sky"
+    assert m["class_table"]["classes"][0]["values"] == [0, 600]
+    assert m["augmentation"]["policy"] == "phase3" and m["augmentation"]["albumentations"] == "2.0.8"
+    train = m["splits"]["train"]
+    assert train["seeds"] == [0, 1] and train["num_samples"] == 12 and len(train["images"]) == 6
+    assert [(s["file"], s["start"], s["samples"]) for s in train["shards"]] == [
+        ("train-00000.h5", 0, 4), ("train-00001.h5", 4, 4), ("train-00002.h5", 8, 4)]
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in train["shards"])
+    assert m["splits"]["val"]["seeds"] == [0] and m["splits"]["test"]["num_samples"] == 2
+
+
+def test_shard_bytes_follow_the_format(small_cache):
+    with h5py.File(small_cache / "train-00001.h5", "r") as f:
+        t, mk = f["tokens"], f["masks"]
+        assert t.dtype == np.float16 and t.shape == (4, 1, 384, 9, 16) and t.chunks == (1, 1, 384, 9, 16)
+        assert t.fletcher32 and t.compression is None
+        assert mk.dtype == np.uint8 and mk.shape == (4, 126, 224) and mk.chunks == (1, 126, 224)
+        assert mk.fletcher32 and mk.compression == "lzf"
+        assert f["image_index"].dtype == np.int32 and f["aug_seed"].dtype == np.int32
+        # seed-major order: samples 4..7 of 6 images x seeds [0, 1]
+        assert f["image_index"][()].tolist() == [4, 5, 0, 1]
+        assert f["aug_seed"][()].tolist() == [0, 0, 1, 1]
+        masks = mk[()]
+        assert set(np.unique(masks)) <= set(range(10)) | {255}
+    # uncompressed fp16 tokens: the file is the raw token bytes plus small overhead
+    raw = 4 * 384 * 9 * 16 * 2
+    assert raw < (small_cache / "train-00001.h5").stat().st_size < raw * 1.1 + 4 * 126 * 224
+
+
+def test_tokens_equal_backbone_output_for_seed0(small_cache, dataset):
+    """Round trip: what the cache returns is the backbone's output on the resized image."""
+    model, _ = load_backbone("vits14", random_init=True)
+    files = list_split(dataset, "val")
+    aug, lut = Augmenter("none", (224, 126)), default_class_table().lut()
+    pairs = [aug(*read_pair(files, i, lut), files.names[i], 0) for i in range(3)]
+    x = normalize(torch.from_numpy(np.stack([p[0] for p in pairs])))
+    with torch.inference_mode(), autocast(torch.device("cpu")):
+        half = model.get_intermediate_layers(x, n=1, reshape=True)[0].to(torch.float16)
+    with torch.inference_mode():
+        full = model.get_intermediate_layers(x, n=1, reshape=True)[0]
+    split = FeatureCache(small_cache).split("val")
+    for i in range(3):
+        tokens, mask, name, seed = split[i]
+        assert (name, seed) == (files.names[i], 0)
+        assert torch.equal(tokens[0], half[i])  # same batch as extraction: bit-identical
+        assert ((tokens[0].float() - full[i]).abs().max() / full[i].abs().max()) < 0.05  # half vs fp32
+        np.testing.assert_array_equal(mask.numpy(), pairs[i][1])
+
+
+def test_load_whole_split_and_read_rows(small_cache):
+    split = FeatureCache(small_cache).split("train")
+    tokens, masks = split.load("cpu")
+    assert tokens.shape == (12, 1, 384, 9, 16) and tokens.dtype == torch.float16
+    assert masks.shape == (12, 126, 224) and masks.dtype == torch.uint8
+    for k in (0, 5, 11):
+        t, m, _, _ = split[k]
+        assert torch.equal(tokens[k], t) and torch.equal(masks[k], m)
+    rows = np.array([11, 2, 7, 2])
+    t, m = split.read_rows(rows)
+    assert np.array_equal(t, tokens[rows].numpy()) and np.array_equal(m, masks[rows].numpy())
+    assert split.sample_info(7) == ("train_00001.png", 1)
+    # augmented seeds differ from seed 0 of the same image
+    assert not torch.equal(tokens[7], tokens[1])
+
+
+def test_verify_passes_then_catches_corruption(small_cache, tmp_path):
+    import shutil
+
+    assert verify(small_cache) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(small_cache, copy)
+    shard = copy / "train-00001.h5"
+    data = bytearray(shard.read_bytes())
+    with h5py.File(shard, "r") as f:
+        offset = f["tokens"].id.get_chunk_info(2).byte_offset
+    data[offset + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(copy)
+    assert any("train-00001.h5: sha256 differs" in p for p in problems)
+    assert any("train-00001.h5: unreadable or corrupt" in p for p in problems)  # fletcher32
+    (copy / "val-00000.h5").unlink()
+    assert any(p.endswith("val-00000.h5: missing") for p in verify(copy))
