@@ -70,6 +70,57 @@ def extract(**kw) -> None:
         click.echo(line)
 
 
+@main.command("train-head")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Feature cache from `seg extract`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, history, plots).")
+@click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
+@click.option("--head", type=click.Choice(["convnext", "upernet"]), help="Override the preset's head.")
+@click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice"]), help="Override the loss.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Override the optimizer.")
+@click.option("--lr", type=float, help="Base learning rate.")
+@click.option("--momentum", type=float, help="SGD momentum.")
+@click.option("--weight-decay", type=float, help="Weight decay.")
+@click.option("--schedule", type=click.Choice(["none", "cosine", "warmup_cosine"]), help="LR schedule (per epoch).")
+@click.option("--warmup-epochs", type=int, help="Warmup epochs for warmup_cosine.")
+@click.option("--eta-min", type=float, help="Cosine floor.")
+@click.option("--epochs", type=int, help="Epochs (cosine schedules span them).")
+@click.option("--batch-size", type=int, help="Samples per step.")
+@click.option("--accum", type=int, help="Gradient accumulation steps.")
+@click.option("--patience", type=int, help="Early-stopping patience in epochs (0 = never stop early).")
+@click.option("--select", type=click.Choice(["best", "final"]), help="best.pt holds the best-val-mIoU or the final weights.")
+@click.option("--amp/--no-amp", default=None, help="Half-precision autocast.")
+@click.option("--focal-gamma", type=float, help="Focal loss gamma.")
+@click.option("--dice-weight", type=float, help="Weight of the Dice term in focal_dice.")
+@click.option("--max-class-weight", type=float, help="Largest inverse-frequency class weight.")
+@click.option("--seed", type=int, help="Seed for head init and the per-epoch sample draw.")
+@click.option("--all-seeds", is_flag=True, default=None, help="Visit every cached (image, aug seed) each epoch.")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
+@click.option("--preload", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Hold the cache on the device, or stream it from the shards.")
+@click.option("--workers", type=int, default=None, help="Reader processes when streaming.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--allow-mismatch", is_flag=True, help="Train on a cache whose backbone/size differs from the phase's.")
+@user_errors
+def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mismatch, **overrides) -> None:
+    """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs)."""
+    from seg.metrics import format_table
+    from seg.presets import resolve
+    from seg.train_head import RunOptions, train
+
+    cfg = resolve(phase, overrides)
+    metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch), log=click.echo)
+    if metrics:
+        click.echo(f"best epoch {metrics['epoch']} on val:")
+        click.echo(format_table(_nan_restored(metrics)))
+    click.echo(f"run: {out} (best.pt, last.pt, history.csv, metrics.json, curves.png, per_class_iou.png)")
+
+
+def _nan_restored(d: dict) -> dict:
+    """JSON stores NaN as null; the table prints both as '-'."""
+    return {k: ([float("nan") if x is None else x for x in v] if isinstance(v, list) and k in
+                ("iou", "dice", "acc", "gt_share") else (float("nan") if v is None else v)) for k, v in d.items()}
+
+
 @main.group()
 def cache() -> None:
     """Inspect and check feature caches."""

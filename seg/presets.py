@@ -1,0 +1,103 @@
+"""Training configuration and the three published phases (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Optional
+
+from seg.errors import SegError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    phase: Optional[int]
+    head: str                    # convnext | upernet
+    loss: str                    # ce | weighted_ce | focal_dice
+    optimizer: str               # sgd | adamw
+    lr: float
+    momentum: float              # SGD only
+    weight_decay: float
+    schedule: str                # none | cosine | warmup_cosine
+    warmup_epochs: int           # warmup_cosine only
+    eta_min: float               # floor of the cosine schedules
+    batch_size: int
+    accum: int                   # gradient accumulation steps
+    epochs: int
+    patience: Optional[int]      # early stopping; None = never
+    select: str                  # which weights best.pt holds: best (val mIoU) | final
+    amp: bool                    # half-precision autocast (bf16, or fp16 + GradScaler on old GPUs)
+    backbone: str                # what the published run used; a cache must match
+    size: str
+    aug_policy: str              # the published augmentation (a mismatch only warns)
+    focal_gamma: float = 2.0
+    dice_weight: float = 0.5
+    max_class_weight: float = 5.0
+    seed: int = 0
+    all_seeds: bool = False      # visit every (image, seed) each epoch instead of one seed per image
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of the base lr during 0-based `epoch` (the schedule steps once per epoch)."""
+        if self.schedule == "none":
+            return 1.0
+        floor = self.eta_min / self.lr
+        if self.schedule == "cosine":  # torch's CosineAnnealingLR with T_max = epochs
+            return floor + (1 - floor) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+        if self.schedule == "warmup_cosine":
+            w = self.warmup_epochs
+            if epoch < w:
+                return (epoch + 1) / w
+            span = max(1, self.epochs - w)
+            return floor + (1 - floor) * (1 + math.cos(math.pi * (epoch - w) / span)) / 2
+        raise SegError(f"unknown schedule {self.schedule!r}; choose none, cosine or warmup_cosine")
+
+
+_COMMON_2 = dict(head="convnext", backbone="vits14", size="476x266", batch_size=2, accum=1, momentum=0.9)
+
+PRESETS: dict[int, TrainConfig] = {
+    1: TrainConfig(phase=1, loss="ce", optimizer="sgd", lr=1e-4, weight_decay=0.0, schedule="none",
+                   warmup_epochs=0, eta_min=0.0, epochs=10, patience=None, select="final", amp=False,
+                   aug_policy="none", **_COMMON_2),
+    2: TrainConfig(phase=2, loss="weighted_ce", optimizer="adamw", lr=5e-4, weight_decay=1e-4, schedule="cosine",
+                   warmup_epochs=0, eta_min=1e-6, epochs=30, patience=10, select="best", amp=True,
+                   aug_policy="phase2", **_COMMON_2),
+    # Phase 3's weight decay is not published; 1e-4 as in phase 2 (DESIGN.md).
+    3: TrainConfig(phase=3, head="upernet", loss="focal_dice", optimizer="adamw", lr=3e-4, momentum=0.9,
+                   weight_decay=1e-4, schedule="warmup_cosine", warmup_epochs=3, eta_min=0.0, batch_size=2,
+                   accum=2, epochs=40, patience=12, select="best", amp=True, backbone="vitb14_reg",
+                   size="644x364", aug_policy="phase3"),
+}
+
+CHOICES = {
+    "head": ("convnext", "upernet"),
+    "loss": ("ce", "weighted_ce", "focal_dice"),
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("none", "cosine", "warmup_cosine"),
+    "select": ("best", "final"),
+}
+
+
+def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
+    """The phase preset with every non-None override applied and checked."""
+    if phase not in PRESETS:
+        raise SegError(f"--phase must be 1, 2 or 3, got {phase}")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise SegError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("patience") == 0:  # 0 on the command line: never stop early
+        values["patience"] = None
+    cfg = replace(PRESETS[phase], **values)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SegError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    for key in ("batch_size", "accum", "epochs"):
+        if getattr(cfg, key) < 1:
+            raise SegError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise SegError(f"--lr must be positive, got {cfg.lr}")
+    return cfg

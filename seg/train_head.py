@@ -1,0 +1,295 @@
+"""Stage two: train a segmentation head from cached tokens; the backbone is never run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from seg import plots
+from seg.atomic import write_atomic, write_json, write_text
+from seg.cache import CacheSplit, FeatureCache
+from seg.cache_format import settings_of
+from seg.device import autocast, half_dtype, resolve_device
+from seg.errors import SegError
+from seg.heads import build_head, tokens_to_input
+from seg.losses import SegLoss, inverse_frequency_weights
+from seg.metrics import confusion_matrix, format_table, jsonable, summarize
+from seg.presets import TrainConfig
+from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, choose_preload, epoch_indices
+
+VAL_BATCH = 8
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    preload: str = "auto"           # auto | always | never
+    workers: Optional[int] = None   # streaming readers
+    resume: bool = False
+    allow_mismatch: bool = False
+    progress: bool = True
+
+
+def cache_fingerprint(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(settings_of(manifest), sort_keys=True).encode()).hexdigest()
+
+
+def backbone_record(manifest: dict) -> dict:
+    """What evaluation on images needs to rebuild exactly the features the head was trained on."""
+    keys = ("backbone", "weights_sha256", "weights_source", "random_init_seed", "weights_fingerprint",
+            "size", "patch_size", "layers", "layer_norm", "normalize", "resize", "token_shape", "mask_shape")
+    return {k: manifest[k] for k in keys}
+
+
+def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mismatch: bool, log) -> None:
+    size = f"{manifest['size']['width']}x{manifest['size']['height']}"
+    if (manifest["backbone"], size) != (cfg.backbone, cfg.size):
+        msg = (f"{cache}: cache is {manifest['backbone']} @ {size}, but phase {cfg.phase} is {cfg.backbone} @ "
+               f"{cfg.size}")
+        if not allow_mismatch:
+            raise SegError(msg + "; extract a matching cache or pass --allow-mismatch")
+        log(f"WARNING: {msg} (allowed by --allow-mismatch)")
+    if manifest["augmentation"]["policy"] != cfg.aug_policy:
+        log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
+            f"phase {cfg.phase} was published with {cfg.aug_policy!r}")
+
+
+def class_pixel_counts(split: CacheSplit, num_classes: int) -> torch.Tensor:
+    counts = np.zeros(num_classes, np.int64)
+    for j in range(len(split.shards)):
+        masks = split._file(j)["masks"][()]
+        counts += np.bincount(masks[masks != 255].ravel(), minlength=num_classes)[:num_classes]
+    return torch.from_numpy(counts)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    def write(tmp: Path) -> None:
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        tmp.write_bytes(buf.getvalue())
+
+    write_atomic(path, write)
+
+
+def describe_config(cfg: TrainConfig, extra: dict) -> str:
+    items = {**cfg.to_dict(), **extra}
+    width = max(len(k) for k in items)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items.items())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, cache_dir: str, out_dir: str, opts: RunOptions,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.opts, self.log = cfg, opts, log
+        self.out = Path(out_dir)
+        self.cache = FeatureCache(cache_dir)
+        m = self.cache.manifest
+        for split in ("train", "val"):
+            if split not in m["splits"]:
+                raise SegError(f"{cache_dir}: training needs a {split!r} split in the cache (it has "
+                               f"{', '.join(m['splits'])}); extract with --splits train,val")
+        check_cache_matches(cfg, m, Path(cache_dir), opts.allow_mismatch, log)
+        self.device = resolve_device(opts.device)
+        self.table = self.cache.class_table
+        self.names = list(self.table.names)
+        self.k = self.table.num_classes
+        self.train_split, self.val_split = self.cache.split("train"), self.cache.split("val")
+        self.amp_dtype = half_dtype(self.device) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.head = build_head(cfg.head, self.cache.in_channels, self.k).to(self.device)
+        weights = None
+        if cfg.loss != "ce":
+            counts = class_pixel_counts(self.train_split, self.k)
+            weights = inverse_frequency_weights(counts, cfg.max_class_weight)
+            self.class_weights = weights.tolist()
+        else:
+            self.class_weights = None
+        self.criterion = SegLoss(cfg.loss, weights, cfg.focal_gamma, cfg.dice_weight).to(self.device)
+        params = self.head.parameters()
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_factor)
+
+    def _sources(self):
+        preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device)
+        self.log(why)
+        if preload:
+            t0 = time.perf_counter()
+            src = PreloadedSplit(self.train_split, self.device), PreloadedSplit(self.val_split, self.device)
+            self.log(f"preloaded {len(self.train_split) + len(self.val_split)} samples in {time.perf_counter() - t0:.1f} s")
+            return src
+        return (StreamedSplit(self.train_split, self.device, self.opts.workers),
+                StreamedSplit(self.val_split, self.device, self.opts.workers))
+
+    def _run_record(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "class_table": self.table.to_json(),
+            "cache": str(self.cache.path.resolve()),
+            "cache_fingerprint": cache_fingerprint(self.cache.manifest),
+            "backbone": backbone_record(self.cache.manifest),
+            "in_channels": self.cache.in_channels,
+            "class_weights": self.class_weights,
+        }
+
+    # -- one epoch -------------------------------------------------------------------------
+    def _forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.amp_dtype is not None):
+            logits = self.head(tokens_to_input(tokens))
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.float(), self.criterion(logits.float(), masks)
+
+    def train_epoch(self, source, epoch: int) -> tuple[float, float]:
+        cfg = self.cfg
+        self.head.train()
+        idx = epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
+        batches = batches_of(idx, cfg.batch_size)
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        bar = tqdm(total=len(idx), unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not self.opts.progress, dynamic_ncols=True)
+        for step, (tokens, masks) in enumerate(source.batches(batches)):
+            _, loss = self._forward_loss(tokens, masks)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise SegError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                               f"The last good checkpoint is {self.out / 'last.pt'} (lower --lr, or check the cache "
+                               "with `seg cache verify`)")
+            self.scaler.scale(loss / cfg.accum).backward()
+            if (step + 1) % cfg.accum == 0 or step + 1 == len(batches):
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(tokens)
+            count += len(tokens)
+            bar.update(len(tokens))
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return total / max(count, 1), count / seconds if seconds > 0 else 0.0
+
+    @torch.no_grad()
+    def validate(self, source) -> tuple[float, torch.Tensor]:
+        self.head.eval()
+        cm = torch.zeros(self.k, self.k, dtype=torch.int64, device=self.device)
+        total, count = 0.0, 0
+        for tokens, masks in source.batches(batches_of(np.arange(len(self.val_split)), VAL_BATCH)):
+            logits, loss = self._forward_loss(tokens, masks)
+            total += loss.item() * len(tokens)
+            count += len(tokens)
+            cm += confusion_matrix(logits.argmax(1), masks, self.k)
+        return total / max(count, 1), cm
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        last_path = out / "last.pt"
+        state = None
+        if last_path.exists():
+            if not self.opts.resume:
+                raise SegError(f"{out}: holds a run already (last.pt); pass --resume to continue it or choose another --out")
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
+            if state["config"] != cfg.to_dict():
+                diffs = [k for k in cfg.to_dict() if state["config"].get(k) != cfg.to_dict()[k]]
+                raise SegError(f"{out}: --resume with other settings than the run's (differs in {', '.join(diffs)})")
+            if state["cache_fingerprint"] != cache_fingerprint(self.cache.manifest):
+                raise SegError(f"{out}: --resume with another cache than the run was trained on")
+        elif self.opts.resume:
+            raise SegError(f"{out}: nothing to resume (no last.pt)")
+        out.mkdir(parents=True, exist_ok=True)
+        self._build()
+        record = self._run_record()
+        start_epoch, history, best = 0, [], {"miou": -1.0, "epoch": None}
+        if state is not None:
+            self.head.load_state_dict(state["head"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng_cpu"])
+            start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+            self.log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
+        eff = cfg.batch_size * cfg.accum
+        self.log("training config (phase preset + overrides):\n" + describe_config(
+            cfg, {"effective_batch": eff, "device": self.device.type,
+                  "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+                  "in_channels": self.cache.in_channels, "train_samples/epoch":
+                  len(self.train_split) if cfg.all_seeds else len(self.train_split.images)}))
+        write_json(out / "config.json", jsonable({**record, "effective_batch": eff}))
+        train_src, val_src = self._sources()
+        stopped_early = False
+        for epoch in range(start_epoch, cfg.epochs):
+            if self._patience_exhausted(best, epoch):
+                stopped_early = True
+                break
+            t0 = time.perf_counter()
+            lr = self.opt.param_groups[0]["lr"]
+            train_loss, sps = self.train_epoch(train_src, epoch)
+            val_loss, cm = self.validate(val_src)
+            self.sched.step()
+            summary = summarize(cm, self.names)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_miou": summary["miou"],
+                   "lr": lr, "seconds": time.perf_counter() - t0, "samples_per_s": sps,
+                   **{f"iou_{n}": v for n, v in zip(self.names, summary["iou"])}}
+            history.append(row)
+            improved = summary["miou"] > best["miou"] or cfg.select == "final"
+            if improved:
+                best = {"miou": summary["miou"], "epoch": epoch + 1}
+                save_checkpoint(out / "best.pt", {**record, "head": self.head.state_dict(), "epoch": epoch + 1,
+                                                  "val_miou": summary["miou"]})
+                self._write_metrics(summary, cm, epoch + 1)
+            save_checkpoint(last_path, {**record, "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+                                        "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                                        "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": history,
+                                        "best": best})
+            self._write_history(history)
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+                     f"val mIoU {summary['miou']:.4f}{' *' if improved else ''}  lr {lr:.3g}  "
+                     f"{sps:.1f} samples/s  {row['seconds']:.1f} s")
+        if stopped_early:
+            self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs (best {best['miou']:.4f} at epoch {best['epoch']})")
+        if history:
+            plots.curves(history, out / "curves.png")
+        metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+        return metrics
+
+    def _patience_exhausted(self, best: dict, epoch: int) -> bool:
+        p = self.cfg.patience
+        return p is not None and self.cfg.select == "best" and best["epoch"] is not None and epoch - best["epoch"] >= p
+
+    def _write_history(self, history: list[dict]) -> None:
+        write_json(self.out / "history.json", jsonable(history))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        write_text(self.out / "history.csv", buf.getvalue())
+
+    def _write_metrics(self, summary: dict, cm: torch.Tensor, epoch: int) -> None:
+        metrics = {"epoch": epoch, "split": "val", **summary, "confusion_matrix": cm.cpu().tolist()}
+        write_json(self.out / "metrics.json", jsonable(metrics))
+        write_text(self.out / "metrics.txt", f"best epoch {epoch} (val)\n" + format_table(summary) + "\n")
+        plots.per_class_iou(summary["iou"], self.names, self.out / "per_class_iou.png",
+                            title=f"val per-class IoU, epoch {epoch}")
+
+
+def train(cfg: TrainConfig, cache_dir: str, out_dir: str, opts: Optional[RunOptions] = None,
+          log: Callable[[str], None] = print) -> dict:
+    return Trainer(cfg, cache_dir, out_dir, opts or RunOptions(), log).run()
