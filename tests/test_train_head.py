@@ -1,0 +1,209 @@
+"""Stage two: phases end to end, schedules, overfitting, resume, preload vs stream, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from seg import train_head as th
+from seg.cache import FeatureCache
+from seg.cli import main
+from seg.errors import SegError
+from seg.presets import PRESETS, resolve
+from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, epoch_indices
+from seg.train_head import RunOptions, train
+from token_cache import learnable_split, write_token_cache
+
+QUIET = dict(log=lambda s: None)
+
+
+def opts(**kw):
+    return RunOptions(device="cpu", progress=False, allow_mismatch=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def learnable_cache(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    train_t, train_m = learnable_split(12, rng)
+    val_t, val_m = learnable_split(4, rng)
+    return write_token_cache(tmp_path_factory.mktemp("tok") / "c", {"train": (train_t, train_m), "val": (val_t, val_m)})
+
+
+@pytest.mark.parametrize("phase", [1, 2, 3])
+def test_each_phase_end_to_end(small_cache, tmp_path, phase):
+    cfg = resolve(phase, {"epochs": 2})
+    out = tmp_path / f"p{phase}"
+    metrics = train(cfg, str(small_cache), str(out), opts(), **QUIET)
+    for name in ["best.pt", "last.pt", "config.json", "history.csv", "history.json", "metrics.json",
+                 "metrics.txt", "curves.png", "per_class_iou.png"]:
+        assert (out / name).is_file(), name
+    for key in ["miou", "iou", "dice", "mdice", "acc", "macc", "aacc", "epoch", "class_names"]:
+        assert key in metrics
+    assert len(metrics["iou"]) == 10 and metrics["class_names"][9] == "Sky"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "train_loss", "val_loss", "val_miou", "lr"] and "iou_Logs" in header
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["phase"] == phase and config["backbone"]["backbone"] == "vits14"
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert set(best) >= {"head", "config", "class_table", "cache_fingerprint", "backbone", "epoch"}
+    if phase == 1:
+        assert best["epoch"] == 2  # phase 1 keeps the final weights
+        assert config["class_weights"] is None
+    else:
+        w = config["class_weights"]
+        assert max(w) == pytest.approx(5.0) and min(w) > 0
+
+
+def test_presets_match_the_published_settings():
+    p1, p2, p3 = PRESETS[1], PRESETS[2], PRESETS[3]
+    assert (p1.head, p1.loss, p1.optimizer, p1.lr, p1.momentum, p1.batch_size, p1.epochs, p1.amp, p1.select) == \
+        ("convnext", "ce", "sgd", 1e-4, 0.9, 2, 10, False, "final")
+    assert (p2.loss, p2.optimizer, p2.lr, p2.weight_decay, p2.schedule, p2.eta_min, p2.epochs, p2.patience, p2.amp) == \
+        ("weighted_ce", "adamw", 5e-4, 1e-4, "cosine", 1e-6, 30, 10, True)
+    assert (p3.head, p3.loss, p3.lr, p3.weight_decay, p3.batch_size, p3.accum, p3.epochs, p3.patience) == \
+        ("upernet", "focal_dice", 3e-4, 1e-4, 2, 2, 40, 12)
+    assert (p1.backbone, p1.size, p3.backbone, p3.size) == ("vits14", "476x266", "vitb14_reg", "644x364")
+    assert (p3.focal_gamma, p3.dice_weight, p2.max_class_weight) == (2.0, 0.5, 5.0)
+
+
+def test_schedules_give_the_published_learning_rates():
+    p2 = PRESETS[2]
+    lrs = [p2.lr * p2.lr_factor(e) for e in range(30)]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=5e-4), T_max=30, eta_min=1e-6)
+    ref = []
+    for _ in range(30):
+        ref.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx(ref, rel=1e-9)
+    p3 = PRESETS[3]
+    lrs3 = [p3.lr * p3.lr_factor(e) for e in range(40)]
+    assert lrs3[:4] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])
+    assert lrs3[3 + 37 // 2] < 3e-4 * 0.55 and lrs3[-1] == pytest.approx(3e-4 * (1 + math.cos(math.pi * 36 / 37)) / 2)
+    assert all(a >= b for a, b in zip(lrs3[3:], lrs3[4:]))
+    assert all(PRESETS[1].lr_factor(e) == 1.0 for e in range(10))
+
+
+def test_trainer_applies_the_schedule_per_epoch(learnable_cache, tmp_path):
+    cfg = resolve(3, {"epochs": 4, "warmup_epochs": 2})
+    train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    expect = [3e-4 * cfg.lr_factor(e) for e in range(4)]
+    assert [h["lr"] for h in history] == pytest.approx(expect)
+    assert expect[:2] == pytest.approx([1.5e-4, 3e-4])
+
+
+def test_head_overfits_a_learnable_task(learnable_cache, tmp_path):
+    cfg = resolve(2, {"epochs": 25, "lr": 3e-3, "batch_size": 2, "amp": False})
+    metrics = train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
+    assert metrics["miou"] > 0.9
+
+
+def test_epoch_draw_is_one_seed_per_image():
+    idx = epoch_indices(5, 3, epoch=2, seed=0)
+    assert sorted(idx % 5) == [0, 1, 2, 3, 4] and idx.max() < 15
+    assert np.array_equal(idx, epoch_indices(5, 3, epoch=2, seed=0))
+    assert not np.array_equal(idx, epoch_indices(5, 3, epoch=3, seed=0))
+    draws = np.stack([epoch_indices(5, 3, e, 0) for e in range(60)])
+    assert set(np.unique(draws // 5)) == {0, 1, 2}  # every cached seed gets used
+    assert sorted(epoch_indices(5, 3, 0, 0, all_seeds=True)) == list(range(15))
+
+
+def test_preloaded_and_streamed_batches_are_identical(small_cache):
+    split = FeatureCache(small_cache).split("train")
+    batches = batches_of(epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True), 5)
+    pre = list(PreloadedSplit(split, torch.device("cpu")).batches(batches))
+    streamed = list(StreamedSplit(split, torch.device("cpu"), workers=2).batches(batches))
+    assert len(pre) == len(streamed) == 3
+    for (t1, m1), (t2, m2) in zip(pre, streamed):
+        assert torch.equal(t1, t2) and torch.equal(m1, m2)
+
+
+def test_preload_modes_train_identically(learnable_cache, tmp_path):
+    cfg = resolve(1, {"epochs": 2})
+    train(cfg, str(learnable_cache), str(tmp_path / "a"), opts(preload="always"), **QUIET)
+    train(cfg, str(learnable_cache), str(tmp_path / "b"), opts(preload="never", workers=1), **QUIET)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["head"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["head"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_stop_gives_the_same_weights(learnable_cache, tmp_path, monkeypatch):
+    cfg = resolve(3, {"epochs": 4})
+    train(cfg, str(learnable_cache), str(tmp_path / "full"), opts(), **QUIET)
+
+    real = th.Trainer.train_epoch
+
+    def crash_on_third(self, source, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, source, epoch)
+
+    monkeypatch.setattr(th.Trainer, "train_epoch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
+    monkeypatch.setattr(th.Trainer, "train_epoch", real)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 1
+    with pytest.raises(SegError, match="holds a run already"):
+        train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
+    train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(resume=True), **QUIET)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert cut["epoch"] == 3
+    for k in full["head"]:
+        assert torch.equal(full["head"][k], cut["head"][k]), k
+    assert [h["val_miou"] for h in full["history"]] == [h["val_miou"] for h in cut["history"]]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(learnable_cache, tmp_path, monkeypatch):
+    cfg = resolve(1, {"epochs": 3})
+    real = th.Trainer._forward_loss
+
+    def poisoned(self, tokens, masks):
+        logits, loss = real(self, tokens, masks)
+        if self.head.training and self.sched.last_epoch == 1:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(th.Trainer, "_forward_loss", poisoned)
+    with pytest.raises(SegError, match=r"loss became nan at epoch 2, step 1; stopped\. The last good checkpoint is .*last\.pt"):
+        train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["epoch"] == 0
+
+
+def test_early_stopping(learnable_cache, tmp_path, monkeypatch):
+    cfg = resolve(2, {"epochs": 10, "patience": 2})
+    from seg import metrics
+
+    def flat(cm, names):
+        s = metrics.summarize(cm, names)
+        s["miou"] = 0.5
+        return s
+
+    monkeypatch.setattr(th, "summarize", flat)
+    train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(history) == 3  # best at epoch 1, then 2 epochs without gain
+
+
+def test_cli_mismatch_and_overrides(small_cache, tmp_path):
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--phase", "3"])
+    assert r.exit_code == 1
+    assert f"Error: {small_cache}: cache is vits14 @ 224x126, but phase 3 is vitb14_reg @ 644x364" in r.output
+    assert "--allow-mismatch" in r.output
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--phase", "3",
+                                  "--allow-mismatch", "--epochs", "1", "--head", "convnext", "--lr", "0.001",
+                                  "--accum", "1", "--device", "cpu", "--patience", "0"])
+    assert r.exit_code == 0, r.output
+    assert "effective_batch      2" in r.output and "head                 convnext" in r.output
+    assert "best epoch 1 on val:" in r.output and "Sky" in r.output
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert (cfg["head"], cfg["lr"], cfg["accum"], cfg["patience"], cfg["loss"]) == ("convnext", 0.001, 1, None, "focal_dice")
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "not a feature cache" in r.output

@@ -1,0 +1,62 @@
+"""Build small feature caches directly from arrays, for training tests that need no backbone."""
+
+from pathlib import Path
+
+import numpy as np
+
+from seg import cache_format as cf
+from seg.classes import default_class_table
+from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+
+def learnable_split(n: int, rng: np.random.Generator, channels: int = 16, grid=(6, 10), num_classes: int = 10):
+    """Each patch's class is written into its token (one-hot x 2 plus noise); masks are the patch
+    classes upsampled by 14 with a few ignore pixels. A head can learn this exactly."""
+    hp, wp = grid
+    # regions of 2x2 patches: bilinear upsampling of logits blurs every class boundary
+    classes = np.repeat(np.repeat(rng.integers(0, num_classes, (n, hp // 2, wp // 2)), 2, axis=1), 2, axis=2)
+    tokens = rng.normal(0, 0.3, (n, 1, channels, hp, wp)).astype(np.float32)
+    for c in range(num_classes):
+        tokens[:, 0, c] += 2.0 * (classes == c)
+    masks = np.repeat(np.repeat(classes, 14, axis=1), 14, axis=2).astype(np.uint8)
+    masks[:, :3, :3] = 255
+    return tokens.astype(np.float16), masks
+
+
+def write_token_cache(path: Path, splits: dict, backbone: str = "vits14", size=(140, 84), shard_size: int = 4,
+                      seeds: dict | None = None, policy: str = "none") -> Path:
+    """splits: name -> (tokens [n, L, C, Hp, Wp] float16, masks [n, H, W] uint8), seed-major order."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    first_tokens, first_masks = next(iter(splits.values()))
+    manifest_splits = {}
+    for name, (tokens, masks) in splits.items():
+        split_seeds = (seeds or {}).get(name, [0])
+        n_img = len(tokens) // len(split_seeds)
+        plans = cf.plan_shards(name, len(tokens), shard_size)
+        for p in plans:
+            ks = np.arange(p.start, p.start + p.count)
+            cf.write_shard(path / p.file, tokens[ks], masks[ks], ks % n_img, np.asarray(split_seeds)[ks // n_img])
+        manifest_splits[name] = {
+            "data_dir": "synthetic", "images": [f"{name}_{i:04d}.png" for i in range(n_img)], "seeds": split_seeds,
+            "num_samples": len(tokens),
+            "shards": [{"file": p.file, "start": p.start, "samples": p.count, "sha256": None, "bytes": None}
+                       for p in plans],
+        }
+    w, h = size
+    manifest = {
+        "format": cf.FORMAT, "format_version": cf.FORMAT_VERSION, "seg_version": "test", "complete": True,
+        "backbone": backbone, "weights_sha256": "random-init", "weights_source": "synthetic tokens",
+        "random_init_seed": 0, "weights_fingerprint": "synthetic",
+        "size": {"width": w, "height": h}, "patch_size": 14, "patch_grid": {"width": w // 14, "height": h // 14},
+        "embed_dim": int(first_tokens.shape[2]), "layers": [11], "layer_norm": True, "token_dtype": "float16",
+        "token_shape": list(first_tokens.shape[1:]), "mask_shape": list(first_masks.shape[1:]),
+        "compute_dtype": "float32", "device": "cpu",
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "resize": {"image": "bilinear (cv2.INTER_LINEAR)", "mask": "nearest"},
+        "class_table": default_class_table().to_json(), "ignore_index": 255,
+        "augmentation": {"policy": policy, "transforms": [], "albumentations": "2.0.8", "seeding": "test"},
+        "shard_size": shard_size, "sample_order": "seed-major", "splits": manifest_splits,
+    }
+    cf.write_manifest(path, manifest)
+    return path
