@@ -121,6 +121,50 @@ def _nan_restored(d: dict) -> dict:
                 ("iou", "dice", "acc", "gt_share") else (float("nan") if v is None else v)) for k, v in d.items()}
 
 
+@main.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Score from this cache's tokens (fast).")
+@click.option("--data", type=click.Path(file_okay=False), help="Score end to end from images under this dataset root.")
+@click.option("--split", default="val", show_default=True, help="train|val|test.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Backbone checkpoint file (checked by sha256).")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True,
+              help="Test-time augmentation (images only).")
+@click.option("--full-res", is_flag=True, help="Score at the original image size (masks read from disk).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT].")
+@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
+@click.option("--workers", type=int, default=None, help="Image decoding processes.")
+@user_errors
+def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch_size, device, workers) -> None:
+    """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
+    from seg.evaluate import EvalOptions, evaluate
+
+    evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, weights=weights, tta=tta,
+                         full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers),
+             log=click.echo)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
+@click.option("--images", required=True, multiple=True, help="Image files or folders (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Backbone checkpoint file (checked by sha256).")
+@click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
+@click.option("--save-raw", is_flag=True, help="Also write masks in the dataset's raw values (uint16, original size).")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
+@click.option("--workers", type=int, default=None, help="Image decoding processes.")
+@user_errors
+def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, batch_size, device, workers) -> None:
+    """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
+    from seg.predict import PredictOptions, predict as run
+
+    run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
+                       save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers),
+        log=click.echo)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and check feature caches."""

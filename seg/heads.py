@@ -77,3 +77,14 @@ def tokens_to_input(tokens: Tensor) -> Tensor:
     """Cached tokens [B, L, C, Hp, Wp] (float16) -> head input [B, L*C, Hp, Wp] (float32)."""
     b, l, c, h, w = tokens.shape
     return tokens.reshape(b, l * c, h, w).float()
+
+
+def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool) -> Tensor:
+    """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
+    The one path used by training, validation, evaluation and prediction."""
+    from seg.device import autocast
+
+    with autocast(tokens.device, amp):
+        logits = head(tokens_to_input(tokens))
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    return logits.float()

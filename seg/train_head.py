@@ -13,16 +13,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from seg import plots
 from seg.atomic import write_atomic, write_json, write_text
 from seg.cache import CacheSplit, FeatureCache
 from seg.cache_format import settings_of
-from seg.device import autocast, half_dtype, resolve_device
+from seg.device import half_dtype, resolve_device
 from seg.errors import SegError
-from seg.heads import build_head, tokens_to_input
+from seg.heads import build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
 from seg.presets import TrainConfig
@@ -48,7 +47,8 @@ def cache_fingerprint(manifest: dict) -> str:
 def backbone_record(manifest: dict) -> dict:
     """What evaluation on images needs to rebuild exactly the features the head was trained on."""
     keys = ("backbone", "weights_sha256", "weights_source", "random_init_seed", "weights_fingerprint",
-            "size", "patch_size", "layers", "layer_norm", "normalize", "resize", "token_shape", "mask_shape")
+            "size", "patch_size", "layers", "layer_norm", "normalize", "resize", "token_shape", "mask_shape",
+            "compute_dtype")
     return {k: manifest[k] for k in keys}
 
 
@@ -152,10 +152,8 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------
     def _forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.amp_dtype is not None):
-            logits = self.head(tokens_to_input(tokens))
-            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        return logits.float(), self.criterion(logits.float(), masks)
+        logits = head_logits(self.head, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None)
+        return logits, self.criterion(logits, masks)
 
     def train_epoch(self, source, epoch: int) -> tuple[float, float]:
         cfg = self.cfg

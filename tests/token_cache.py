@@ -14,7 +14,8 @@ def learnable_split(n: int, rng: np.random.Generator, channels: int = 16, grid=(
     classes upsampled by 14 with a few ignore pixels. A head can learn this exactly."""
     hp, wp = grid
     # regions of 2x2 patches: bilinear upsampling of logits blurs every class boundary
-    classes = np.repeat(np.repeat(rng.integers(0, num_classes, (n, hp // 2, wp // 2)), 2, axis=1), 2, axis=2)
+    coarse = rng.integers(0, num_classes, (n, (hp + 1) // 2, (wp + 1) // 2))
+    classes = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)[:, :hp, :wp]
     tokens = rng.normal(0, 0.3, (n, 1, channels, hp, wp)).astype(np.float32)
     for c in range(num_classes):
         tokens[:, 0, c] += 2.0 * (classes == c)

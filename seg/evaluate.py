@@ -1,0 +1,135 @@
+"""`seg eval`: score a run on a split, from cached tokens (fast) or end to end from images."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from seg import plots
+from seg.atomic import write_json, write_text
+from seg.cache import FeatureCache
+from seg.data import list_split, read_raw_mask, map_mask
+from seg.device import resolve_device
+from seg.errors import SegError
+from seg.heads import head_logits
+from seg.inference import ImageFolderSamples, Segmenter, collate_samples
+from seg.metrics import confusion_matrix, format_table, jsonable, summarize
+from seg.runs import check_cache_compatible, load_run
+
+
+@dataclass
+class EvalOptions:
+    run: str
+    split: str = "val"
+    cache: Optional[str] = None
+    data: Optional[str] = None
+    weights: Optional[str] = None
+    tta: str = "none"
+    full_res: bool = False
+    out: Optional[str] = None
+    device: str = "auto"
+    batch_size: int = 4
+    workers: Optional[int] = None
+    progress: bool = True
+
+
+def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
+    if (opts.cache is None) == (opts.data is None):
+        raise SegError("give exactly one of --cache CACHE (cached tokens) or --data ROOT (images)")
+    if opts.cache is not None and opts.tta != "none":
+        raise SegError("--tta needs images (--data): cached tokens hold one view per image")
+    device = resolve_device(opts.device)
+    run = load_run(opts.run, device)
+    k, names = run.class_table.num_classes, list(run.class_table.names)
+    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+    t0 = time.perf_counter()
+    if opts.cache is not None:
+        n, scored_at = _eval_cache(run, opts, device, cm)
+    else:
+        n, scored_at = _eval_images(run, opts, device, cm)
+    seconds = time.perf_counter() - t0
+    summary = summarize(cm, names)
+    out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "run": str(run.path), "split": opts.split, "mode": "cache" if opts.cache else "images",
+        "source": opts.cache or opts.data, "tta": opts.tta, "scored_at": scored_at, "images": n,
+        "seconds": seconds, "images_per_s": n / seconds if seconds else None,
+        **summary, "confusion_matrix": cm.cpu().tolist(),
+    }
+    write_json(out / "eval.json", jsonable(result))
+    table = format_table(summary)
+    write_text(out / "eval.txt", f"{opts.split}: {n} images scored at {scored_at} ({result['mode']}, tta {opts.tta})\n"
+               + table + "\n")
+    plots.confusion(cm.cpu().numpy(), names, out / "confusion.png")
+    plots.per_class_iou(summary["iou"], names, out / "per_class_iou.png", title=f"{opts.split} per-class IoU")
+    log(f"{opts.split}: {n} images scored at {scored_at} from {result['mode']} in {seconds:.1f} s")
+    log(table)
+    log(f"wrote {out}/eval.json, eval.txt, confusion.png, per_class_iou.png")
+    result["out"] = str(out)
+    return result
+
+
+def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
+    cache = FeatureCache(opts.cache)
+    check_cache_compatible(run, cache.manifest, opts.cache)
+    split = cache.split(opts.split)
+    if 0 not in split.seeds:
+        raise SegError(f"{opts.cache}: the {opts.split} split has no seed-0 (unaugmented) samples to score")
+    n = len(split.images)
+    start = split.seeds.index(0) * n  # seed-major: the seed-0 samples are one contiguous run
+    mask_dir = None
+    if opts.full_res:
+        root = split.manifest["splits"][opts.split]["data_dir"]
+        mask_dir = Path(root) / "Segmentation"
+        if not mask_dir.is_dir():
+            raise SegError(f"--full-res reads the original masks from {mask_dir}, which is not there")
+    lut = run.class_table.lut()
+    h, w = split.manifest["mask_shape"]
+    bar = tqdm(total=n, unit="img", desc=f"eval {opts.split}", disable=not opts.progress, dynamic_ncols=True)
+    for b0 in range(start, start + n, opts.batch_size):
+        rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
+        tokens, masks = split.read_rows(rows)
+        tokens = torch.from_numpy(tokens).to(device)
+        if mask_dir is None:
+            logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"])
+            cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
+        else:
+            for i, row in enumerate(rows):
+                path = mask_dir / split.images[int(row) % n]
+                full = torch.from_numpy(map_mask(read_raw_mask(path), lut, path)).to(device)
+                logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"])
+                cm += confusion_matrix(logits.argmax(1)[0], full, cm.shape[0])
+        bar.update(len(rows))
+    bar.close()
+    return n, ("original size" if opts.full_res else f"{w}x{h}")
+
+
+def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
+    files = list_split(opts.data, opts.split)
+    segmenter = Segmenter(run, opts.weights, device)
+    dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
+                                 [files.mask_path(i) for i in range(len(files.names))],
+                                 run.size, run.class_table.lut(), full_res_masks=opts.full_res)
+    workers = min(4, max(0, (torch.get_num_threads() or 2) - 1)) if opts.workers is None else opts.workers
+    cv2.setNumThreads(1)  # before the workers fork (see extract_features)
+    loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
+    w, h = run.size
+    bar = tqdm(total=len(dataset), unit="img", desc=f"eval {opts.split}", disable=not opts.progress, dynamic_ncols=True)
+    for batch in loader:
+        if "error" in batch:
+            raise SegError(batch["error"])
+        labels = segmenter.label_maps(batch["image"], [m.shape for m in batch["mask"]], opts.tta)
+        for pred, m in zip(labels, batch["mask"]):
+            cm += confusion_matrix(pred, torch.from_numpy(m).to(device), cm.shape[0])
+        bar.update(len(batch["index"]))
+    bar.close()
+    return len(dataset), ("original size" if opts.full_res else f"{w}x{h}")

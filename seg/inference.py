@@ -1,0 +1,111 @@
+"""Backbone + head on images, prepared exactly as the cache was (resize, normalise, half
+precision, float16 tokens), with optional test-time augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from seg.augment import Augmenter
+from seg.data import read_image, read_raw_mask, map_mask
+from seg.device import autocast
+from seg.errors import SegError
+from seg.heads import head_logits
+from seg.normalize import normalize
+from seg.runs import Run, rebuild_backbone
+
+TTA_MODES = ("none", "flip", "flip+scales")
+TTA_SCALES = (0.75, 1.0, 1.25)
+
+
+class Segmenter:
+    def __init__(self, run: Run, weights: Optional[str], device: torch.device) -> None:
+        self.run, self.device = run, device
+        self.backbone = rebuild_backbone(run.backbone, weights, device)
+        self.layers = run.backbone["layers"]
+        self.half = run.backbone.get("compute_dtype", "bfloat16") != "float32"
+        self.amp = bool(run.record["config"]["amp"])
+        self.patch = run.backbone["patch_size"]
+
+    @torch.inference_mode()
+    def tokens(self, x: Tensor) -> Tensor:
+        """Normalised images [B, 3, H, W] -> tokens [B, L, C, Hp, Wp] float16, as the cache stores them."""
+        with autocast(self.device, self.half):
+            feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
+        return torch.stack(feats, dim=1).to(torch.float16)
+
+    @torch.inference_mode()
+    def scores(self, images: Tensor, out_size: tuple[int, int], tta: str = "none") -> Tensor:
+        """uint8 images [B, h, w, 3] at the run's input size -> [B, K, H, W] float32 scores
+        (logits without TTA; mean softmax over the TTA views otherwise)."""
+        if tta not in TTA_MODES:
+            raise SegError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        x = normalize(images.to(self.device))
+        if tta == "none":
+            return head_logits(self.run.head, self.tokens(x), out_size, self.amp)
+        total, views = None, 0
+        for scale in (TTA_SCALES if tta == "flip+scales" else (1.0,)):
+            xs = x if scale == 1.0 else self._rescale(x, scale)
+            for flip in (False, True):
+                xv = xs.flip(-1) if flip else xs
+                probs = head_logits(self.run.head, self.tokens(xv), out_size, self.amp).softmax(1)
+                probs = probs.flip(-1) if flip else probs
+                total = probs if total is None else total + probs
+                views += 1
+        return total / views
+
+    def label_maps(self, images: Tensor, sizes: list[tuple[int, int]], tta: str = "none") -> list[Tensor]:
+        """Class-id maps (on the device), one per image at its own (H, W); one backbone pass when
+        all sizes agree (the usual case), one per image otherwise."""
+        if len(set(sizes)) == 1:
+            return list(self.scores(images, sizes[0], tta).argmax(1))
+        return [self.scores(images[i:i + 1], size, tta).argmax(1)[0] for i, size in enumerate(sizes)]
+
+    def _rescale(self, x: Tensor, scale: float) -> Tensor:
+        h, w = x.shape[-2:]
+        size = (max(self.patch, round(h * scale / self.patch) * self.patch),
+                max(self.patch, round(w * scale / self.patch) * self.patch))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class ImageFolderSamples(Dataset):
+    """Images (and their masks when known) prepared for a run: resized image, and the mask either
+    at the run's size (nearest) or at the original size."""
+
+    def __init__(self, images: list[Path], masks: list[Optional[Path]], size: tuple[int, int],
+                 lut: Optional[np.ndarray], full_res_masks: bool = False) -> None:
+        self.images, self.masks, self.lut, self.full_res = images, masks, lut, full_res_masks
+        self.resize = Augmenter("none", size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            image = read_image(self.images[i])
+            mask = None
+            if self.masks[i] is not None and self.lut is not None:
+                raw = read_raw_mask(self.masks[i])
+                if raw.shape[:2] != image.shape[:2]:
+                    raise SegError(f"{self.masks[i]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                                   f"{image.shape[1]}x{image.shape[0]}")
+                mask = map_mask(raw, self.lut, self.masks[i])
+            small, small_mask = self.resize(image, None if self.full_res else mask, self.images[i].name, 0)
+        except SegError as exc:
+            return {"error": str(exc)}
+        return {"index": i, "image": torch.from_numpy(small), "original": image,
+                "mask": (mask if self.full_res else small_mask)}
+
+
+def collate_samples(batch: list[dict]) -> dict:
+    errors = [b["error"] for b in batch if "error" in b]
+    if errors:
+        return {"error": errors[0]}
+    return {"index": [b["index"] for b in batch], "image": torch.stack([b["image"] for b in batch]),
+            "original": [b["original"] for b in batch], "mask": [b["mask"] for b in batch]}

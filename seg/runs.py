@@ -1,0 +1,87 @@
+"""A trained run on disk: its head, class table, and the exact backbone its cache was built with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from seg.backbone import file_sha256, hub_checkpoint_path, load_backbone
+from seg.classes import ClassTable
+from seg.errors import SegError
+from seg.heads import build_head
+from seg.vit import DinoVisionTransformer
+
+# Fields of the backbone record that must agree between a run and a cache it is evaluated on.
+FEATURE_FIELDS = ("backbone", "weights_sha256", "weights_fingerprint", "size", "layers", "layer_norm",
+                  "normalize", "resize", "token_shape")
+
+
+@dataclass
+class Run:
+    path: Path
+    record: dict                 # what best.pt holds besides the weights
+    head: nn.Module
+    class_table: ClassTable
+
+    @property
+    def backbone(self) -> dict:
+        return self.record["backbone"]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.backbone["size"]
+        return s["width"], s["height"]
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> Run:
+    path = Path(run_dir)
+    best = path / "best.pt"
+    if not best.is_file():
+        raise SegError(f"{path}: no best.pt (not a run directory, or training has not finished an epoch)")
+    try:
+        record = torch.load(best, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SegError(f"{best}: unreadable checkpoint ({type(exc).__name__})") from None
+    table = ClassTable.from_json(record["class_table"], source=str(best))
+    head = build_head(record["config"]["head"], record["in_channels"], table.num_classes)
+    head.load_state_dict(record.pop("head"))
+    head.to(device).eval().requires_grad_(False)
+    return Run(path, record, head, table)
+
+
+def check_cache_compatible(run: Run, manifest: dict, cache_dir: str | Path) -> None:
+    """A cache must hold the features the head was trained on, with the same classes."""
+    if manifest["class_table"] != run.record["class_table"]:
+        raise SegError(f"{cache_dir}: its class table differs from the run's ({run.path}); "
+                       "evaluate on a cache extracted with the same --classes")
+    diffs = [k for k in FEATURE_FIELDS if manifest.get(k) != run.backbone.get(k)]
+    if diffs:
+        raise SegError(f"{cache_dir}: built with other features than the run {run.path} was trained on "
+                       f"(differs in {', '.join(diffs)}: cache {manifest.get(diffs[0])!r} vs run "
+                       f"{run.backbone.get(diffs[0])!r})")
+
+
+def rebuild_backbone(record: dict, weights: Optional[str], device: torch.device) -> DinoVisionTransformer:
+    """The very backbone the run's cache was built with, or a clear refusal."""
+    name = record["backbone"]
+    if record["weights_sha256"] == "random-init":
+        if weights:
+            raise SegError(f"the run was trained on random-init {name} features; --weights does not apply")
+        model, info = load_backbone(name, random_init=True, seed=record["random_init_seed"])
+    else:
+        path = Path(weights) if weights else hub_checkpoint_path(name)
+        if not path.is_file():
+            raise SegError(f"the run's backbone weights are not at {path}; pass --weights FILE "
+                           f"(sha256 {record['weights_sha256'][:16]}..., from {record['weights_source']})")
+        if file_sha256(path) != record["weights_sha256"]:
+            raise SegError(f"{path}: sha256 differs from the weights the run's cache was built with "
+                           f"({record['weights_sha256'][:16]}...); refusing to mix features")
+        model, info = load_backbone(name, weights=str(path))
+    if info.state_fingerprint != record["weights_fingerprint"]:
+        raise SegError(f"rebuilt {name} weights differ from the run's (fingerprint {info.state_fingerprint[:12]} vs "
+                       f"{record['weights_fingerprint'][:12]}); refusing to mix features")
+    return model.to(device)
