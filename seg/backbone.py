@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -105,6 +106,8 @@ def _fetch_official(name: str) -> Path:
     if path.exists():
         return path
     url = weights_url(name)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a half-open network must fail, not hang forever
     try:
         torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=False)
     except Exception as exc:  # network errors come in many types; all mean the same thing to the user
@@ -112,6 +115,8 @@ def _fetch_official(name: str) -> Path:
             f"could not download {url} ({type(exc).__name__}); offline, place that file at {path} "
             f"or pass --weights /path/to/{path.name}"
         ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
     return path
 
 

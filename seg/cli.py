@@ -165,6 +165,22 @@ def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, batch_s
         log=click.echo)
 
 
+@main.command()
+@click.option("--out", default="seg-demo", show_default=True, type=click.Path(file_okay=False), help="Where everything goes.")
+@click.option("--train-images", default=48, show_default=True, help="Generated training images.")
+@click.option("--epochs", default=12, show_default=True, help="Head training epochs.")
+@click.option("--size", default="322x182", show_default=True, help="Backbone input size (multiples of 14).")
+@click.option("--random-init", is_flag=True, help="Use random backbone weights without trying the official ones.")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
+@user_errors
+def demo(out, train_images, epochs, size, random_init, device) -> None:
+    """Generate a small dataset and run extract, train-head, eval and predict on it."""
+    from seg.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=out, train_images=train_images, epochs=epochs, size=size, random_init=random_init,
+                         device=device), log=click.echo)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and check feature caches."""
