@@ -1,0 +1,355 @@
+"""Measure the seg pipeline on this machine, side by side, in one run (issue 5).
+
+    python benchmarks/bench_pipeline.py --json bench.json [--quick]
+
+1. extraction: images/s and achieved GFLOP/s of `seg extract` (vits14 @ 476x266, vitb14_reg @ 644x364,
+   random weights) against this machine's measured bf16 and fp32 matmul rates;
+2. head training from the cache: samples/s of the phase 1 and phase 3 configurations;
+3. the one-stage baseline (frozen backbone run on every training step): per-epoch speed-up of the cache,
+   projected wall time of the full phase-3 recipe (2857 images, 40 epochs) for one-stage vs two-stage
+   with K = 1, 4, 8 cached seeds, extraction included;
+4. cache I/O: MB/s reading shards in training order vs a plain sequential read of the same files (cold
+   page cache when this process may drop it), bytes per sample vs raw token size;
+5. peak resident memory of extraction and of training in both preload modes, streaming at two cache sizes.
+
+Every measurement runs in a fresh child process so that its peak RSS is its own. Prints a markdown
+table; --json writes one object per measurement with its unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+FULL_TRAIN, FULL_VAL, FULL_EPOCHS = 2857, 317, 40
+CONFIGS = {  # name -> (backbone, size, phase)
+    "vits14@476x266": ("vits14", "476x266", 1),
+    "vitb14_reg@644x364": ("vitb14_reg", "644x364", 3),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# child tasks: each prints one JSON object (with its own peak RSS) on its last stdout line
+# ---------------------------------------------------------------------------------------------
+def vit_flops(backbone: str, size: str) -> float:
+    """Analytic forward FLOPs of one image (multiply-add = 2 FLOPs)."""
+    from seg.backbone import backbone_kwargs
+
+    kw = backbone_kwargs(backbone)
+    d, depth = kw["embed_dim"], kw["depth"]
+    w, h = (int(v) for v in size.split("x"))
+    patches = (w // 14) * (h // 14)
+    n = patches + 1 + kw["num_register_tokens"]
+    hidden = 4 * d
+    per_block = n * (2 * 3 * d * d + 2 * d * d + 2 * 2 * d * hidden) + 2 * 2 * n * n * d
+    return depth * per_block + patches * 2 * (3 * 14 * 14) * d
+
+
+def task_matmul(_: dict) -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, (time.perf_counter() - t) / 4)
+        out[name] = 2 * 2048 ** 3 / best / 1e9
+    return out
+
+
+def task_extract(args: dict) -> dict:
+    from seg.extract_features import ExtractConfig, extract
+
+    cfg = ExtractConfig(data=args["data"], out=args["out"], backbone=args["backbone"], size=args["size"],
+                        random_init=True, splits=("train",), batch_size=args["batch"], shard_size=args["shard"],
+                        workers=1, progress=False, overwrite=True)
+    # warm-up on a throwaway cache so that one-time costs (weights, kernels) are not timed
+    warm = ExtractConfig(**{**cfg.__dict__, "out": args["out"] + "-warm", "splits": ("val",)})
+    extract(warm, log=lambda s: None)
+    s = extract(cfg, log=lambda s: None)
+    return {"images": s.samples_written, "seconds": s.seconds, "images_per_s": s.images_per_s,
+            "loop_images_per_s": s.loop_images_per_s, "bytes": s.bytes_on_disk}
+
+
+def task_train(args: dict) -> dict:
+    from seg.presets import resolve
+    from seg.train_head import RunOptions, Trainer
+
+    cfg = resolve(args["phase"], {"epochs": 1, "patience": 0})
+    trainer = Trainer(cfg, args["cache"], args["out"], RunOptions(device="cpu", preload=args["preload"],
+                                                                  allow_mismatch=True, progress=False),
+                      log=lambda s: None)
+    trainer._build()
+    train_src, val_src = trainer._sources()
+    trainer.train_epoch(train_src, 0)  # warm-up epoch (allocator, kernels, page cache)
+    t = time.perf_counter()
+    loss, sps = trainer.train_epoch(train_src, 1)
+    seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    trainer.validate(val_src)
+    val_seconds = time.perf_counter() - t
+    n = len(trainer.train_split.images)
+    return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds,
+            "val_samples": len(trainer.val_split), "val_samples_per_s": len(trainer.val_split) / val_seconds}
+
+
+def task_onestage(args: dict) -> dict:
+    """The published scripts' loop: backbone forward (frozen, half precision) + head step, every step."""
+    import torch
+
+    from seg.backbone import load_backbone
+    from seg.device import autocast
+    from seg.heads import build_head, head_logits
+    from seg.losses import SegLoss
+    from seg.presets import PRESETS
+
+    cfg = PRESETS[args["phase"]]
+    w, h = (int(v) for v in args["size"].split("x"))
+    backbone, _ = load_backbone(args["backbone"], random_init=True)
+    head = build_head(cfg.head, backbone.embed_dim, 10)
+    loss_fn = SegLoss(cfg.loss, torch.ones(10))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    x = torch.randn(cfg.batch_size, 3, h, w)
+    target = torch.randint(0, 10, (cfg.batch_size, h, w))
+    cpu = torch.device("cpu")
+
+    def step() -> None:
+        with torch.no_grad(), autocast(cpu):
+            tokens = torch.stack(backbone.get_intermediate_layers(x, n=1, reshape=True), 1).to(torch.float16)
+        logits = head_logits(head, tokens, (h, w), cfg.amp)
+        loss_fn(logits, target).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    steps = args["steps"]
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - t
+    return {"samples_per_s": steps * cfg.batch_size / seconds, "seconds": seconds, "samples": steps * cfg.batch_size}
+
+
+def task_read(args: dict) -> dict:
+    from seg.cache import FeatureCache
+    from seg.train_data import epoch_indices
+
+    cache = Path(args["cache"])
+    files = sorted(cache.glob("train-*.h5"))
+    total = sum(f.stat().st_size for f in files)
+    out = {"file_bytes": total}
+    for mode in ("sequential", "training_order"):
+        dropped = drop_page_cache()
+        t = time.perf_counter()
+        if mode == "sequential":
+            for f in files:
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 22):
+                        pass
+        else:
+            split = FeatureCache(cache).split("train")
+            idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
+            for i in range(0, len(idx), 4):
+                split.read_rows(idx[i:i + 4])
+        seconds = time.perf_counter() - t
+        out[mode] = {"MB_per_s": total / seconds / 1e6, "seconds": seconds, "cold": dropped}
+    return out
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+TASKS = {"matmul": task_matmul, "extract": task_extract, "train": task_train, "onestage": task_onestage,
+         "read": task_read}
+
+
+def child_main(task: str, args_json: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    result = TASKS[task](json.loads(args_json))
+    result["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def run_child(task: str, **args) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE), "_child", task, json.dumps(args)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark task {task} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: build inputs, run the tasks, report
+# ---------------------------------------------------------------------------------------------
+def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val: int) -> Path:
+    """A cache with the real token shapes and random content (training speed does not depend on it)."""
+    from seg import cache_format as cf
+    from seg.backbone import backbone_kwargs
+    from seg.classes import default_class_table
+    from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+    w, h = (int(v) for v in size.split("x"))
+    d = backbone_kwargs(backbone)["embed_dim"]
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True, exist_ok=True)
+    token_shape, mask_shape = [1, d, h // 14, w // 14], [h, w]
+    splits = {}
+    for name, n in (("train", n_train), ("val", n_val)):
+        plans = cf.plan_shards(name, n, 64)
+        for p in plans:
+            tokens = rng.standard_normal((p.count, *token_shape), dtype=np.float32).astype(np.float16)
+            masks = np.repeat(np.repeat(rng.integers(0, 10, (p.count, h // 14, w // 14), dtype=np.uint8), 14, 1), 14, 2)
+            cf.write_shard(path / p.file, tokens, masks, np.arange(p.start, p.start + p.count),
+                           np.zeros(p.count, np.int32))
+        splits[name] = {"data_dir": "random", "images": [f"{i:05d}.png" for i in range(n)], "seeds": [0],
+                        "num_samples": n, "shards": [{"file": p.file, "start": p.start, "samples": p.count,
+                                                      "sha256": None, "bytes": None} for p in plans]}
+    cf.write_manifest(path, {
+        "format": cf.FORMAT, "format_version": cf.FORMAT_VERSION, "complete": True, "backbone": backbone,
+        "weights_sha256": "random-init", "weights_source": "random tokens", "random_init_seed": 0,
+        "weights_fingerprint": "random", "size": {"width": w, "height": h}, "patch_size": 14,
+        "patch_grid": {"width": w // 14, "height": h // 14}, "embed_dim": d, "layers": [11], "layer_norm": True,
+        "token_dtype": "float16", "token_shape": token_shape, "mask_shape": mask_shape, "compute_dtype": "bfloat16",
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, "resize": {},
+        "class_table": default_class_table().to_json(), "ignore_index": 255,
+        "augmentation": {"policy": "none", "transforms": [], "albumentations": "", "seeding": ""},
+        "shard_size": 64, "splits": splits})
+    return path
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="Write the measurements here.")
+    ap.add_argument("--quick", action="store_true", help="Fewer images and steps (a smoke run, noisier numbers).")
+    ap.add_argument("--workdir", help="Scratch folder [default: a temporary one].")
+    args = ap.parse_args()
+    from seg.synthetic import write_dataset
+
+    q = args.quick
+    n_images = 8 if q else 16
+    rows: list[dict] = []
+
+    def add(group: str, what: str, value: float, unit: str, **extra) -> None:
+        rows.append({"group": group, "measurement": what, "value": value, "unit": unit, **extra})
+        print(f"  {group:10s} {what:60s} {value:10.3f} {unit}", flush=True)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        data = write_dataset(tmp / "data", {"train": n_images, "val": 2})
+        mm = run_child("matmul")
+        add("machine", "bf16 matmul 2048^3", mm["bf16"], "GFLOP/s")
+        add("machine", "fp32 matmul 2048^3", mm["fp32"], "GFLOP/s")
+        ext: dict[str, dict] = {}
+        for name, (backbone, size, phase) in CONFIGS.items():
+            flops = vit_flops(backbone, size)
+            add("extract", f"{name} forward FLOPs (analytic)", flops / 1e9, "GFLOP/image")
+            for batch in (1, 4):
+                r = run_child("extract", data=str(data), out=str(tmp / f"x-{name}-{batch}"), backbone=backbone,
+                              size=size, batch=batch, shard=max(4, batch * 2))
+                gflops = flops * r["loop_images_per_s"] / 1e9
+                add("extract", f"{name} batch {batch}: throughput (extraction loop)", r["loop_images_per_s"], "images/s")
+                add("extract", f"{name} batch {batch}: throughput (whole command, {n_images} images)",
+                    r["images_per_s"], "images/s")
+                add("extract", f"{name} batch {batch}: achieved", gflops, "GFLOP/s",
+                    pct_of_bf16_matmul=100 * gflops / mm["bf16"], pct_of_fp32_matmul=100 * gflops / mm["fp32"])
+                add("extract", f"{name} batch {batch}: peak RSS", r["peak_rss_MB"], "MB")
+                ext.setdefault(name, {})[batch] = r
+            raw = int(np.prod([1, 768 if "vitb" in name else 384, int(size.split("x")[1]) // 14,
+                               int(size.split("x")[0]) // 14])) * 2
+            per = ext[name][4]["bytes"] / n_images
+            add("cache", f"{name} bytes/sample on disk (raw tokens {raw / 1e6:.3f} MB)", per / 1e6, "MB/sample",
+                overhead_pct=100 * (per - raw) / raw)
+
+        train_n = 16 if q else 48
+        for name, (backbone, size, phase) in CONFIGS.items():
+            cache = random_token_cache(tmp / f"t-{name}", backbone, size, train_n, 8)
+            pre = run_child("train", cache=str(cache), out=str(tmp / f"r-{name}-p"), phase=phase, preload="always")
+            stream = run_child("train", cache=str(cache), out=str(tmp / f"r-{name}-s"), phase=phase, preload="never")
+            one = run_child("onestage", backbone=backbone, size=size, phase=phase, steps=3 if q else 6)
+            add("train", f"{name} phase {phase} from cache (preloaded)", pre["samples_per_s"], "samples/s")
+            add("train", f"{name} phase {phase} from cache (streaming)", stream["samples_per_s"], "samples/s")
+            add("train", f"{name} phase {phase} one-stage (backbone every step)", one["samples_per_s"], "samples/s")
+            add("train", f"{name} phase {phase} per-epoch speed-up of the cache",
+                pre["samples_per_s"] / one["samples_per_s"], "x")
+            add("memory", f"{name} training peak RSS, preloaded ({train_n + 8} samples)", pre["peak_rss_MB"], "MB")
+            add("memory", f"{name} training peak RSS, streaming ({train_n + 8} samples)", stream["peak_rss_MB"], "MB")
+            if phase == 3:
+                big = random_token_cache(tmp / "t-big", backbone, size, 4 * train_n, 8)
+                stream_big = run_child("train", cache=str(big), out=str(tmp / "r-big"), phase=3, preload="never")
+                add("memory", f"{name} training peak RSS, streaming ({4 * train_n + 8} samples)",
+                    stream_big["peak_rss_MB"], "MB")
+                io = run_child("read", cache=str(big))
+                add("io", f"{name} sequential read of the shards", io["sequential"]["MB_per_s"], "MB/s",
+                    cold_cache=io["sequential"]["cold"])
+                add("io", f"{name} reads in training order (random, 4 per batch)", io["training_order"]["MB_per_s"],
+                    "MB/s", cold_cache=io["training_order"]["cold"],
+                    pct_of_sequential=100 * io["training_order"]["MB_per_s"] / io["sequential"]["MB_per_s"])
+                # projected wall time of the full phase-3 recipe
+                ext_rate = ext[name][4]["loop_images_per_s"]
+                val_rate = pre["val_samples_per_s"]
+                one_epoch = FULL_TRAIN / one["samples_per_s"] + FULL_VAL / (ext_rate * 1.0)
+                add("project", "phase 3 full recipe, one-stage", FULL_EPOCHS * one_epoch / 3600, "hours")
+                for k in (1, 4, 8):
+                    extraction = (FULL_TRAIN * k + FULL_VAL) / ext_rate
+                    training = FULL_EPOCHS * (FULL_TRAIN / pre["samples_per_s"] + FULL_VAL / val_rate)
+                    add("project", f"phase 3 full recipe, two-stage K={k} (extraction {extraction / 3600:.1f} h)",
+                        (extraction + training) / 3600, "hours")
+
+    info = machine()
+    print("\n| group | measurement | value | unit |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['group']} | {r['measurement']} | {r['value']:.3f} | {r['unit']} |")
+    print(f"\nmachine: {json.dumps(info)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "quick": q, "measurements": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "{}")
+    else:
+        main()
