@@ -155,7 +155,7 @@ def task_read(args: dict) -> dict:
     files = sorted(cache.glob("train-*.h5"))
     total = sum(f.stat().st_size for f in files)
     out = {"file_bytes": total}
-    for mode in ("sequential", "training_order"):
+    for mode in ("sequential", "training_order", "training_loader"):
         dropped = drop_page_cache()
         t = time.perf_counter()
         if mode == "sequential":
@@ -163,11 +163,20 @@ def task_read(args: dict) -> dict:
                 with open(f, "rb") as fh:
                     while fh.read(1 << 22):
                         pass
-        else:
+        elif mode == "training_order":  # one process, as a reader in the training loop would
             split = FeatureCache(cache).split("train")
             idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
             for i in range(0, len(idx), 4):
                 split.read_rows(idx[i:i + 4])
+        else:  # what streaming training really uses: the DataLoader's reader processes
+            import torch
+
+            from seg.train_data import StreamedSplit, batches_of
+
+            split = FeatureCache(cache).split("train")
+            idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
+            for _ in StreamedSplit(split, torch.device("cpu")).batches(batches_of(idx, 4)):
+                pass
         seconds = time.perf_counter() - t
         out[mode] = {"MB_per_s": total / seconds / 1e6, "seconds": seconds, "cold": dropped}
     return out
@@ -325,9 +334,12 @@ def main() -> None:
                 io = run_child("read", cache=str(big))
                 add("io", f"{name} sequential read of the shards", io["sequential"]["MB_per_s"], "MB/s",
                     cold_cache=io["sequential"]["cold"])
-                add("io", f"{name} reads in training order (random, 4 per batch)", io["training_order"]["MB_per_s"],
+                add("io", f"{name} reads in training order, one process", io["training_order"]["MB_per_s"],
                     "MB/s", cold_cache=io["training_order"]["cold"],
                     pct_of_sequential=100 * io["training_order"]["MB_per_s"] / io["sequential"]["MB_per_s"])
+                add("io", f"{name} reads in training order, streaming loader", io["training_loader"]["MB_per_s"],
+                    "MB/s", cold_cache=io["training_loader"]["cold"],
+                    pct_of_sequential=100 * io["training_loader"]["MB_per_s"] / io["sequential"]["MB_per_s"])
                 # projected wall time of the full phase-3 recipe
                 ext_rate = ext[name][4]["loop_images_per_s"]
                 val_rate = pre["val_samples_per_s"]

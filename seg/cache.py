@@ -61,6 +61,7 @@ class CacheSplit(Dataset):
         self.shards = cf.split_shards(manifest, split)
         self._starts = [p.start for p in self.shards]
         self._files: dict[int, h5py.File] = {}
+        self._datasets: dict[int, tuple[h5py.Dataset, h5py.Dataset]] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -68,12 +69,12 @@ class CacheSplit(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_files"], state["_datasets"] = {}, {}
         return state
 
     def _file(self, j: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never share the parent's handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
         f = self._files.get(j)
         if f is None:
             path = self.path / self.shards[j].file
@@ -83,6 +84,14 @@ class CacheSplit(Dataset):
                 raise SegError(f"{path}: cannot open shard ({exc})") from None
             self._files[j] = f
         return f
+
+    def _tokens_masks(self, j: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """Dataset handles of shard j, kept: looking them up by name costs more than a small read."""
+        f = self._file(j)
+        ds = self._datasets.get(j)
+        if ds is None:
+            ds = self._datasets[j] = (f["tokens"], f["masks"])
+        return ds
 
     def locate(self, k: int) -> tuple[int, int]:
         """(shard index, row in shard) of sample k."""
@@ -115,10 +124,10 @@ class CacheSplit(Dataset):
         order = np.argsort(indices, kind="stable")
         for pos in order:
             j, row = self.locate(int(indices[pos]))
-            f = self._file(j)
+            tok_ds, mask_ds = self._tokens_masks(j)
             try:
-                f["tokens"].read_direct(tokens, np.s_[row], np.s_[pos])
-                f["masks"].read_direct(masks, np.s_[row], np.s_[pos])
+                tok_ds.read_direct(tokens, np.s_[row], np.s_[pos])
+                mask_ds.read_direct(masks, np.s_[row], np.s_[pos])
             except OSError as exc:
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         return tokens, masks
@@ -144,7 +153,7 @@ class CacheSplit(Dataset):
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files, self._datasets = {}, {}
 
 
 def describe(path: str | Path) -> list[str]:
