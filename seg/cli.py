@@ -65,9 +65,16 @@ def extract(**kw) -> None:
         layers=kw["layers"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
     )
-    summary = run(cfg, log=click.echo)
-    for line in summary.lines:
-        click.echo(line)
+    from seg import distributed
+
+    d = distributed.init(cfg.device)
+    try:
+        summary = run(cfg, log=click.echo, dist_ctx=d)
+    finally:
+        distributed.shutdown(d)
+    if d.is_main:
+        for line in summary.lines:
+            click.echo(line)
 
 
 @main.command("train-head")
@@ -107,8 +114,17 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mi
     from seg.presets import resolve
     from seg.train_head import RunOptions, train
 
+    from seg import distributed
+
     cfg = resolve(phase, overrides)
-    metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch), log=click.echo)
+    d = distributed.init(device)
+    try:
+        metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch),
+                        log=click.echo, dist_ctx=d)
+    finally:
+        distributed.shutdown(d)
+    if not d.is_main:
+        return
     if metrics:
         click.echo(f"best epoch {metrics['epoch']} on val:")
         click.echo(format_table(_nan_restored(metrics)))

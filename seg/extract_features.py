@@ -22,6 +22,7 @@ from seg.backbone import PATCH_SIZE, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, read_pair
 from seg.device import autocast, half_dtype, resolve_device
+from seg.distributed import Dist, barrier, on_main, rank_device
 from seg.errors import SegError
 from seg.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -220,13 +221,12 @@ def finalize_manifest(out: Path, manifest: dict) -> int:
     return total
 
 
-def extract(
-    cfg: ExtractConfig,
-    shard_filter: Callable[[cf.ShardPlan], bool] = lambda plan: True,
-    finalize: bool = True,
-    log: Callable[[str], None] = print,
-) -> ExtractSummary:
-    """Fill the cache at cfg.out; shard_filter picks this process's shards (all of them by default)."""
+def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Optional[Dist] = None) -> ExtractSummary:
+    """Fill the cache at cfg.out. Under torchrun (dist_ctx with world > 1) rank r extracts the shards
+    j with j % world == r, and rank 0 writes the manifest before and after; the bytes are the same
+    as a one-process run because batches never cross shards."""
+    d = dist_ctx or Dist()
+    say = log if d.is_main else (lambda s: None)
     t0 = time.perf_counter()
     size = parse_size(cfg.size, PATCH_SIZE)
     if cfg.aug_seeds < 1:
@@ -235,57 +235,64 @@ def extract(
         raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3)")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise SegError("--batch-size and --shard-size must be at least 1")
-    device = resolve_device(cfg.device)
+    device = resolve_device(rank_device(d, cfg.device))
     table = load_class_table(cfg.classes)
     split_files = {s: list_split(cfg.data, s) for s in cfg.splits}
     model, info = load_backbone(cfg.backbone, cfg.weights, cfg.random_init, cfg.random_init_seed)
     if cfg.random_init:
-        log(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")
+        say(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")
     try:
         layers = model.resolve_layers(parse_layers(cfg.layers))
     except ValueError as exc:
         raise SegError(f"--layers: {exc}") from None
     manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device)
     out = Path(cfg.out)
-    prepare_cache_dir(out, manifest, cfg.overwrite)
-    if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
-        cf.write_manifest(out, manifest)
+
+    def prepare() -> None:
+        prepare_cache_dir(out, manifest, cfg.overwrite)
+        if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
+            cf.write_manifest(out, manifest)
+
+    on_main(d, prepare)
 
     model.to(device)
     augmenter = Augmenter(cfg.aug_policy, size)
     lut = table.lut()
     workers = default_workers() if cfg.workers is None else cfg.workers
     all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
-    mine = [p for p in all_plans if shard_filter(p)]
+    mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
     todo = missing_shards(out, manifest, mine)
     n_todo = sum(p.count for p in todo)
-    log(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
+    say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
         f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
-        f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers")
+        f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
+        + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
 
     written = 0
     t_loop = time.perf_counter()
-    with tqdm(total=n_todo, unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with tqdm(total=n_todo, unit="img", desc="extract", disable=not (cfg.progress and d.is_main),
+              dynamic_ncols=True) as bar:
         for split in split_files:
             plans = [p for p in todo if p.split == split]
             if plans:
                 written += _extract_split(model, device, layers, split_files[split], manifest, plans,
                                           augmenter, lut, cfg, workers, out, bar)
     loop_seconds = time.perf_counter() - t_loop
+    barrier(d)
+    total_bytes = on_main(d, lambda: finalize_manifest(out, manifest)) or 0
     seconds = time.perf_counter() - t0
-    total_bytes = 0
-    if finalize:
-        total_bytes = finalize_manifest(out, manifest)
     summary = ExtractSummary(out, sum(p.count for p in all_plans), written, len(todo), len(all_plans),
                              total_bytes, seconds, written / seconds if seconds > 0 else 0.0,
                              written / loop_seconds if written and loop_seconds > 0 else 0.0)
     per = total_bytes / summary.samples_total if summary.samples_total else 0
+    rank_note = f" by rank 0 of {d.world}" if d.active else ""
     summary.lines = [
         f"cache: {out}",
-        f"samples: {summary.samples_total} ({written} extracted now), shards: {len(all_plans)} ({len(todo)} written now)",
-        f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)" if finalize else "bytes: (not finalized by this process)",
+        f"samples: {summary.samples_total} ({written} extracted now{rank_note}), "
+        f"shards: {len(all_plans)} ({len(todo)} written now{rank_note})",
+        f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)",
         f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s overall, "
-        f"{summary.loop_images_per_s:.2f} images/s in the extraction loop",
+        f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
     ]
     return summary
 

@@ -20,6 +20,7 @@ from seg.atomic import write_atomic, write_json, write_text
 from seg.cache import CacheSplit, FeatureCache
 from seg.cache_format import settings_of
 from seg.device import half_dtype, resolve_device
+from seg.distributed import Dist, all_reduce_sum, rank_device
 from seg.errors import SegError
 from seg.heads import build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
@@ -90,8 +91,10 @@ def describe_config(cfg: TrainConfig, extra: dict) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, cache_dir: str, out_dir: str, opts: RunOptions,
-                 log: Callable[[str], None] = print) -> None:
-        self.cfg, self.opts, self.log = cfg, opts, log
+                 log: Callable[[str], None] = print, dist_ctx: Optional[Dist] = None) -> None:
+        self.d = dist_ctx or Dist()
+        self.cfg, self.opts = cfg, opts
+        self.log = log if self.d.is_main else (lambda s: None)
         self.out = Path(out_dir)
         self.cache = FeatureCache(cache_dir)
         m = self.cache.manifest
@@ -99,8 +102,8 @@ class Trainer:
             if split not in m["splits"]:
                 raise SegError(f"{cache_dir}: training needs a {split!r} split in the cache (it has "
                                f"{', '.join(m['splits'])}); extract with --splits train,val")
-        check_cache_matches(cfg, m, Path(cache_dir), opts.allow_mismatch, log)
-        self.device = resolve_device(opts.device)
+        check_cache_matches(cfg, m, Path(cache_dir), opts.allow_mismatch, self.log)
+        self.device = resolve_device(rank_device(self.d, opts.device))
         self.table = self.cache.class_table
         self.names = list(self.table.names)
         self.k = self.table.num_classes
@@ -111,8 +114,14 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights
         self.head = build_head(cfg.head, self.cache.in_channels, self.k).to(self.device)
+        self.model = self.head
+        if self.d.active:
+            if self.device.type == "cuda":  # per-rank BatchNorm statistics would differ from one process
+                self.head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         weights = None
         if cfg.loss != "ce":
             counts = class_pixel_counts(self.train_split, self.k)
@@ -152,21 +161,35 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------
     def _forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head_logits(self.head, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None)
+        logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None)
         return logits, self.criterion(logits, masks)
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of the epoch. Under DDP the epoch's draw is the one-process draw,
+        padded by wrap-around to whole global batches, and each global batch of batch_size x world
+        is cut into one slice per rank."""
+        cfg, d = self.cfg, self.d
+        idx = epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
+        if not d.active:
+            return batches_of(idx, cfg.batch_size)
+        global_batch = cfg.batch_size * d.world
+        pad = (-len(idx)) % global_batch
+        idx = np.concatenate([idx, np.resize(idx, pad)]) if pad else idx
+        return [g[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size] for g in batches_of(idx, global_batch)]
 
     def train_epoch(self, source, epoch: int) -> tuple[float, float]:
         cfg = self.cfg
-        self.head.train()
-        idx = epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
-        batches = batches_of(idx, cfg.batch_size)
+        self.model.train()
+        batches = self.rank_batches(epoch)
+        n_samples = sum(len(b) for b in batches)
         total, count, t0 = 0.0, 0, time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        bar = tqdm(total=len(idx), unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not self.opts.progress, dynamic_ncols=True)
+        bar = tqdm(total=n_samples, unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (self.opts.progress and self.d.is_main), dynamic_ncols=True)
         for step, (tokens, masks) in enumerate(source.batches(batches)):
             _, loss = self._forward_loss(tokens, masks)
-            if not torch.isfinite(loss):
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+            if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
                 bar.close()
                 raise SegError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
                                f"The last good checkpoint is {self.out / 'last.pt'} (lower --lr, or check the cache "
@@ -182,19 +205,24 @@ class Trainer:
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
         seconds = time.perf_counter() - t0
+        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        total, count = sums.tolist()
         return total / max(count, 1), count / seconds if seconds > 0 else 0.0
 
     @torch.no_grad()
     def validate(self, source) -> tuple[float, torch.Tensor]:
-        self.head.eval()
+        self.model.eval()
         cm = torch.zeros(self.k, self.k, dtype=torch.int64, device=self.device)
         total, count = 0.0, 0
-        for tokens, masks in source.batches(batches_of(np.arange(len(self.val_split)), VAL_BATCH)):
+        mine = np.array_split(np.arange(len(self.val_split)), self.d.world)[self.d.rank]
+        for tokens, masks in source.batches(batches_of(mine, VAL_BATCH)):
             logits, loss = self._forward_loss(tokens, masks)
             total += loss.item() * len(tokens)
             count += len(tokens)
             cm += confusion_matrix(logits.argmax(1), masks, self.k)
-        return total / max(count, 1), cm
+        all_reduce_sum(self.d, cm)  # one confusion matrix over the whole split, never per rank
+        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        return sums[0].item() / max(sums[1].item(), 1), cm
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -212,7 +240,8 @@ class Trainer:
                 raise SegError(f"{out}: --resume with another cache than the run was trained on")
         elif self.opts.resume:
             raise SegError(f"{out}: nothing to resume (no last.pt)")
-        out.mkdir(parents=True, exist_ok=True)
+        if self.d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         self._build()
         record = self._run_record()
         start_epoch, history, best = 0, [], {"miou": -1.0, "epoch": None}
@@ -224,13 +253,16 @@ class Trainer:
             torch.set_rng_state(state["rng_cpu"])
             start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
             self.log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
-        eff = cfg.batch_size * cfg.accum
+        eff = cfg.batch_size * cfg.accum * self.d.world
         self.log("training config (phase preset + overrides):\n" + describe_config(
-            cfg, {"effective_batch": eff, "device": self.device.type,
+            cfg, {"effective_batch": f"{eff} (batch {cfg.batch_size} x world {self.d.world} x accum {cfg.accum})"
+                  if self.d.active else eff, "device": self.device.type,
                   "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
                   "in_channels": self.cache.in_channels, "train_samples/epoch":
                   len(self.train_split) if cfg.all_seeds else len(self.train_split.images)}))
-        write_json(out / "config.json", jsonable({**record, "effective_batch": eff}))
+        main = self.d.is_main
+        if main:
+            write_json(out / "config.json", jsonable({**record, "effective_batch": eff, "world_size": self.d.world}))
         train_src, val_src = self._sources()
         stopped_early = False
         for epoch in range(start_epoch, cfg.epochs):
@@ -250,22 +282,25 @@ class Trainer:
             improved = summary["miou"] > best["miou"] or cfg.select == "final"
             if improved:
                 best = {"miou": summary["miou"], "epoch": epoch + 1}
+            if main and improved:
                 save_checkpoint(out / "best.pt", {**record, "head": self.head.state_dict(), "epoch": epoch + 1,
                                                   "val_miou": summary["miou"]})
                 self._write_metrics(summary, cm, epoch + 1)
-            save_checkpoint(last_path, {**record, "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
-                                        "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                                        "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": history,
-                                        "best": best})
-            self._write_history(history)
+            if main:
+                save_checkpoint(last_path, {**record, "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+                                            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                                            "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": history,
+                                            "best": best})
+                self._write_history(history)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                      f"val mIoU {summary['miou']:.4f}{' *' if improved else ''}  lr {lr:.3g}  "
                      f"{sps:.1f} samples/s  {row['seconds']:.1f} s")
         if stopped_early:
             self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs (best {best['miou']:.4f} at epoch {best['epoch']})")
-        if history:
+        if history and main:
             plots.curves(history, out / "curves.png")
-        metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+        metrics_path = out / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if main and metrics_path.exists() else {}
         return metrics
 
     def _patience_exhausted(self, best: dict, epoch: int) -> bool:
@@ -289,5 +324,5 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, cache_dir: str, out_dir: str, opts: Optional[RunOptions] = None,
-          log: Callable[[str], None] = print) -> dict:
-    return Trainer(cfg, cache_dir, out_dir, opts or RunOptions(), log).run()
+          log: Callable[[str], None] = print, dist_ctx: Optional[Dist] = None) -> dict:
+    return Trainer(cfg, cache_dir, out_dir, opts or RunOptions(), log, dist_ctx).run()
