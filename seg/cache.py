@@ -150,6 +150,14 @@ class CacheSplit(Dataset):
                 progress(plan.count)
         return tokens, masks
 
+    def class_pixel_counts(self, num_classes: int) -> np.ndarray:
+        """Pixels per class id over every mask of the split (ignore excluded), shard by shard."""
+        counts = np.zeros(num_classes, np.int64)
+        for j in range(len(self.shards)):
+            masks = self._tokens_masks(j)[1][()]
+            counts += np.bincount(masks[masks < num_classes].ravel(), minlength=num_classes)[:num_classes]
+        return counts
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -127,14 +127,8 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mi
         return
     if metrics:
         click.echo(f"best epoch {metrics['epoch']} on val:")
-        click.echo(format_table(_nan_restored(metrics)))
+        click.echo(format_table(metrics))  # the stored JSON (NaN as null) prints as-is
     click.echo(f"run: {out} (best.pt, last.pt, history.csv, metrics.json, curves.png, per_class_iou.png)")
-
-
-def _nan_restored(d: dict) -> dict:
-    """JSON stores NaN as null; the table prints both as '-'."""
-    return {k: ([float("nan") if x is None else x for x in v] if isinstance(v, list) and k in
-                ("iou", "dice", "acc", "gt_share") else (float("nan") if v is None else v)) for k, v in d.items()}
 
 
 @main.command("eval")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -105,14 +106,25 @@ def map_mask(raw: np.ndarray, lut: np.ndarray, path: Path) -> np.ndarray:
     return ids.astype(np.uint8)
 
 
-def read_pair(files: SplitFiles, i: int, lut: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Image (RGB uint8) and its class-id mask (uint8) at the original size."""
-    image = read_image(files.image_path(i))
-    if not files.has_masks or lut is None:
+def read_pair(image_path: Path, mask_path: Optional[Path], lut: Optional[np.ndarray]
+              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Image (RGB uint8) and its class-id mask (uint8) at the original size; no mask when
+    mask_path or lut is None."""
+    image = read_image(image_path)
+    if mask_path is None or lut is None:
         return image, None
-    mpath = files.mask_path(i)
+    mpath = mask_path
     raw = read_raw_mask(mpath)
     if raw.shape[:2] != image.shape[:2]:
         h, w = image.shape[:2]
         raise SegError(f"{mpath}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h}")
     return image, map_mask(raw, lut, mpath)
+
+
+def read_split_pair(files: SplitFiles, i: int, lut: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    return read_pair(files.image_path(i), files.mask_path(i) if files.has_masks else None, lut)
+
+
+def worker_count(cap: int = 8) -> int:
+    """Loader processes: all cores but one (the compute owns it), at least 1, at most cap."""
+    return max(1, min(cap, (os.cpu_count() or 2) - 1))

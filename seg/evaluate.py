@@ -16,7 +16,7 @@ from tqdm import tqdm
 from seg import plots
 from seg.atomic import write_json, write_text
 from seg.cache import FeatureCache
-from seg.data import list_split, read_raw_mask, map_mask
+from seg.data import list_split, map_mask, read_raw_mask, worker_count
 from seg.device import resolve_device
 from seg.errors import SegError
 from seg.heads import head_logits
@@ -119,7 +119,7 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
                                  [files.mask_path(i) for i in range(len(files.names))],
                                  run.size, run.class_table.lut(), full_res_masks=opts.full_res)
-    workers = min(4, max(0, (torch.get_num_threads() or 2) - 1)) if opts.workers is None else opts.workers
+    workers = worker_count(4) if opts.workers is None else opts.workers
     cv2.setNumThreads(1)  # before the workers fork (see extract_features)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
     w, h = run.size

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from tqdm import tqdm
 import seg
 from seg import cache_format as cf
 from seg.augment import Augmenter, parse_size, policy_params
-from seg.backbone import PATCH_SIZE, load_backbone
+from seg.atomic import tmp_name
+from seg.backbone import PATCH_SIZE, file_sha256, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
-from seg.data import SplitFiles, list_split, read_pair
+from seg.data import SplitFiles, list_split, read_split_pair, worker_count
 from seg.device import autocast, half_dtype, resolve_device
 from seg.distributed import Dist, barrier, on_main, rank_device
 from seg.errors import SegError
@@ -89,7 +89,7 @@ class ExtractionSamples(Dataset):
     def __getitem__(self, k: int) -> dict:
         i, seed = cf.sample_of(k, len(self.files.names), self.seeds)
         try:
-            image, mask = read_pair(self.files, i, self.lut)
+            image, mask = read_split_pair(self.files, i, self.lut)
             image, mask = self.augmenter(image, mask, self.files.names[i], seed)
         except SegError as exc:
             # Raised in a worker, an exception comes back wrapped in a traceback; pass the text instead.
@@ -106,10 +106,6 @@ def _collate(batch: list[dict]) -> dict:
         "mask": torch.stack([b["mask"] for b in batch]),
         "k": torch.tensor([b["k"] for b in batch]),
     }
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tuple[int, int],
@@ -195,8 +191,7 @@ def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> lis
     missing = []
     for plan in shards:
         path = out / plan.file
-        cf_tmp = path.with_name(path.name + ".tmp")
-        cf_tmp.unlink(missing_ok=True)  # an interrupted write; it is redone
+        tmp_name(path).unlink(missing_ok=True)  # an interrupted write; it is redone
         if not cf.shard_ok(path, plan, manifest["token_shape"], manifest["mask_shape"]):
             path.unlink(missing_ok=True)
             missing.append(plan)
@@ -205,8 +200,6 @@ def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> lis
 
 def finalize_manifest(out: Path, manifest: dict) -> int:
     """Record every shard's sha256 and size, mark the cache complete; returns total bytes."""
-    from seg.backbone import file_sha256
-
     total = 0
     for split in manifest["splits"].values():
         for sh in split["shards"]:
@@ -258,7 +251,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     model.to(device)
     augmenter = Augmenter(cfg.aug_policy, size)
     lut = table.lut()
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = worker_count() if cfg.workers is None else cfg.workers
     all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
     mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
     todo = missing_shards(out, manifest, mine)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seg.augment import Augmenter
-from seg.data import read_image, read_raw_mask, map_mask
+from seg.data import read_pair
 from seg.device import autocast
 from seg.errors import SegError
 from seg.heads import head_logits
@@ -88,14 +88,7 @@ class ImageFolderSamples(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         try:
-            image = read_image(self.images[i])
-            mask = None
-            if self.masks[i] is not None and self.lut is not None:
-                raw = read_raw_mask(self.masks[i])
-                if raw.shape[:2] != image.shape[:2]:
-                    raise SegError(f"{self.masks[i]}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
-                                   f"{image.shape[1]}x{image.shape[0]}")
-                mask = map_mask(raw, self.lut, self.masks[i])
+            image, mask = read_pair(self.images[i], self.masks[i], self.lut)
             small, small_mask = self.resize(image, None if self.full_res else mask, self.images[i].name, 0)
         except SegError as exc:
             return {"error": str(exc)}

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from seg.atomic import write_atomic
 from seg.classes import ClassTable
-from seg.data import IMAGE_SUFFIXES, MASK_DIR
+from seg.data import IMAGE_SUFFIXES, MASK_DIR, worker_count
 from seg.device import resolve_device
 from seg.errors import SegError
 from seg.inference import ImageFolderSamples, Segmenter, collate_samples
@@ -105,7 +105,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     folders = ["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else [])
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    workers = min(4, max(0, (torch.get_num_threads() or 2) - 1)) if opts.workers is None else opts.workers
+    workers = worker_count(4) if opts.workers is None else opts.workers
     cv2.setNumThreads(1)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from seg.cache import CacheSplit
+from seg.data import worker_count
 
 
 def epoch_indices(num_images: int, num_seeds: int, epoch: int, seed: int, all_seeds: bool = False) -> np.ndarray:
@@ -93,7 +94,7 @@ class StreamedSplit:
 
     def __init__(self, split: CacheSplit, device: torch.device, workers: Optional[int] = None) -> None:
         self.split, self.device = split, device
-        self.workers = min(4, max(1, (os.cpu_count() or 2) - 1)) if workers is None else workers
+        self.workers = worker_count(4) if workers is None else workers
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(_BatchReads(self.split, batches), batch_size=None, shuffle=False,

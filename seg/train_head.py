@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from seg import plots
 from seg.atomic import write_atomic, write_json, write_text
-from seg.cache import CacheSplit, FeatureCache
+from seg.cache import FeatureCache
 from seg.cache_format import settings_of
 from seg.device import half_dtype, resolve_device
 from seg.distributed import Dist, all_reduce_sum, rank_device
@@ -64,14 +64,6 @@ def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mis
     if manifest["augmentation"]["policy"] != cfg.aug_policy:
         log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
             f"phase {cfg.phase} was published with {cfg.aug_policy!r}")
-
-
-def class_pixel_counts(split: CacheSplit, num_classes: int) -> torch.Tensor:
-    counts = np.zeros(num_classes, np.int64)
-    for j in range(len(split.shards)):
-        masks = split._file(j)["masks"][()]
-        counts += np.bincount(masks[masks != 255].ravel(), minlength=num_classes)[:num_classes]
-    return torch.from_numpy(counts)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -124,7 +116,7 @@ class Trainer:
                 self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         weights = None
         if cfg.loss != "ce":
-            counts = class_pixel_counts(self.train_split, self.k)
+            counts = torch.from_numpy(self.train_split.class_pixel_counts(self.k))
             weights = inverse_frequency_weights(counts, cfg.max_class_weight)
             self.class_weights = weights.tolist()
         else:

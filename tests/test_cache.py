@@ -10,7 +10,7 @@ from seg.augment import Augmenter
 from seg.backbone import load_backbone
 from seg.cache import FeatureCache, verify
 from seg.classes import default_class_table
-from seg.data import list_split, read_pair
+from seg.data import list_split, read_split_pair
 from seg.device import autocast
 from seg.normalize import normalize
 
@@ -56,7 +56,7 @@ def test_tokens_equal_backbone_output_for_seed0(small_cache, dataset):
     model, _ = load_backbone("vits14", random_init=True)
     files = list_split(dataset, "val")
     aug, lut = Augmenter("none", (224, 126)), default_class_table().lut()
-    pairs = [aug(*read_pair(files, i, lut), files.names[i], 0) for i in range(3)]
+    pairs = [aug(*read_split_pair(files, i, lut), files.names[i], 0) for i in range(3)]
     x = normalize(torch.from_numpy(np.stack([p[0] for p in pairs])))
     with torch.inference_mode(), autocast(torch.device("cpu")):
         half = model.get_intermediate_layers(x, n=1, reshape=True)[0].to(torch.float16)

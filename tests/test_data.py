@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seg.classes import IGNORE_INDEX, default_class_table, load_class_table
-from seg.data import list_split, map_mask, read_pair
+from seg.data import list_split, map_mask, read_split_pair
 from seg.errors import SegError
 from seg.synthetic import write_dataset
 
@@ -49,7 +49,7 @@ def test_pairs_read_with_unchanged_depth(dataset):
     assert len(files.names) == 6 and files.has_masks
     raw = cv2.imread(str(files.mask_path(0)), cv2.IMREAD_UNCHANGED)
     assert raw.dtype == np.uint16 and raw.shape == (540, 960) and raw.max() > 255
-    image, mask = read_pair(files, 0, default_class_table().lut())
+    image, mask = read_split_pair(files, 0, default_class_table().lut())
     assert image.shape == (540, 960, 3) and image.dtype == np.uint8
     expect = default_class_table().lut()[raw]
     np.testing.assert_array_equal(mask, expect)
@@ -84,9 +84,9 @@ def test_size_mismatch_and_unreadable(broken):
     files = list_split(root, "train")
     lut = default_class_table().lut()
     with pytest.raises(SegError, match=r"train_00000\.png: mask is 480x270 but its image is 960x540"):
-        read_pair(files, 0, lut)
+        read_split_pair(files, 0, lut)
     with pytest.raises(SegError, match=r"Color_Images/train_00001\.png: cannot read image"):
-        read_pair(files, 1, lut)
+        read_split_pair(files, 1, lut)
 
 
 def test_missing_split(tmp_path):

@@ -84,7 +84,7 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     assert single.exit_code == 0, single.output
     p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "2")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "4 (batch 2 x world 2 x accum 1)" in p.stdout
+    assert "4 (batch 2 x world 2 x accum 1)" in p.stdout, p.stdout + p.stderr
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
     from seg.heads import build_head
@@ -93,7 +93,8 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     init = build_head("upernet", 16, 10).state_dict()
     moved = 0
     for k in a["head"]:
-        assert torch.allclose(a["head"][k], b["head"][k], rtol=1e-4, atol=1e-6), k
+        diff = (a["head"][k] - b["head"][k]).abs().max().item()
+        assert torch.allclose(a["head"][k], b["head"][k], rtol=1e-4, atol=1e-6), f"{k}: max diff {diff}\n{p.stdout}"
         moved += int(not torch.equal(a["head"][k], init[k]))
     assert moved > 10  # the step really changed the weights
     # validation over ranks: one confusion matrix for the whole split, the same as one process
