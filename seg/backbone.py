@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from seg.checkpoint import load_torch_file
 from seg.errors import SegError
 from seg.vit import DinoVisionTransformer
 
@@ -134,10 +135,7 @@ def load_backbone(
         path = Path(weights) if weights else _fetch_official(name)
         if not path.is_file():
             raise SegError(f"{path}: weights file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise SegError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+        state = load_torch_file(path, weights_only=True, what="not a readable PyTorch checkpoint")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         try:

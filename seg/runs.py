@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from seg.backbone import file_sha256, hub_checkpoint_path, load_backbone
+from seg.checkpoint import load_torch_file
 from seg.classes import ClassTable
 from seg.errors import SegError
 from seg.heads import build_head
@@ -42,10 +43,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
     best = path / "best.pt"
     if not best.is_file():
         raise SegError(f"{path}: no best.pt (not a run directory, or training has not finished an epoch)")
-    try:
-        record = torch.load(best, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise SegError(f"{best}: unreadable checkpoint ({type(exc).__name__})") from None
+    record = load_torch_file(best, weights_only=False, what="unreadable checkpoint")
     table = ClassTable.from_json(record["class_table"], source=str(best))
     head = build_head(record["config"]["head"], record["in_channels"], table.num_classes)
     head.load_state_dict(record.pop("head"))

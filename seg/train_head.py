@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from seg import plots
-from seg.atomic import write_atomic, write_json, write_text
+from seg.atomic import write_json, write_text
 from seg.cache import FeatureCache
 from seg.cache_format import settings_of
+from seg.checkpoint import load_torch_file, save_checkpoint
 from seg.device import half_dtype, resolve_device
 from seg.distributed import Dist, all_reduce_sum, rank_device
 from seg.errors import SegError
@@ -64,15 +65,6 @@ def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mis
     if manifest["augmentation"]["policy"] != cfg.aug_policy:
         log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
             f"phase {cfg.phase} was published with {cfg.aug_policy!r}")
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    def write(tmp: Path) -> None:
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        tmp.write_bytes(buf.getvalue())
-
-    write_atomic(path, write)
 
 
 def describe_config(cfg: TrainConfig, extra: dict) -> str:
@@ -224,7 +216,7 @@ class Trainer:
         if last_path.exists():
             if not self.opts.resume:
                 raise SegError(f"{out}: holds a run already (last.pt); pass --resume to continue it or choose another --out")
-            state = torch.load(last_path, map_location="cpu", weights_only=False)
+            state = load_torch_file(last_path, weights_only=False, what="unreadable checkpoint; cannot resume")
             if state["config"] != cfg.to_dict():
                 diffs = [k for k in cfg.to_dict() if state["config"].get(k) != cfg.to_dict()[k]]
                 raise SegError(f"{out}: --resume with other settings than the run's (differs in {', '.join(diffs)})")

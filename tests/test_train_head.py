@@ -207,3 +207,11 @@ def test_cli_mismatch_and_overrides(small_cache, tmp_path):
     assert (cfg["head"], cfg["lr"], cfg["accum"], cfg["patience"], cfg["loss"]) == ("convnext", 0.001, 1, None, "focal_dice")
     r = CliRunner().invoke(main, ["train-head", "--cache", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "not a feature cache" in r.output
+
+
+def test_resume_from_a_corrupt_last_checkpoint_is_a_one_line_error(learnable_cache, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(SegError, match=r"last\.pt: unreadable checkpoint; cannot resume"):
+        train(resolve(1, {"epochs": 1}), str(learnable_cache), str(out), opts(resume=True), **QUIET)
