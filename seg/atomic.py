@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from seg.errors import SegError
+
 
 def tmp_name(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
@@ -20,12 +22,17 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), then rename it to path; on failure remove the partial file."""
+    """Call write(tmp_path), then rename it to path; on failure remove the partial file. What was
+    under `path` before stays intact; a failed write (full disk, file-size limit) is one SegError
+    naming the path."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
         write(tmp)
         publish(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SegError(f"{path}: cannot write ({exc.strerror or exc}); nothing under this name was changed") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -5,6 +5,8 @@ albumentations 2.0.8 notes that shape this module:
 - Geometric fills must send masks to the ignore index, not class 0 (`fill_mask=255`).
 - `Compose(seed=...)` seeds every child with the same seed, so their coin flips are correlated;
   we hand the whole pipeline one generator per sample with `set_random_state` instead.
+- `GaussianBlur` draws sigma from (0.5, 3.0); the published 1.x code had sigma 0, i.e. OpenCV's
+  sigma from the kernel size. `PublishedGaussianBlur` restores that (see its docstring).
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ from seg.errors import SegError
 POLICIES = ("none", "phase2", "phase3")
 
 
+class PublishedGaussianBlur(A.ImageOnlyTransform):
+    """albumentations 1.x `GaussianBlur(blur_limit=(3, 5))` with its default sigma_limit=0, as the
+    published runs used it: the kernel size is drawn the 1.x way (randrange(lo, hi + 1), an even
+    draw moved up to the next odd size, so 3 with p 1/3 and 5 with p 2/3 for (3, 5)), and
+    `cv2.GaussianBlur(img, (k, k), 0)` derives sigma from k (0.8 for 3, 1.1 for 5)."""
+
+    def __init__(self, blur_limit: tuple[int, int] = (3, 5), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.blur_limit = tuple(blur_limit)
+
+    def get_params(self) -> dict[str, int]:
+        lo, hi = self.blur_limit
+        k = self.py_random.randrange(lo, hi + 1)
+        if k % 2 != 1:
+            k = (k + 1) % (hi + 1)
+        return {"ksize": k}
+
+    def apply(self, img: np.ndarray, ksize: int = 3, **params) -> np.ndarray:
+        return cv2.GaussianBlur(img, (ksize, ksize), 0)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("blur_limit",)
+
+
 def policy_params(name: str) -> list[dict]:
     """The policy as plain data, recorded in the cache manifest."""
     return [t.to_dict()["transform"] for t in _transforms(name)]
@@ -38,7 +64,7 @@ def _transforms(name: str) -> list[A.BasicTransform]:
         A.VerticalFlip(p=0.1),
         A.Affine(scale=(0.85, 1.15), translate_percent=(-0.08, 0.08), rotate=(-20, 20), keep_ratio=True,
                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX, p=0.4),
-        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MedianBlur(blur_limit=5)], p=0.2),
+        A.OneOf([PublishedGaussianBlur(blur_limit=(3, 5)), A.MedianBlur(blur_limit=5)], p=0.2),
         A.OneOf([A.RandomBrightnessContrast(), A.HueSaturationValue()], p=0.4),
     ]
     if name == "phase3":
@@ -65,7 +91,8 @@ def parse_size(text: str, patch_size: int = 14) -> tuple[int, int]:
 
 
 class Augmenter:
-    """Resize to the input size, then the policy; seed 0 means resize only."""
+    """Resize to the input size, then the policy; seed 0 means resize only (the cache gives it to
+    val/test, and to train only without a policy)."""
 
     def __init__(self, policy: str, size: tuple[int, int]) -> None:
         w, h = size

@@ -135,9 +135,12 @@ def load_backbone(
         path = Path(weights) if weights else _fetch_official(name)
         if not path.is_file():
             raise SegError(f"{path}: weights file not found")
-        state = load_torch_file(path, weights_only=True, what="not a readable PyTorch checkpoint")
+        state = load_torch_file(path, what="not a readable PyTorch checkpoint")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SegError(f"{path}: not a {name} checkpoint (expected a state dict of tensors, got "
+                           f"{type(state).__name__})")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

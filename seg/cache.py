@@ -41,6 +41,25 @@ class FeatureCache:
         layers, dim = self.manifest["token_shape"][:2]
         return layers * dim
 
+    def check_shards(self, splits: list[str], progress: Optional[Callable[[int], None]] = None) -> tuple[int, int]:
+        """Every shard of these splits against the manifest's sha256, before anything reads it: HDF5
+        reads damaged metadata as the fill value (zeros) without an error, so a checksum over the
+        whole file is the only check that cannot be fooled. Returns (shards, bytes) checked."""
+        n, total = 0, 0
+        for name in splits:
+            self.split(name)  # a clear error for a missing split
+            for sh in self.manifest["splits"][name]["shards"]:
+                path = self.path / sh["file"]
+                if not path.is_file():
+                    raise SegError(f"{path}: shard missing; the cache is damaged (`seg cache verify {self.path}`)")
+                if file_sha256(path) != sh["sha256"]:
+                    raise SegError(f"{path}: sha256 differs from the manifest (corrupt or changed shard); "
+                                   f"run `seg cache verify {self.path}`, re-extract, or pass --no-verify to use it anyway")
+                n, total = n + 1, total + sh["bytes"]
+                if progress:
+                    progress(sh["bytes"])
+        return n, total
+
     def split(self, name: str) -> "CacheSplit":
         if name not in self.manifest["splits"]:
             raise SegError(f"{self.path}: cache has no {name!r} split (it has {', '.join(self.splits) or 'none'})")
@@ -80,7 +99,7 @@ class CacheSplit(Dataset):
             path = self.path / self.shards[j].file
             try:
                 f = h5py.File(path, "r")
-            except OSError as exc:
+            except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{path}: cannot open shard ({exc})") from None
             self._files[j] = f
         return f
@@ -90,7 +109,10 @@ class CacheSplit(Dataset):
         f = self._file(j)
         ds = self._datasets.get(j)
         if ds is None:
-            ds = self._datasets[j] = (f["tokens"], f["masks"])
+            try:
+                ds = self._datasets[j] = (f["tokens"], f["masks"])
+            except Exception as exc:  # damaged HDF5 metadata
+                raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         return ds
 
     def locate(self, k: int) -> tuple[int, int]:
@@ -110,7 +132,7 @@ class CacheSplit(Dataset):
         try:
             tokens = f["tokens"][row]
             mask = f["masks"][row]
-        except OSError as exc:  # fletcher32 mismatch or truncated file
+        except Exception as exc:  # fletcher32 mismatch, truncated or damaged file
             raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         name, seed = self.sample_info(k)
         return torch.from_numpy(tokens), torch.from_numpy(mask), name, seed
@@ -128,7 +150,7 @@ class CacheSplit(Dataset):
             try:
                 tok_ds.read_direct(tokens, np.s_[row], np.s_[pos])
                 mask_ds.read_direct(masks, np.s_[row], np.s_[pos])
-            except OSError as exc:
+            except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         return tokens, masks
 
@@ -142,7 +164,7 @@ class CacheSplit(Dataset):
             f = self._file(j)
             try:
                 t, m = f["tokens"][()], f["masks"][()]
-            except OSError as exc:
+            except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / plan.file}: corrupt shard ({exc}); run `seg cache verify`") from None
             tokens[plan.start:plan.start + plan.count] = torch.from_numpy(t)
             masks[plan.start:plan.start + plan.count] = torch.from_numpy(m)
@@ -154,7 +176,10 @@ class CacheSplit(Dataset):
         """Pixels per class id over every mask of the split (ignore excluded), shard by shard."""
         counts = np.zeros(num_classes, np.int64)
         for j in range(len(self.shards)):
-            masks = self._tokens_masks(j)[1][()]
+            try:
+                masks = self._tokens_masks(j)[1][()]
+            except OSError as exc:
+                raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
             counts += np.bincount(masks[masks < num_classes].ravel(), minlength=num_classes)[:num_classes]
         return counts
 
@@ -177,7 +202,8 @@ def describe(path: str | Path) -> list[str]:
         f"= {grid['width'] * grid['height']} tokens",
         f"tokens       {m['token_dtype']} {m['token_shape']} per sample (layers {m['layers']}, normed), "
         f"computed in {m.get('compute_dtype')} on {m.get('device')}",
-        f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']})",
+        f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']}); "
+        f"{augmented_views(m)} augmented view(s) per train image",
         f"classes      {len(m['class_table']['classes'])}: "
         + ", ".join(f"{c['id']}={c['name']}{c['values']}" for c in m["class_table"]["classes"]),
     ]
@@ -191,16 +217,25 @@ def describe(path: str | Path) -> list[str]:
     return lines
 
 
+def augmented_views(manifest: dict) -> int:
+    """How many distinct augmented draws of each train image the cache holds (0: none)."""
+    if manifest["augmentation"]["policy"] == "none" or "train" not in manifest["splits"]:
+        return 0
+    return sum(1 for s in manifest["splits"]["train"]["seeds"] if s != 0)
+
+
 def _seeds_text(seeds: list[int]) -> str:
     if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
         return f"{seeds[0]}..{seeds[-1]}"
     return ",".join(map(str, seeds))
 
 
-def verify(path: str | Path, progress: Optional[Callable[[int], None]] = None) -> list[str]:
-    """Re-read every shard: file checksum, HDF5 fletcher32, shapes, dtypes and sample order.
+def verify(path: str | Path, progress: Optional[Callable[[int], None]] = None, sources: bool = False) -> list[str]:
+    """Re-read every shard: file checksum, HDF5 fletcher32, shapes, dtypes and sample order; with
+    `sources`, also the source images and masks against their recorded sizes and mtimes.
 
-    Returns the problems found (empty when the cache is sound).
+    Returns the problems found, one line per damaged shard (empty when the cache is sound). Never
+    raises for damage: whatever a corrupt file does to the reader is reported as that file's line.
     """
     path = Path(path)
     m = cf.read_manifest(path)
@@ -213,19 +248,31 @@ def verify(path: str | Path, progress: Optional[Callable[[int], None]] = None) -
             problems.append(f"{path / cf.MANIFEST}: {split} shard list does not match the planned layout")
             continue
         for plan, sh in zip(plans, s["shards"]):
-            f_path = path / plan.file
-            if not f_path.is_file():
-                problems.append(f"{f_path}: missing")
-                continue
-            if sh.get("sha256") and file_sha256(f_path) != sh["sha256"]:
-                problems.append(f"{f_path}: sha256 differs from the manifest (file changed or corrupt)")
-            problems += _verify_shard(f_path, plan, s, m)
+            found = _verify_shard(path / plan.file, plan, sh, s, m)
+            if found:
+                more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+                problems.append(f"{path / plan.file}: {found[0]}{more}")
             if progress:
                 progress(plan.count)
+    if sources:
+        problems += cf.source_changes(m)
     return problems
 
 
-def _verify_shard(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> list[str]:
+def _verify_shard(f_path: Path, plan: cf.ShardPlan, sh: dict, split: dict, m: dict) -> list[str]:
+    if not f_path.is_file():
+        return ["missing"]
+    problems = []
+    if sh.get("sha256") and file_sha256(f_path) != sh["sha256"]:
+        problems.append("sha256 differs from the manifest (file changed or corrupt)")
+    try:
+        problems += _check_contents(f_path, plan, split, m)
+    except Exception as exc:  # a damaged HDF5 file fails in many ways; each is this shard's problem
+        problems.append(f"unreadable or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+    return problems
+
+
+def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> list[str]:
     expect = {
         "tokens": ((plan.count, *m["token_shape"]), np.float16),
         "masks": ((plan.count, *m["mask_shape"]), np.uint8),
@@ -233,26 +280,23 @@ def _verify_shard(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> lis
         "aug_seed": ((plan.count,), np.int32),
     }
     data = {}
-    try:
-        with h5py.File(f_path, "r") as f:
-            for key, (shape, dtype) in expect.items():
-                if key not in f:
-                    return [f"{f_path}: dataset {key!r} missing"]
-                d = f[key]
-                if d.shape != shape or d.dtype != dtype:
-                    return [f"{f_path}: {key} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}"]
-                data[key] = d[()]  # reading every chunk checks its fletcher32 checksum
-    except OSError as exc:
-        return [f"{f_path}: unreadable or corrupt ({str(exc).splitlines()[0][:160]})"]
+    with h5py.File(f_path, "r") as f:
+        for key, (shape, dtype) in expect.items():
+            if key not in f:
+                return [f"dataset {key!r} missing"]
+            d = f[key]
+            if d.shape != shape or d.dtype != dtype:
+                return [f"{key} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}"]
+            data[key] = d[()]  # reading every chunk checks its fletcher32 checksum
     problems = []
     n_img = len(split["images"])
     ks = np.arange(plan.start, plan.start + plan.count)
     if not (np.array_equal(data["image_index"], ks % n_img)
             and np.array_equal(data["aug_seed"], np.asarray(split["seeds"])[ks // n_img])):
-        problems.append(f"{f_path}: image_index/aug_seed do not follow the manifest's sample order")
+        problems.append("image_index/aug_seed do not follow the manifest's sample order")
     masks = data["masks"]
     if ((masks >= len(m["class_table"]["classes"])) & (masks != m["ignore_index"])).any():
-        problems.append(f"{f_path}: masks hold ids outside the class table")
+        problems.append("masks hold ids outside the class table")
     if not np.isfinite(data["tokens"]).all():
-        problems.append(f"{f_path}: tokens hold NaN or infinite values")
+        problems.append("tokens hold NaN or infinite values")
     return problems

@@ -5,11 +5,17 @@ written first (with `"complete": false`) so that a rerun knows the plan, and rew
 shards' checksums when every shard exists. Sample order is seed-major: sample k of a split is
 image `k % n_images` with aug seed `seeds[k // n_images]`, and shard j holds samples
 `[j * shard_size, (j + 1) * shard_size)`. Everything about the layout derives from the manifest.
+
+Version 2 (this one) differs from version 1 in meaning, not only in fields, so version-1 caches are
+refused: with an augmentation policy every train seed (1..K) is an augmented draw (v1: seed 0 was
+the plain resize), the compute precision, device and batch size are settings compared on resume,
+`data_dir` is absolute, and each split records its source files' sizes and mtimes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,14 +24,20 @@ import h5py
 import numpy as np
 
 from seg.atomic import write_atomic, write_json
+from seg.data import IMAGE_DIR, MASK_DIR, mask_name
 from seg.errors import SegError
 
 FORMAT = "seg-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+LOCK = ".seg-extract.lock"
 # Fields that describe results, not settings: a rerun with the same settings may differ in these.
-RESULT_FIELDS = ("complete", "compute_dtype", "device", "seg_version")
+# Everything else (compute dtype and device included) changes the bytes and must match on resume.
+RESULT_FIELDS = ("complete", "seg_version", "torch_version")
 SHARD_RESULT_FIELDS = ("sha256", "bytes")
+# Per split: where the sources are and what they looked like; they may move or change without
+# changing the settings (a change is reported, see `source_changes`).
+SPLIT_RESULT_FIELDS = ("data_dir", "sources")
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ def settings_of(manifest: dict) -> dict:
     out = {k: v for k, v in manifest.items() if k not in RESULT_FIELDS}
     out["splits"] = {
         name: {
-            **{k: v for k, v in s.items() if k not in ("shards", "data_dir")},
+            **{k: v for k, v in s.items() if k not in ("shards", *SPLIT_RESULT_FIELDS)},
             "shards": [{k: v for k, v in sh.items() if k not in SHARD_RESULT_FIELDS} for sh in s["shards"]],
         }
         for name, s in manifest["splits"].items()
@@ -124,20 +136,23 @@ def write_shard(
     if not (masks.shape[0] == image_index.shape[0] == aug_seed.shape[0] == n):
         raise ValueError("shard arrays disagree on the sample count")
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=tokens.astype(np.float16, copy=False),
-                             chunks=(1, *tokens.shape[1:]), fletcher32=True)
-            f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
-                             compression="lzf", fletcher32=True)
-            f.create_dataset("image_index", data=image_index.astype(np.int32, copy=False), chunks=(n,),
-                             fletcher32=True)
-            f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
-                             fletcher32=True)
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v
+    # The HDF5 file is built in memory and written with one plain write: a full disk or a file-size
+    # limit is then one OSError naming the path, never an HDF5 error storm or a crash inside HDF5.
+    with h5py.File(f"{path}.image", "w", driver="core", backing_store=False) as f:
+        f.create_dataset("tokens", data=tokens.astype(np.float16, copy=False),
+                         chunks=(1, *tokens.shape[1:]), fletcher32=True)
+        f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
+                         compression="lzf", fletcher32=True)
+        f.create_dataset("image_index", data=image_index.astype(np.int32, copy=False), chunks=(n,),
+                         fletcher32=True)
+        f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
+                         fletcher32=True)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+        f.flush()
+        image = f.id.get_file_image()
 
-    write_atomic(Path(path), write)
+    write_atomic(Path(path), lambda tmp: tmp.write_bytes(image))
 
 
 def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: list[int]) -> bool:
@@ -149,5 +164,56 @@ def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: li
                 and f["masks"].shape == (plan.count, *mask_shape)
                 and f["image_index"].shape == (plan.count,)
             )
-    except (OSError, KeyError):
+    except Exception:  # any damage means "redo this shard"
         return False
+
+
+def owned_files(manifest: dict) -> set[str]:
+    """Every file name a seg cache with this manifest may hold: its shards, their temporaries,
+    the manifest and the extraction lock."""
+    names = {MANIFEST, MANIFEST + ".tmp", LOCK}
+    for split in manifest.get("splits", {}).values():
+        for sh in split.get("shards", []):
+            names |= {sh["file"], sh["file"] + ".tmp"}
+    return names
+
+
+def foreign_files(cache_dir: Path, *manifests: dict) -> list[str]:
+    """Names in cache_dir that none of the manifests accounts for, sorted: never seg's to touch."""
+    owned = set().union(*(owned_files(m) for m in manifests)) if manifests else {LOCK}
+    return sorted(p.name for p in Path(cache_dir).iterdir() if p.name not in owned)
+
+
+def source_files(data_dir: str | Path, image_name: str) -> tuple[Path, Path]:
+    root = Path(data_dir)
+    return root / IMAGE_DIR / image_name, root / MASK_DIR / mask_name(image_name)
+
+
+def file_stat(path: Path) -> Optional[list[int]]:
+    """[size, mtime_ns], or None for a missing file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def source_record(data_dir: str | Path, images: list[str]) -> list[list]:
+    """Per image: [image [size, mtime_ns], mask [size, mtime_ns]] as they are now."""
+    return [[file_stat(p) for p in source_files(data_dir, name)] for name in images]
+
+
+def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[str]:
+    """'path: changed|missing' for every source file that differs from what extraction read."""
+    changes = []
+    for name, s in manifest["splits"].items():
+        if splits is not None and name not in splits:
+            continue
+        for image, then in zip(s["images"], s.get("sources", [])):
+            for path, before in zip(source_files(s["data_dir"], image), then):
+                now = file_stat(path)
+                if now is None:
+                    changes.append(f"{path}: missing")
+                elif now != before:
+                    changes.append(f"{path}: changed since extraction (size/mtime {before} -> {now})")
+    return changes

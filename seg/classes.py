@@ -78,20 +78,61 @@ class ClassTable:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "class table") -> "ClassTable":
-        try:
-            entries = data["classes"]
-            names = tuple(str(e["name"]) for e in entries)
-            values = tuple(tuple(int(v) for v in e["values"]) for e in entries)
-            colors = tuple(
-                tuple(int(c) for c in e["color"]) if "color" in e else _fallback_color(i)
-                for i, e in enumerate(entries)
-            )
-            ignore = tuple(int(v) for v in data.get("ignore_values", ()))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SegError(
-                f'{source}: expected {{"classes": [{{"name": ..., "values": [...]}}, ...]}} ({type(exc).__name__}: {exc})'
-            ) from None
-        return cls(names, values, colors, ignore)  # type: ignore[arg-type]
+        """Validate the whole table now, not when a later stage trips over it; every error is one
+        line naming the source and the entry."""
+
+        def fail(where: str, problem: str) -> SegError:
+            return SegError(f"{source}: {where}: {problem}")
+
+        if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not data["classes"]:
+            raise SegError(f'{source}: expected {{"classes": [{{"name": ..., "values": [...]}}, ...]}} '
+                           "with at least one class")
+        names, values, colors, owner = [], [], [], {}
+        for i, e in enumerate(data["classes"]):
+            where = f"classes[{i}]"
+            if not isinstance(e, dict):
+                raise fail(where, f"expected an object with name and values, got {e!r}")
+            name = e.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise fail(where, f"needs a non-empty string name, got {name!r}")
+            where = f"classes[{i}] ({name!r})"
+            if name in names:
+                raise fail(where, f"the name is also class {names.index(name)}'s; names must be unique")
+            vals = e.get("values")
+            if not isinstance(vals, list) or not vals:
+                raise fail(where, f"needs a non-empty list of raw mask values, got {vals!r}")
+            for v in vals:
+                _check_raw_value(v, lambda p: fail(where, p))
+                if v in owner:
+                    raise fail(where, f"raw value {v} is also given to {owner[v]!r}")
+                owner[v] = name
+            color = e.get("color", list(_fallback_color(i)))
+            if not (isinstance(color, list) and len(color) == 3
+                    and all(_is_int(c) and 0 <= c <= 255 for c in color)):
+                raise fail(where, f"color must be three integers in 0..255 (RGB), got {color!r}")
+            names.append(name)
+            values.append(tuple(vals))
+            colors.append(tuple(color))
+        ignore = data.get("ignore_values", [])
+        if not isinstance(ignore, list):
+            raise fail("ignore_values", f"expected a list of raw values, got {ignore!r}")
+        for v in ignore:
+            _check_raw_value(v, lambda p: fail("ignore_values", p))
+            if v in owner:
+                raise fail("ignore_values", f"raw value {v} is also class {owner[v]!r}'s; a value is either "
+                                            "a class or ignored")
+        return cls(tuple(names), tuple(values), tuple(colors), tuple(ignore))  # type: ignore[arg-type]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_raw_value(v, fail) -> None:
+    if not _is_int(v):
+        raise fail(f"raw values must be integers, got {v!r}")
+    if not 0 <= v <= 65535:
+        raise fail(f"raw value {v} is outside 0..65535 (uint16 masks)")
 
 
 def _fallback_color(i: int) -> tuple[int, int, int]:

@@ -12,8 +12,11 @@ from seg import __version__
 from seg.errors import SegError
 
 
-def user_errors(fn):
-    """Turn SegError (and a few OS errors on user paths) into a one-line ClickException."""
+def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
+    """Turn SegError and OS errors (full disk, permissions, missing paths) into one line and exit 1;
+    Ctrl-C says how to continue (on_interrupt) and exits 130."""
+    if fn is None:
+        return functools.partial(user_errors, on_interrupt=on_interrupt)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,11 +24,18 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SegError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = exc.filename if exc.filename is not None else "seg"
+            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume", err=True)
+            click.echo(on_interrupt, err=True)
             sys.exit(130)
 
     return wrapper
+
+
+COUNT = click.IntRange(min=1)
+WORKERS = click.IntRange(min=0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,17 +53,18 @@ def main() -> None:
 @click.option("--random-init", is_flag=True, help="Seeded random weights instead of DINOv2's (tests, offline trials).")
 @click.option("--random-init-seed", default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--aug-policy", type=click.Choice(["none", "phase2", "phase3"]), default="none", show_default=True, help="Augmentation policy for train seeds > 0.")
-@click.option("--aug-seeds", default=1, show_default=True, help="K: train images get aug seeds 0..K-1 (0 = no augmentation).")
+@click.option("--aug-seeds", default=1, show_default=True, type=COUNT,
+              help="K >= 1: with a policy, each train image is cached as K augmented draws (seeds 1..K; 4+ recommended).")
 @click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to extract.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
-@click.option("--batch-size", default=8, show_default=True, help="Images per backbone forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=COUNT, help="Images per backbone forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
-@click.option("--workers", default=None, type=int, help="Decoding/augmentation worker processes [default: cores - 1, at most 8].")
-@click.option("--shard-size", default=64, show_default=True, help="Samples per HDF5 shard.")
+@click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8].")
+@click.option("--shard-size", default=64, show_default=True, type=COUNT, help="Samples per HDF5 shard.")
 @click.option("--classes", default=None, type=click.Path(dir_okay=False), help="JSON class table (default: the published 10 classes, 600 -> Background).")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache with other settings in --out.")
-@user_errors
+@click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
+@user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)")
 def extract(**kw) -> None:
     """Run the frozen backbone once per (image, aug seed) and store tokens in HDF5 shards."""
     from seg.extract_features import ExtractConfig, extract as run
@@ -82,7 +93,8 @@ def extract(**kw) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, history, plots).")
 @click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
 @click.option("--head", type=click.Choice(["convnext", "upernet"]), help="Override the preset's head.")
-@click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice"]), help="Override the loss.")
+@click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice", "lin_focal_dice"]),
+              help="Override the loss (focal_dice = the published focal; lin_focal_dice = Lin et al.'s).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Override the optimizer.")
 @click.option("--lr", type=float, help="Base learning rate.")
 @click.option("--momentum", type=float, help="SGD momentum.")
@@ -104,11 +116,14 @@ def extract(**kw) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--preload", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Hold the cache on the device, or stream it from the shards.")
-@click.option("--workers", type=int, default=None, help="Reader processes when streaming.")
+@click.option("--workers", type=WORKERS, default=None, help="Reader processes when streaming.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--allow-mismatch", is_flag=True, help="Train on a cache whose backbone/size differs from the phase's.")
-@user_errors
-def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mismatch, **overrides) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the seg run in --out (deletes its files; says which).")
+@click.option("--allow-mismatch", is_flag=True, help="Train on a cache whose backbone/size/layers differ from the phase's.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard before training.")
+@user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch")
+def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, allow_mismatch, no_verify,
+               **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs)."""
     from seg.metrics import format_table
     from seg.presets import resolve
@@ -119,7 +134,8 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mi
     cfg = resolve(phase, overrides)
     d = distributed.init(device)
     try:
-        metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch),
+        metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch,
+                                                        overwrite=overwrite, verify=not no_verify),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)
@@ -141,16 +157,19 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, allow_mi
               help="Test-time augmentation (images only).")
 @click.option("--full-res", is_flag=True, help="Score at the original image size (masks read from disk).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT].")
-@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", default=4, show_default=True, type=COUNT, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
-@click.option("--workers", type=int, default=None, help="Image decoding processes.")
+@click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the cache's shards (with --cache).")
 @user_errors
-def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch_size, device, workers) -> None:
+def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch_size, device, workers,
+             no_verify) -> None:
     """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
     from seg.evaluate import EvalOptions, evaluate
 
     evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, weights=weights, tta=tta,
-                         full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers),
+                         full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers,
+                         verify=not no_verify),
              log=click.echo)
 
 
@@ -162,16 +181,18 @@ def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch
 @click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
 @click.option("--save-raw", is_flag=True, help="Also write masks in the dataset's raw values (uint16, original size).")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
+@click.option("--batch-size", default=4, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
-@click.option("--workers", type=int, default=None, help="Image decoding processes.")
+@click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @user_errors
-def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, batch_size, device, workers) -> None:
+def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, batch_size, device, workers, strict) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
-                       save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers),
+                       save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers,
+                       strict=strict),
         log=click.echo)
 
 
@@ -214,8 +235,9 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 
 @cache.command("verify")
 @click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--sources", is_flag=True, help="Also list source images/masks changed or missing since extraction.")
 @user_errors
-def cache_verify(cache_dir: str) -> None:
+def cache_verify(cache_dir: str, sources: bool) -> None:
     """Re-read every shard; check checksums, shapes and order. Exit 1 on any problem."""
     from tqdm import tqdm
 
@@ -224,7 +246,7 @@ def cache_verify(cache_dir: str) -> None:
 
     total = sum(s["num_samples"] for s in read_manifest(cache_dir)["splits"].values())
     with tqdm(total=total, unit="sample", desc="verify", dynamic_ncols=True) as bar:
-        problems = verify(cache_dir, progress=bar.update)
+        problems = verify(cache_dir, progress=bar.update, sources=sources)
     for p in problems:
         click.echo(p, err=True)
     if problems:

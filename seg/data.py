@@ -29,7 +29,12 @@ class SplitFiles:
         return self.root / IMAGE_DIR / self.names[i]
 
     def mask_path(self, i: int) -> Path:
-        return self.root / MASK_DIR / self.names[i]
+        return self.root / MASK_DIR / mask_name(self.names[i])
+
+
+def mask_name(image_name: str) -> str:
+    """Masks are PNG whatever the image's format: frame.jpg -> frame.png."""
+    return Path(image_name).stem + ".png"
 
 
 def split_dir(data_root: Path, split: str) -> Path:
@@ -59,12 +64,18 @@ def list_split(data_root: str | Path, split: str, require_masks: bool = True) ->
         if require_masks:
             raise SegError(f"{mask_dir}: mask folder missing")
         return SplitFiles(split, root, tuple(images), False)
+    stems = {}
+    for n in images:
+        if mask_name(n) in stems:
+            raise SegError(f"{root / IMAGE_DIR / n}: shares its mask name {mask_name(n)} with "
+                           f"{stems[mask_name(n)]}; rename one of them")
+        stems[mask_name(n)] = n
     masks = {p.name for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-    missing = [n for n in images if n not in masks]
+    missing = [n for n in images if mask_name(n) not in masks]
     if missing:
-        raise SegError(f"{root / IMAGE_DIR / missing[0]}: no mask {mask_dir / missing[0]}"
+        raise SegError(f"{root / IMAGE_DIR / missing[0]}: no mask {mask_dir / mask_name(missing[0])}"
                        + (f" (and {len(missing) - 1} more images without masks)" if len(missing) > 1 else ""))
-    orphans = sorted(masks.difference(images))
+    orphans = sorted(masks.difference(stems))
     if orphans:
         raise SegError(f"{mask_dir / orphans[0]}: mask without an image in {root / IMAGE_DIR}"
                        + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))

@@ -27,7 +27,21 @@ def half_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    if not enabled:
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None
+             ) -> contextlib.AbstractContextManager:
+    """Half-precision autocast in `dtype` (default: the device's safe half type); off when not enabled."""
+    if not enabled or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=half_dtype(device))
+    return torch.autocast(device_type=device.type, dtype=dtype or half_dtype(device))
+
+
+def recorded_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a cache recorded ('float32', 'bfloat16', 'float16'), checked against the device."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise SegError(f"unknown compute dtype {name!r} in the run's record")
+    dtype = dtypes[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SegError("the run's features were computed in bfloat16, which this GPU lacks; "
+                       "use --device cpu to reproduce them")
+    return dtype

@@ -59,7 +59,8 @@ def barrier(d: Dist) -> None:
 
 
 def on_main(d: Dist, fn: Callable[[], T]) -> Optional[T]:
-    """Run fn on rank 0 only; a user error there is raised on every rank (so none waits forever)."""
+    """Run fn on rank 0 only; its result reaches every rank, and a user error there is raised on every
+    rank (so none waits forever)."""
     error = None
     result = None
     if d.is_main:
@@ -68,9 +69,9 @@ def on_main(d: Dist, fn: Callable[[], T]) -> Optional[T]:
         except SegError as exc:
             error = str(exc)
     if d.active:
-        box = [error]
+        box = [error, result]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error, result = box
     if error is not None:
         raise SegError(error)
     return result

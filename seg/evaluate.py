@@ -22,6 +22,8 @@ from seg.errors import SegError
 from seg.heads import head_logits
 from seg.inference import ImageFolderSamples, Segmenter, collate_samples
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
+from seg.cache_format import source_files
+from seg.run_dir import EVAL_FILES, check_owned_dir
 from seg.runs import check_cache_compatible, load_run
 
 
@@ -39,6 +41,7 @@ class EvalOptions:
     batch_size: int = 4
     workers: Optional[int] = None
     progress: bool = True
+    verify: bool = True         # sha256 of the split's shards before reading them (--cache)
 
 
 def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
@@ -48,6 +51,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
         raise SegError("--tta needs images (--data): cached tokens hold one view per image")
     device = resolve_device(opts.device)
     run = load_run(opts.run, device)
+    out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}"
+    check_owned_dir(out, EVAL_FILES, "eval")
     k, names = run.class_table.num_classes, list(run.class_table.names)
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
     t0 = time.perf_counter()
@@ -57,7 +62,6 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
         n, scored_at = _eval_images(run, opts, device, cm)
     seconds = time.perf_counter() - t0
     summary = summarize(cm, names)
-    out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}"
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "run": str(run.path), "split": opts.split, "mode": "cache" if opts.cache else "images",
@@ -82,14 +86,16 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     cache = FeatureCache(opts.cache)
     check_cache_compatible(run, cache.manifest, opts.cache)
     split = cache.split(opts.split)
+    if opts.verify:
+        cache.check_shards([opts.split])
     if 0 not in split.seeds:
         raise SegError(f"{opts.cache}: the {opts.split} split has no seed-0 (unaugmented) samples to score")
     n = len(split.images)
     start = split.seeds.index(0) * n  # seed-major: the seed-0 samples are one contiguous run
-    mask_dir = None
+    data_dir = None
     if opts.full_res:
-        root = split.manifest["splits"][opts.split]["data_dir"]
-        mask_dir = Path(root) / "Segmentation"
+        data_dir = split.manifest["splits"][opts.split]["data_dir"]
+        mask_dir = source_files(data_dir, split.images[0])[1].parent
         if not mask_dir.is_dir():
             raise SegError(f"--full-res reads the original masks from {mask_dir}, which is not there")
     lut = run.class_table.lut()
@@ -99,12 +105,12 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
         rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
         tokens, masks = split.read_rows(rows)
         tokens = torch.from_numpy(tokens).to(device)
-        if mask_dir is None:
+        if data_dir is None:
             logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"])
             cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
         else:
             for i, row in enumerate(rows):
-                path = mask_dir / split.images[int(row) % n]
+                path = source_files(data_dir, split.images[int(row) % n])[1]
                 full = torch.from_numpy(map_mask(read_raw_mask(path), lut, path)).to(device)
                 logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"])
                 cm += confusion_matrix(logits.argmax(1)[0], full, cm.shape[0])
@@ -125,8 +131,8 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     w, h = run.size
     bar = tqdm(total=len(dataset), unit="img", desc=f"eval {opts.split}", disable=not opts.progress, dynamic_ncols=True)
     for batch in loader:
-        if "error" in batch:
-            raise SegError(batch["error"])
+        if batch["errors"]:
+            raise SegError(batch["errors"][0][1])
         labels = segmenter.label_maps(batch["image"], [m.shape for m in batch["mask"]], opts.tta)
         for pred, m in zip(labels, batch["mask"]):
             cm += confusion_matrix(pred, torch.from_numpy(m).to(device), cm.shape[0])

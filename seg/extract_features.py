@@ -22,6 +22,7 @@ from seg.backbone import PATCH_SIZE, file_sha256, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, read_split_pair, worker_count
 from seg.device import autocast, half_dtype, resolve_device
+from seg.dirlock import DirLock
 from seg.distributed import Dist, barrier, on_main, rank_device
 from seg.errors import SegError
 from seg.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -67,14 +68,25 @@ class ExtractSummary:
 
 
 def parse_layers(text: str) -> int | list[int]:
-    """'4' -> the last 4 blocks; '8,9,11' -> those block indices."""
+    """'4' -> the last 4 blocks; '8,9,11' -> those block indices (any order, each once)."""
     try:
         parts = [int(p) for p in str(text).split(",") if p.strip() != ""]
     except ValueError:
         raise SegError(f"--layers takes a count (e.g. 4) or block indices (e.g. 8,9,10,11), got {text!r}") from None
     if not parts:
         raise SegError("--layers is empty")
-    return parts[0] if "," not in str(text) else parts
+    if "," not in str(text):
+        return parts[0]
+    twice = sorted({i for i in parts if parts.count(i) > 1})
+    if twice:
+        raise SegError(f"--layers {text}: block {twice[0]} is named twice")
+    return sorted(parts)  # tokens are stored in block order, and recorded so
+
+
+def train_seeds(policy: str, k: int) -> list[int]:
+    """With a policy every cached train sample is an augmented draw (seeds 1..K); seed 0, the plain
+    resize, is what val/test get and what train gets without a policy."""
+    return list(range(1, k + 1)) if policy != "none" else [0]
 
 
 class ExtractionSamples(Dataset):
@@ -111,12 +123,14 @@ def _collate(batch: list[dict]) -> dict:
 def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tuple[int, int],
                    table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device) -> dict:
     w, h = size
-    seeds = {s: (list(range(cfg.aug_seeds)) if s == "train" else [0]) for s in split_files}
+    seeds = {s: (train_seeds(cfg.aug_policy, cfg.aug_seeds) if s == "train" else [0]) for s in split_files}
     splits = {}
     for name, files in split_files.items():
         n = len(files.names) * len(seeds[name])
+        data_dir = files.root.resolve()  # absolute: the cache is used from other working directories
         splits[name] = {
-            "data_dir": str(files.root),
+            "data_dir": str(data_dir),
+            "sources": cf.source_record(data_dir, list(files.names)),
             "images": list(files.names),
             "seeds": seeds[name],
             "num_samples": n,
@@ -127,6 +141,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "format": cf.FORMAT,
         "format_version": cf.FORMAT_VERSION,
         "seg_version": seg.__version__,
+        "torch_version": torch.__version__,
         "complete": False,
         "backbone": info.name,
         "weights_sha256": info.weights_sha256,
@@ -137,6 +152,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "patch_size": PATCH_SIZE,
         "patch_grid": {"width": w // PATCH_SIZE, "height": h // PATCH_SIZE},
         "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
         "layers": layers,
         "layer_norm": True,
         "token_dtype": "float16",
@@ -144,6 +160,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "mask_shape": [h, w],
         "compute_dtype": str(half_dtype(device)).removeprefix("torch.") if cfg.half else "float32",
         "device": device.type,
+        "batch_size": cfg.batch_size,  # batch shapes can change low-order bits: part of the settings
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "resize": {"image": "bilinear (cv2.INTER_LINEAR)", "mask": "nearest"},
         "class_table": table.to_json(),
@@ -152,7 +169,9 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
             "policy": cfg.aug_policy,
             "transforms": policy_params(cfg.aug_policy),
             "albumentations": _albumentations_version(),
-            "seeding": "per sample: sha256(image name, aug seed) -> numpy Generator + random.Random; seed 0 = resize only",
+            "seeding": "per sample: sha256(image name, aug seed) -> numpy Generator + random.Random; "
+                       "seed 0 = resize only (val, test, and train without a policy); train seeds 1..K "
+                       "with a policy, each an augmented draw",
         },
         "shard_size": cfg.shard_size,
         "sample_order": "seed-major: sample k = (image k % n_images, seeds[k // n_images])",
@@ -167,24 +186,64 @@ def _albumentations_version() -> str:
     return albumentations.__version__
 
 
-def prepare_cache_dir(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Refuse to mix settings in one cache; a rerun with the same settings keeps finished shards."""
+def _seg_manifest(out: Path) -> Optional[dict]:
+    """The manifest in out when it is a seg cache's (any format version); None when there is none."""
+    path = out / cf.MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SegError(f"{path}: unreadable, so not a seg cache seg may touch ({exc}); choose another --out") from None
+    if not isinstance(data, dict) or data.get("format") != cf.FORMAT:
+        raise SegError(f"{path}: not a seg feature cache manifest; seg will not touch {out}: choose another --out")
+    return data
+
+
+def check_cache_dir(out: Path, manifest: dict) -> Optional[dict]:
+    """Refuse an --out that holds anything seg did not write; returns the old manifest, if any."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise SegError(f"{out}: exists and is not a directory")
+    old = _seg_manifest(out)
+    foreign = cf.foreign_files(out, *([old, manifest] if old else []))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        what = "is not part of the cache there" if old else "is there, and the directory is not a feature cache"
+        raise SegError(f"{out / foreign[0]}: {what}{more}; seg writes only into a new or empty directory "
+                       "or its own cache: choose another --out")
+    return old
+
+
+def prepare_cache_dir(out: Path, manifest: dict, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Refuse to mix settings in one cache; a rerun with the same settings keeps finished shards.
+    --overwrite deletes only the files the old manifest lists (checked by check_cache_dir)."""
+    old = _seg_manifest(out)
+    if old is None:
+        return
     if overwrite:
-        if out.exists():
-            for p in list(out.glob("*.h5")) + list(out.glob("*.tmp")) + [out / cf.MANIFEST]:
-                p.unlink(missing_ok=True)
-    elif (out / cf.MANIFEST).exists():
-        try:
-            old = cf.read_manifest(out)
-        except SegError as exc:
-            raise SegError(f"{exc}; pass --overwrite to replace it") from None
-        diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
-        if diffs:
-            raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
-                           + (" ..." if len(diffs) > 6 else "") + "); use another --out or pass --overwrite")
-    elif out.exists() and any(out.iterdir()):
-        raise SegError(f"{out}: exists and is not a feature cache; choose an empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
+        doomed = sorted(n for n in cf.owned_files(old) - {cf.LOCK} if (out / n).exists())
+        log(f"--overwrite: deleting the old cache's {len(doomed)} file(s) in {out}: "
+            + ", ".join(doomed[:4]) + (" ..." if len(doomed) > 4 else ""))
+        for n in doomed:
+            (out / n).unlink()
+        return
+    if old.get("format_version") != cf.FORMAT_VERSION:
+        raise SegError(f"{out}: holds a cache in format version {old.get('format_version')} (this seg writes "
+                       f"{cf.FORMAT_VERSION}); pass --overwrite to replace it or choose another --out")
+    diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
+    if diffs:
+        raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
+                       + (" ..." if len(diffs) > 6 else "") + "); a resume computes with exactly the recorded "
+                       "settings: use another --out, or pass --overwrite to replace it")
+    for name, split in manifest["splits"].items():  # the record of what the finished shards were made from
+        split["sources"] = old["splits"][name].get("sources", split["sources"])
+    changed = cf.source_changes(old)
+    if changed:
+        log(f"WARNING: {len(changed)} source file(s) differ from what this cache was extracted from "
+            f"(first: {changed[0]}); finished shards keep the old content. `seg cache verify --sources` "
+            "lists them; --overwrite re-extracts")
 
 
 def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> list[cf.ShardPlan]:
@@ -228,6 +287,15 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3)")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise SegError("--batch-size and --shard-size must be at least 1")
+    if not cfg.splits:
+        raise SegError("--splits names no split; give e.g. train,val")
+    twice = sorted({s for s in cfg.splits if cfg.splits.count(s) > 1})
+    if twice:
+        raise SegError(f"--splits names {twice[0]!r} twice")
+    if cfg.aug_policy != "none" and cfg.aug_seeds < 4 and "train" in cfg.splits:
+        say(f"WARNING: --aug-seeds {cfg.aug_seeds} with policy {cfg.aug_policy}: each train image gets only "
+            f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
+            "published runs); 4 or more is recommended")
     device = resolve_device(rank_device(d, cfg.device))
     table = load_class_table(cfg.classes)
     split_files = {s: list_split(cfg.data, s) for s in cfg.splits}
@@ -235,59 +303,80 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     if cfg.random_init:
         say(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")
     try:
-        layers = model.resolve_layers(parse_layers(cfg.layers))
+        layers = sorted(model.resolve_layers(parse_layers(cfg.layers)))
     except ValueError as exc:
         raise SegError(f"--layers: {exc}") from None
     manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device)
     out = Path(cfg.out)
+    lock = DirLock(out, cf.LOCK, "extraction")
 
     def prepare() -> None:
-        prepare_cache_dir(out, manifest, cfg.overwrite)
+        check_cache_dir(out, manifest)
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        prepare_cache_dir(out, manifest, cfg.overwrite, say)
         if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
             cf.write_manifest(out, manifest)
 
-    on_main(d, prepare)
+    try:
+        on_main(d, prepare)
+        model.to(device)
+        augmenter = Augmenter(cfg.aug_policy, size)
+        lut = table.lut()
+        workers = worker_count() if cfg.workers is None else cfg.workers
+        all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
+        mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
+        todo = missing_shards(out, manifest, mine)
+        n_todo = sum(p.count for p in todo)
+        say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
+            f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
+            f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
+            + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
 
-    model.to(device)
-    augmenter = Augmenter(cfg.aug_policy, size)
-    lut = table.lut()
-    workers = worker_count() if cfg.workers is None else cfg.workers
-    all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
-    mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
-    todo = missing_shards(out, manifest, mine)
-    n_todo = sum(p.count for p in todo)
-    say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
-        f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
-        f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
-        + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
+        written = 0
+        t_loop = time.perf_counter()
+        with tqdm(total=n_todo, unit="img", desc="extract", disable=not (cfg.progress and d.is_main),
+                  dynamic_ncols=True) as bar:
+            for split in split_files:
+                plans = [p for p in todo if p.split == split]
+                if plans:
+                    written += _extract_split(model, device, layers, split_files[split], manifest, plans,
+                                              augmenter, lut, cfg, workers, out, bar)
+        loop_seconds = time.perf_counter() - t_loop
+        barrier(d)
+        total_bytes = on_main(d, lambda: finalize_manifest(out, manifest)) or 0
+        seconds = time.perf_counter() - t0
+        summary = ExtractSummary(out, sum(p.count for p in all_plans), written, len(todo), len(all_plans),
+                                 total_bytes, seconds, written / seconds if seconds > 0 else 0.0,
+                                 written / loop_seconds if written and loop_seconds > 0 else 0.0)
+        per = total_bytes / summary.samples_total if summary.samples_total else 0
+        rank_note = f" by rank 0 of {d.world}" if d.active else ""
+        summary.lines = [
+            f"cache: {out}",
+            f"samples: {summary.samples_total} ({written} extracted now{rank_note}), "
+            f"shards: {len(all_plans)} ({len(todo)} written now{rank_note})",
+            f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)",
+            f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s overall, "
+            f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
+        ]
+        return summary
+    finally:
+        lock.release()
 
-    written = 0
-    t_loop = time.perf_counter()
-    with tqdm(total=n_todo, unit="img", desc="extract", disable=not (cfg.progress and d.is_main),
-              dynamic_ncols=True) as bar:
-        for split in split_files:
-            plans = [p for p in todo if p.split == split]
-            if plans:
-                written += _extract_split(model, device, layers, split_files[split], manifest, plans,
-                                          augmenter, lut, cfg, workers, out, bar)
-    loop_seconds = time.perf_counter() - t_loop
-    barrier(d)
-    total_bytes = on_main(d, lambda: finalize_manifest(out, manifest)) or 0
-    seconds = time.perf_counter() - t0
-    summary = ExtractSummary(out, sum(p.count for p in all_plans), written, len(todo), len(all_plans),
-                             total_bytes, seconds, written / seconds if seconds > 0 else 0.0,
-                             written / loop_seconds if written and loop_seconds > 0 else 0.0)
-    per = total_bytes / summary.samples_total if summary.samples_total else 0
-    rank_note = f" by rank 0 of {d.world}" if d.active else ""
-    summary.lines = [
-        f"cache: {out}",
-        f"samples: {summary.samples_total} ({written} extracted now{rank_note}), "
-        f"shards: {len(all_plans)} ({len(todo)} written now{rank_note})",
-        f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)",
-        f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s overall, "
-        f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
-    ]
-    return summary
+
+def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor, files: SplitFiles,
+                      seeds: list[int]) -> None:
+    """Stop at the first sample whose tokens are not finite float16 numbers: a cache of NaNs is not a cache."""
+    bad = int((~torch.isfinite(half)).flatten(1).any(1).nonzero()[0, 0])
+    i, seed = cf.sample_of(int(ks[bad]), len(files.names), seeds)
+    sample = feats[bad].float()
+    if torch.isfinite(sample).all():
+        why = (f"values beyond the float16 range (max |value| {sample.abs().max().item():.4g} > 65504), "
+               "which the cache cannot store")
+    else:
+        why = "NaN or infinite tokens"
+    raise SegError(f"{files.image_path(i)} (aug seed {seed}): the backbone produced {why}; check the weights "
+                   "(--weights) and the precision (--fp32)")
 
 
 @torch.inference_mode()
@@ -314,8 +403,11 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
             raise SegError(batch["error"])
         x = normalize(batch["image"].to(device, non_blocking=True))
         with autocast(device, cfg.half):
-            feats = model.get_intermediate_layers(x, n=layers, reshape=True, norm=True)
-        tokens = torch.stack(feats, dim=1).to(torch.float16).cpu().numpy()
+            feats = torch.stack(model.get_intermediate_layers(x, n=layers, reshape=True, norm=True), dim=1)
+        half = feats.to(torch.float16)
+        if not torch.isfinite(half).all():
+            _refuse_non_finite(feats, half, batch["k"], files, seeds)
+        tokens = half.cpu().numpy()
         b = tokens.shape[0]
         buf_tokens[filled:filled + b] = tokens
         buf_masks[filled:filled + b] = batch["mask"].numpy()

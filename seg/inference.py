@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from seg.augment import Augmenter
 from seg.data import read_pair
-from seg.device import autocast
+from seg.device import autocast, recorded_dtype
 from seg.errors import SegError
 from seg.heads import head_logits
 from seg.normalize import normalize
@@ -29,14 +29,15 @@ class Segmenter:
         self.run, self.device = run, device
         self.backbone = rebuild_backbone(run.backbone, weights, device)
         self.layers = run.backbone["layers"]
-        self.half = run.backbone.get("compute_dtype", "bfloat16") != "float32"
+        # The cache's precision, not the device's default: image-based scores then match cache-based ones.
+        self.compute_dtype = recorded_dtype(run.backbone["compute_dtype"], device)
         self.amp = bool(run.record["config"]["amp"])
         self.patch = run.backbone["patch_size"]
 
     @torch.inference_mode()
     def tokens(self, x: Tensor) -> Tensor:
         """Normalised images [B, 3, H, W] -> tokens [B, L, C, Hp, Wp] float16, as the cache stores them."""
-        with autocast(self.device, self.half):
+        with autocast(self.device, dtype=self.compute_dtype):
             feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
         return torch.stack(feats, dim=1).to(torch.float16)
 
@@ -76,29 +77,43 @@ class Segmenter:
 
 class ImageFolderSamples(Dataset):
     """Images (and their masks when known) prepared for a run: resized image, and the mask either
-    at the run's size (nearest) or at the original size."""
+    at the run's size (nearest) or at the original size.
+
+    With `optional_masks`, a mask that cannot be used costs only that mask ("mask_error"), not the
+    image; otherwise it is the sample's "error". Errors travel as text: raised in a worker, an
+    exception would come back wrapped in a traceback."""
 
     def __init__(self, images: list[Path], masks: list[Optional[Path]], size: tuple[int, int],
-                 lut: Optional[np.ndarray], full_res_masks: bool = False) -> None:
+                 lut: Optional[np.ndarray], full_res_masks: bool = False, optional_masks: bool = False) -> None:
         self.images, self.masks, self.lut, self.full_res = images, masks, lut, full_res_masks
+        self.optional_masks = optional_masks
         self.resize = Augmenter("none", size)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
+        mask_error = None
         try:
             image, mask = read_pair(self.images[i], self.masks[i], self.lut)
-            small, small_mask = self.resize(image, None if self.full_res else mask, self.images[i].name, 0)
         except SegError as exc:
-            return {"error": str(exc)}
+            if not (self.optional_masks and self.masks[i] is not None):
+                return {"index": i, "error": str(exc)}
+            try:  # was it the image or only its optional mask?
+                image, mask = read_pair(self.images[i], None, None)
+            except SegError as exc2:
+                return {"index": i, "error": str(exc2)}
+            mask_error = str(exc)
+        small, small_mask = self.resize(image, None if self.full_res else mask, self.images[i].name, 0)
         return {"index": i, "image": torch.from_numpy(small), "original": image,
-                "mask": (mask if self.full_res else small_mask)}
+                "mask": (mask if self.full_res else small_mask), "mask_error": mask_error}
 
 
 def collate_samples(batch: list[dict]) -> dict:
-    errors = [b["error"] for b in batch if "error" in b]
-    if errors:
-        return {"error": errors[0]}
-    return {"index": [b["index"] for b in batch], "image": torch.stack([b["image"] for b in batch]),
-            "original": [b["original"] for b in batch], "mask": [b["mask"] for b in batch]}
+    """The readable samples of a batch, plus (index, error text) of the unreadable ones."""
+    good = [b for b in batch if "error" not in b]
+    return {"errors": [(b["index"], b["error"]) for b in batch if "error" in b],
+            "index": [b["index"] for b in good],
+            "image": torch.stack([b["image"] for b in good]) if good else None,
+            "original": [b["original"] for b in good], "mask": [b["mask"] for b in good],
+            "mask_error": [b["mask_error"] for b in good]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from seg.atomic import write_atomic
+from seg.atomic import write_atomic, write_json
 from seg.classes import ClassTable
-from seg.data import IMAGE_SUFFIXES, MASK_DIR, worker_count
+from seg.data import IMAGE_SUFFIXES, MASK_DIR, mask_name, worker_count
 from seg.device import resolve_device
 from seg.errors import SegError
 from seg.inference import ImageFolderSamples, Segmenter, collate_samples
@@ -35,6 +36,7 @@ class PredictOptions:
     batch_size: int = 4
     workers: Optional[int] = None
     progress: bool = True
+    strict: bool = False        # stop at the first unreadable image instead of skipping it
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:
@@ -56,12 +58,49 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def mask_beside(image: Path) -> Optional[Path]:
-    """The ground truth of a Falcon-layout image: ../Segmentation/<same name>."""
+    """The ground truth of a Falcon-layout image: ../Segmentation/<stem>.png."""
     if image.parent.name == "Color_Images":
-        candidate = image.parent.parent / MASK_DIR / image.name
+        candidate = image.parent.parent / MASK_DIR / mask_name(image.name)
         if candidate.is_file():
             return candidate
     return None
+
+
+def output_names(images: list[Path]) -> list[str]:
+    """One distinct output file name per input: `<stem>.png`; inputs sharing a stem (frame.png and
+    frame.jpg) get `<stem>_<ext>.png`; still equal names (same file name in two folders) get `-2`, `-3`."""
+    stems = [p.stem for p in images]
+    names = [f"{p.stem}_{p.suffix.lstrip('.').lower()}.png" if stems.count(p.stem) > 1 else f"{p.stem}.png"
+             for p in images]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n[:-4]}-{seen[n]}.png")
+    return out
+
+
+PREDICT_RECORD = "predict.json"
+OUTPUT_FOLDERS = ("color", "overlay", "compare", "raw")
+
+
+def check_predict_dir(out: Path) -> set[str]:
+    """--out must be new, empty, or an earlier seg predict output; returns the files seg wrote there."""
+    if out.exists() and not out.is_dir():
+        raise SegError(f"{out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return set()
+    record = out / PREDICT_RECORD
+    try:
+        written = set(json.loads(record.read_text())["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        first = sorted(p.name for p in out.iterdir())[0]
+        raise SegError(f"{out / first}: {out} is not empty and not a seg predict output; choose another --out") from None
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and rel != PREDICT_RECORD and rel not in written:
+            raise SegError(f"{p}: not written by seg predict; seg will not overwrite it: choose another --out")
+    return written
 
 
 def colorize(ids: np.ndarray, table: ClassTable) -> np.ndarray:
@@ -94,41 +133,64 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     device = resolve_device(opts.device)
     run = load_run(opts.run, device)
     images = collect_images(opts.images)
-    names = [p.name for p in images]
-    if len(set(names)) != len(names):
-        raise SegError("two input images share a file name; outputs would overwrite each other")
+    names = output_names(images)
+    out = Path(opts.out)
+    previous = check_predict_dir(out)
     segmenter = Segmenter(run, opts.weights, device)
     table = run.class_table
     masks = [mask_beside(p) for p in images]
-    dataset = ImageFolderSamples(images, masks, run.size, table.lut(), full_res_masks=True)
-    out = Path(opts.out)
+    dataset = ImageFolderSamples(images, masks, run.size, table.lut(), full_res_masks=True, optional_masks=True)
     folders = ["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else [])
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
     workers = worker_count(4) if opts.workers is None else opts.workers
     cv2.setNumThreads(1)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
+    written: list[str] = []
+    skipped: list[str] = []
+    outputs: dict[str, str] = {}
     t0 = time.perf_counter()
-    with tqdm(total=len(images), unit="img", desc="predict", disable=not opts.progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            if "error" in batch:
-                raise SegError(batch["error"])
-            labels = segmenter.label_maps(batch["image"], [o.shape[:2] for o in batch["original"]], opts.tta)
-            for j, i in enumerate(batch["index"]):
-                original = batch["original"][j]
-                ids = labels[j].to(torch.uint8).cpu().numpy()
-                color = colorize(ids, table)
-                stem = images[i].stem
-                _write_png(out / "color" / f"{stem}.png", color)
-                _write_png(out / "overlay" / f"{stem}.png", overlay(original, color, opts.overlay_alpha))
-                gt = batch["mask"][j]
-                if gt is not None:
-                    _write_png(out / "compare" / f"{stem}.png",
-                               np.concatenate([original, colorize(gt, table), color], axis=1))
-                if opts.save_raw:
-                    _write_png(out / "raw" / f"{stem}.png", raw_values(ids, table))
-                bar.update(1)
+
+    def write(sub: str, name: str, pixels: np.ndarray) -> None:
+        _write_png(out / sub / name, pixels)
+        written.append(f"{sub}/{name}")
+
+    try:
+        with tqdm(total=len(images), unit="img", desc="predict", disable=not opts.progress, dynamic_ncols=True) as bar:
+            for batch in loader:
+                for _, error in batch["errors"]:
+                    if opts.strict:
+                        raise SegError(f"{error} (--strict)")
+                    log(f"WARNING: skipped: {error}")
+                    skipped.append(error)
+                    bar.update(1)
+                if batch["image"] is None:
+                    continue
+                labels = segmenter.label_maps(batch["image"], [o.shape[:2] for o in batch["original"]], opts.tta)
+                for j, i in enumerate(batch["index"]):
+                    original, name = batch["original"][j], names[i]
+                    ids = labels[j].to(torch.uint8).cpu().numpy()
+                    color = colorize(ids, table)
+                    write("color", name, color)
+                    write("overlay", name, overlay(original, color, opts.overlay_alpha))
+                    gt = batch["mask"][j]
+                    if batch["mask_error"][j]:
+                        log(f"WARNING: no compare panel for {images[i]}: {batch['mask_error'][j]}")
+                    elif gt is not None:
+                        write("compare", name, np.concatenate([original, colorize(gt, table), color], axis=1))
+                    if opts.save_raw:
+                        write("raw", name, raw_values(ids, table))
+                    outputs[str(images[i])] = name
+                    bar.update(1)
+    finally:  # what was written is recorded even when a later image stops the run
+        record = {"run": str(run.path), "written": sorted(set(written) | previous),
+                  "outputs": outputs, "skipped": skipped}
+        write_json(out / PREDICT_RECORD, record)
     seconds = time.perf_counter() - t0
-    rate = len(images) / seconds if seconds else float("nan")
-    log(f"predicted {len(images)} images in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}")
-    return {"images": len(images), "seconds": seconds, "images_per_s": rate, "out": str(out), "folders": folders}
+    done = len(outputs)
+    rate = done / seconds if seconds else float("nan")
+    log(f"predicted {done} images in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}"
+        + (f"; skipped {len(skipped)} unreadable image(s) (see warnings above)" if skipped else ""))
+    return {"images": done, "skipped": len(skipped), "seconds": seconds, "images_per_s": rate, "out": str(out),
+            "folders": folders}
+

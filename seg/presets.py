@@ -13,7 +13,7 @@ from seg.errors import SegError
 class TrainConfig:
     phase: Optional[int]
     head: str                    # convnext | upernet
-    loss: str                    # ce | weighted_ce | focal_dice
+    loss: str                    # ce | weighted_ce | focal_dice (published) | lin_focal_dice (Lin et al.'s focal)
     optimizer: str               # sgd | adamw
     lr: float
     momentum: float              # SGD only
@@ -73,7 +73,7 @@ PRESETS: dict[int, TrainConfig] = {
 
 CHOICES = {
     "head": ("convnext", "upernet"),
-    "loss": ("ce", "weighted_ce", "focal_dice"),
+    "loss": ("ce", "weighted_ce", "focal_dice", "lin_focal_dice"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("none", "cosine", "warmup_cosine"),
     "select": ("best", "final"),
@@ -89,6 +89,8 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise SegError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
     values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("patience", 1) < 0:
+        raise SegError(f"--patience must be 0 (never stop early) or a number of epochs, got {values['patience']}")
     if values.get("patience") == 0:  # 0 on the command line: never stop early
         values["patience"] = None
     cfg = replace(PRESETS[phase], **values)
@@ -98,6 +100,17 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
     for key in ("batch_size", "accum", "epochs"):
         if getattr(cfg, key) < 1:
             raise SegError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise SegError(f"--lr must be positive, got {cfg.lr}")
+    for key in ("warmup_epochs", "seed"):
+        if getattr(cfg, key) < 0:
+            raise SegError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(cfg, key)}")
+    # (name, lowest allowed, is the lowest itself allowed, upper bound exclusive)
+    for key, low, inclusive, high in (("lr", 0.0, False, None), ("momentum", 0.0, True, 1.0),
+                                      ("weight_decay", 0.0, True, None), ("eta_min", 0.0, True, None),
+                                      ("focal_gamma", 0.0, True, None), ("dice_weight", 0.0, True, None),
+                                      ("max_class_weight", 0.0, False, None)):
+        v = getattr(cfg, key)
+        ok = math.isfinite(v) and (v >= low if inclusive else v > low) and (high is None or v < high)
+        if not ok:
+            bounds = (f">= {low:g}" if inclusive else f"> {low:g}") + (f" and < {high:g}" if high is not None else "")
+            raise SegError(f"--{key.replace('_', '-')} must be a finite number {bounds}, got {v}")
     return cfg

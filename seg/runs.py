@@ -43,10 +43,16 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
     best = path / "best.pt"
     if not best.is_file():
         raise SegError(f"{path}: no best.pt (not a run directory, or training has not finished an epoch)")
-    record = load_torch_file(best, weights_only=False, what="unreadable checkpoint")
+    record = load_torch_file(best, what="unreadable checkpoint")
+    needed = {"head", "config", "class_table", "in_channels", "backbone"}
+    if not isinstance(record, dict) or not needed <= set(record):
+        raise SegError(f"{best}: not a seg checkpoint (needs {', '.join(sorted(needed))})")
     table = ClassTable.from_json(record["class_table"], source=str(best))
-    head = build_head(record["config"]["head"], record["in_channels"], table.num_classes)
-    head.load_state_dict(record.pop("head"))
+    try:
+        head = build_head(record["config"]["head"], record["in_channels"], table.num_classes)
+        head.load_state_dict(record.pop("head"))
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise SegError(f"{best}: its head weights do not fit its recorded head ({str(exc).splitlines()[0][:160]})") from None
     head.to(device).eval().requires_grad_(False)
     return Run(path, record, head, table)
 

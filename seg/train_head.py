@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,18 @@ from tqdm import tqdm
 
 from seg import plots
 from seg.atomic import write_json, write_text
-from seg.cache import FeatureCache
+from seg.cache import FeatureCache, augmented_views
 from seg.cache_format import settings_of
 from seg.checkpoint import load_torch_file, save_checkpoint
+from seg.dirlock import DirLock
 from seg.device import half_dtype, resolve_device
-from seg.distributed import Dist, all_reduce_sum, rank_device
+from seg.distributed import Dist, all_reduce_sum, on_main, rank_device
 from seg.errors import SegError
 from seg.heads import build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
 from seg.presets import TrainConfig
+from seg.run_dir import LOCK as RUN_LOCK, RUN_FORMAT, check_run_dir, clear_run_dir
 from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, choose_preload, epoch_indices
 
 VAL_BATCH = 8
@@ -40,6 +43,8 @@ class RunOptions:
     resume: bool = False
     allow_mismatch: bool = False
     progress: bool = True
+    overwrite: bool = False         # replace a finished seg run in --out
+    verify: bool = True             # sha256 of every shard against the manifest before use
 
 
 def cache_fingerprint(manifest: dict) -> str:
@@ -56,11 +61,16 @@ def backbone_record(manifest: dict) -> dict:
 
 def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mismatch: bool, log) -> None:
     size = f"{manifest['size']['width']}x{manifest['size']['height']}"
+    last_block = [manifest["depth"] - 1]
+    mismatches = []
     if (manifest["backbone"], size) != (cfg.backbone, cfg.size):
-        msg = (f"{cache}: cache is {manifest['backbone']} @ {size}, but phase {cfg.phase} is {cfg.backbone} @ "
-               f"{cfg.size}")
+        mismatches.append(f"cache is {manifest['backbone']} @ {size}, but phase {cfg.phase} is {cfg.backbone} @ {cfg.size}")
+    if manifest["layers"] != last_block:
+        mismatches.append(f"cache stores blocks {manifest['layers']}, but phase {cfg.phase} was published on the "
+                          f"normed last block {last_block} only")
+    for msg in mismatches:
         if not allow_mismatch:
-            raise SegError(msg + "; extract a matching cache or pass --allow-mismatch")
+            raise SegError(f"{cache}: {msg}; extract a matching cache or pass --allow-mismatch")
         log(f"WARNING: {msg} (allowed by --allow-mismatch)")
     if manifest["augmentation"]["policy"] != cfg.aug_policy:
         log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
@@ -87,11 +97,26 @@ class Trainer:
                 raise SegError(f"{cache_dir}: training needs a {split!r} split in the cache (it has "
                                f"{', '.join(m['splits'])}); extract with --splits train,val")
         check_cache_matches(cfg, m, Path(cache_dir), opts.allow_mismatch, self.log)
+        L, C, hp, wp = m["token_shape"]
+        self.log(f"head input: {L * C} channels = {L} layer(s) x {C} from blocks {m['layers']}, grid {wp}x{hp}")
+        views = augmented_views(m)
+        self.log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
+                 + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
+        if cfg.head == "convnext" and hp * wp == 1:
+            raise SegError(f"{cache_dir}: the patch grid is 1x1; the convnext head's BatchNorm needs more than one "
+                           "value per channel: extract a larger --size or use --head upernet")
         self.device = resolve_device(rank_device(self.d, opts.device))
         self.table = self.cache.class_table
         self.names = list(self.table.names)
         self.k = self.table.num_classes
         self.train_split, self.val_split = self.cache.split("train"), self.cache.split("val")
+        if opts.verify:
+            t0 = time.perf_counter()
+            n, size = self.cache.check_shards(["train", "val"])
+            self.log(f"integrity: {n} shards ({size / 1e9:.2f} GB) match the manifest's sha256 "
+                     f"({time.perf_counter() - t0:.1f} s; --no-verify skips this)")
+        else:
+            self.log("integrity: shard checksums NOT checked (--no-verify)")
         self.amp_dtype = half_dtype(self.device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -175,11 +200,12 @@ class Trainer:
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
             if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
                 bar.close()
-                raise SegError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                               f"The last good checkpoint is {self.out / 'last.pt'} (lower --lr, or check the cache "
-                               "with `seg cache verify`)")
+                raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                               f"{self._last_good()} (lower --lr, or check the cache with `seg cache verify`)")
             self.scaler.scale(loss / cfg.accum).backward()
-            if (step + 1) % cfg.accum == 0 or step + 1 == len(batches):
+            # As published: step on every accum-th batch only. A last group of fewer than accum
+            # batches adds its gradients, but zero_grad at the next epoch's start discards them.
+            if (step + 1) % cfg.accum == 0:
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
@@ -209,26 +235,59 @@ class Trainer:
         return sums[0].item() / max(sums[1].item(), 1), cm
 
     # -- the run ---------------------------------------------------------------------------
-    def run(self) -> dict:
+    def _last_good(self) -> str:
+        """Words naming the last checkpoint that is truly good (only finite ones are ever written)."""
+        last = self.out / "last.pt"
+        if last.exists():
+            return f"The last good checkpoint is {last} (epoch {self._saved_epoch}); --resume continues from it."
+        return "No checkpoint was written: no epoch finished with finite results."
+
+    def _load_state(self) -> Optional[dict]:
+        """last.pt of the run in --out (after --resume), checked against this run's settings."""
         cfg, out = self.cfg, self.out
         last_path = out / "last.pt"
-        state = None
-        if last_path.exists():
-            if not self.opts.resume:
-                raise SegError(f"{out}: holds a run already (last.pt); pass --resume to continue it or choose another --out")
-            state = load_torch_file(last_path, weights_only=False, what="unreadable checkpoint; cannot resume")
-            if state["config"] != cfg.to_dict():
-                diffs = [k for k in cfg.to_dict() if state["config"].get(k) != cfg.to_dict()[k]]
-                raise SegError(f"{out}: --resume with other settings than the run's (differs in {', '.join(diffs)})")
-            if state["cache_fingerprint"] != cache_fingerprint(self.cache.manifest):
-                raise SegError(f"{out}: --resume with another cache than the run was trained on")
-        elif self.opts.resume:
-            raise SegError(f"{out}: nothing to resume (no last.pt)")
-        if self.d.is_main:
+        if not last_path.exists():
+            if (out / "best.pt").exists():
+                raise SegError(f"{out}: has best.pt but no last.pt, so it cannot be continued exactly; "
+                               "pass --overwrite to start it again")
+            self.log(f"{out}: no epoch finished before; --resume starts at epoch 1")
+            return None
+        state = load_torch_file(last_path, what="unreadable checkpoint; cannot resume")
+        if not isinstance(state, dict) or "config" not in state or "head" not in state:
+            raise SegError(f"{last_path}: not a seg training checkpoint; cannot resume")
+        if state["config"] != cfg.to_dict():
+            diffs = [k for k in cfg.to_dict() if state["config"].get(k) != cfg.to_dict()[k]]
+            raise SegError(f"{out}: --resume with other settings than the run's (differs in {', '.join(diffs)})")
+        if state["cache_fingerprint"] != cache_fingerprint(self.cache.manifest):
+            raise SegError(f"{out}: --resume with another cache than the run was trained on")
+        return state
+
+    def run(self) -> dict:
+        out = self.out
+        lock = DirLock(out, RUN_LOCK, "training run")
+
+        def claim() -> str:
+            mode = check_run_dir(out, self.cache.path, self.opts.resume, self.opts.overwrite)
             out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if mode == "replace":
+                clear_run_dir(out, self.log)
+            return mode
+
+        try:
+            mode = on_main(self.d, claim)
+            return self._run(mode == "resume")
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> dict:
+        cfg, out, main = self.cfg, self.out, self.d.is_main
+        state = self._load_state() if resume else None
         self._build()
         record = self._run_record()
         start_epoch, history, best = 0, [], {"miou": -1.0, "epoch": None}
+        best_head, best_metrics = None, None
+        self._saved_epoch = None
         if state is not None:
             self.head.load_state_dict(state["head"])
             self.opt.load_state_dict(state["optimizer"])
@@ -236,6 +295,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng_cpu"])
             start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+            best_head, best_metrics = state["best_head"], state["best_metrics"]
+            self._saved_epoch = state["epoch"] + 1
+            if main:
+                self._repair_best(record, best, best_head, best_metrics)
             self.log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
         eff = cfg.batch_size * cfg.accum * self.d.world
         self.log("training config (phase preset + overrides):\n" + describe_config(
@@ -244,9 +307,9 @@ class Trainer:
                   "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
                   "in_channels": self.cache.in_channels, "train_samples/epoch":
                   len(self.train_split) if cfg.all_seeds else len(self.train_split.images)}))
-        main = self.d.is_main
         if main:
-            write_json(out / "config.json", jsonable({**record, "effective_batch": eff, "world_size": self.d.world}))
+            write_json(out / "config.json", jsonable({"format": RUN_FORMAT, **record, "effective_batch": eff,
+                                                      "world_size": self.d.world}))
         train_src, val_src = self._sources()
         stopped_early = False
         for epoch in range(start_epoch, cfg.epochs):
@@ -257,6 +320,7 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]
             train_loss, sps = self.train_epoch(train_src, epoch)
             val_loss, cm = self.validate(val_src)
+            self._refuse_non_finite(epoch, train_loss, val_loss)
             self.sched.step()
             summary = summarize(cm, self.names)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_miou": summary["miou"],
@@ -266,15 +330,19 @@ class Trainer:
             improved = summary["miou"] > best["miou"] or cfg.select == "final"
             if improved:
                 best = {"miou": summary["miou"], "epoch": epoch + 1}
-            if main and improved:
-                save_checkpoint(out / "best.pt", {**record, "head": self.head.state_dict(), "epoch": epoch + 1,
-                                                  "val_miou": summary["miou"]})
-                self._write_metrics(summary, cm, epoch + 1)
+                best_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+                best_metrics = {"summary": summary, "confusion_matrix": cm.cpu().tolist()}
             if main:
-                save_checkpoint(last_path, {**record, "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
-                                            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                                            "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": history,
-                                            "best": best})
+                # last.pt first: it holds everything (the best weights and metrics too), so a failed
+                # write of anything after it is repaired by --resume.
+                save_checkpoint(out / "last.pt", {
+                    **record, "head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": history, "best": best,
+                    "best_head": best_head, "best_metrics": best_metrics})
+                self._saved_epoch = epoch + 1
+                if improved:
+                    self._write_best(record, best, best_head, best_metrics)
                 self._write_history(history)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                      f"val mIoU {summary['miou']:.4f}{' *' if improved else ''}  lr {lr:.3g}  "
@@ -286,6 +354,35 @@ class Trainer:
         metrics_path = out / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if main and metrics_path.exists() else {}
         return metrics
+
+    def _refuse_non_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
+        """Never checkpoint weights or results that are not finite numbers."""
+        bad = []
+        if not math.isfinite(train_loss):
+            bad.append(f"train loss {train_loss}")
+        if not math.isfinite(val_loss):
+            bad.append(f"val loss {val_loss}")
+        if not all(torch.isfinite(p).all() for p in self.head.parameters()):
+            bad.append("non-finite weights")
+        if bad:
+            raise SegError(f"epoch {epoch + 1} ended with {' and '.join(bad)}; stopped without saving it. "
+                           f"{self._last_good()} (lower --lr, or check the cache with `seg cache verify`)")
+
+    def _write_best(self, record: dict, best: dict, best_head: dict, best_metrics: dict) -> None:
+        save_checkpoint(self.out / "best.pt", {**record, "head": best_head, "epoch": best["epoch"],
+                                               "val_miou": best["miou"]})
+        self._write_metrics(best_metrics["summary"], best_metrics["confusion_matrix"], best["epoch"])
+
+    def _repair_best(self, record: dict, best: dict, best_head: Optional[dict], best_metrics: Optional[dict]) -> None:
+        """After a failed write, best.pt/metrics may lag last.pt; rewrite them from last.pt's copy."""
+        if best_head is None:
+            return
+        path = self.out / "best.pt"
+        current = load_torch_file(path, what="unreadable checkpoint") if path.exists() else None
+        if not isinstance(current, dict) or current.get("epoch") != best["epoch"] \
+                or not (self.out / "metrics.json").exists():
+            self.log(f"rewriting best.pt and metrics of epoch {best['epoch']} from last.pt")
+            self._write_best(record, best, best_head, best_metrics)
 
     def _patience_exhausted(self, best: dict, epoch: int) -> bool:
         p = self.cfg.patience
@@ -299,8 +396,8 @@ class Trainer:
         writer.writerows(history)
         write_text(self.out / "history.csv", buf.getvalue())
 
-    def _write_metrics(self, summary: dict, cm: torch.Tensor, epoch: int) -> None:
-        metrics = {"epoch": epoch, "split": "val", **summary, "confusion_matrix": cm.cpu().tolist()}
+    def _write_metrics(self, summary: dict, cm: list, epoch: int) -> None:
+        metrics = {"epoch": epoch, "split": "val", **summary, "confusion_matrix": cm}
         write_json(self.out / "metrics.json", jsonable(metrics))
         write_text(self.out / "metrics.txt", f"best epoch {epoch} (val)\n" + format_table(summary) + "\n")
         plots.per_class_iou(summary["iou"], self.names, self.out / "per_class_iou.png",

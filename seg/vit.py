@@ -153,12 +153,14 @@ class DinoVisionTransformer(nn.Module):
         _, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input sides must be multiples of {self.patch_size}, got {w}x{h}")
-        tokens = self.patch_embed(x)
-        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), dim=1)
-        tokens = tokens + self.interpolate_pos_encoding(h, w, tokens.dtype)
+        # As in the reference, the embeddings are added in float32 even under autocast: concatenating
+        # the float32 cls token promotes the (bf16) patch embedding, and the residual stream stays float32.
+        tokens = self.patch_embed(x).float()
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).float(), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(h, w, torch.float32)
         if self.register_tokens is not None:
             # Registers are inserted after the position embedding is added: they get none.
-            regs = self.register_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+            regs = self.register_tokens.expand(tokens.shape[0], -1, -1).float()
             tokens = torch.cat((tokens[:, :1], regs, tokens[:, 1:]), dim=1)
         return tokens
 

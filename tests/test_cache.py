@@ -1,6 +1,7 @@
 """The feature cache: manifest fields, byte layout of shards, round trip against the backbone."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,16 +18,21 @@ from seg.normalize import normalize
 
 def test_manifest_has_every_agreed_field(small_cache):
     m = json.loads((small_cache / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["complete"] is True
+    assert m["format_version"] == 2 and m["complete"] is True
     assert m["backbone"] == "vits14" and m["weights_sha256"] == "random-init" and m["random_init_seed"] == 0
     assert m["size"] == {"width": 224, "height": 126} and m["patch_grid"] == {"width": 16, "height": 9}
-    assert m["embed_dim"] == 384 and m["layers"] == [11] and m["token_dtype"] == "float16"
+    assert m["embed_dim"] == 384 and m["depth"] == 12 and m["layers"] == [11] and m["token_dtype"] == "float16"
+    # settings that change the bytes, compared on resume
+    assert (m["compute_dtype"], m["device"], m["batch_size"]) == ("bfloat16", "cpu", 4)
     assert m["token_shape"] == [1, 384, 9, 16] and m["mask_shape"] == [126, 224]
     assert [c["name"] for c in m["class_table"]["classes"]][9] == "Sky"
     assert m["class_table"]["classes"][0]["values"] == [0, 600]
     assert m["augmentation"]["policy"] == "phase3" and m["augmentation"]["albumentations"] == "2.0.8"
     train = m["splits"]["train"]
-    assert train["seeds"] == [0, 1] and train["num_samples"] == 12 and len(train["images"]) == 6
+    # with a policy every cached train sample is an augmented draw: seeds 1..K, no plain seed 0
+    assert train["seeds"] == [1, 2] and train["num_samples"] == 12 and len(train["images"]) == 6
+    assert Path(train["data_dir"]).is_absolute()
+    assert len(train["sources"]) == 6 and all(len(s) == 2 and len(s[0]) == 2 for s in train["sources"])
     assert [(s["file"], s["start"], s["samples"]) for s in train["shards"]] == [
         ("train-00000.h5", 0, 4), ("train-00001.h5", 4, 4), ("train-00002.h5", 8, 4)]
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in train["shards"])
@@ -43,7 +49,7 @@ def test_shard_bytes_follow_the_format(small_cache):
         assert f["image_index"].dtype == np.int32 and f["aug_seed"].dtype == np.int32
         # seed-major order: samples 4..7 of 6 images x seeds [0, 1]
         assert f["image_index"][()].tolist() == [4, 5, 0, 1]
-        assert f["aug_seed"][()].tolist() == [0, 0, 1, 1]
+        assert f["aug_seed"][()].tolist() == [1, 1, 2, 2]
         masks = mk[()]
         assert set(np.unique(masks)) <= set(range(10)) | {255}
     # uncompressed fp16 tokens: the file is the raw token bytes plus small overhead
@@ -82,8 +88,8 @@ def test_load_whole_split_and_read_rows(small_cache):
     rows = np.array([11, 2, 7, 2])
     t, m = split.read_rows(rows)
     assert np.array_equal(t, tokens[rows].numpy()) and np.array_equal(m, masks[rows].numpy())
-    assert split.sample_info(7) == ("train_00001.png", 1)
-    # augmented seeds differ from seed 0 of the same image
+    assert split.sample_info(7) == ("train_00001.png", 2)
+    # two augmented draws of the same image differ
     assert not torch.equal(tokens[7], tokens[1])
 
 
@@ -100,7 +106,7 @@ def test_verify_passes_then_catches_corruption(small_cache, tmp_path):
     data[offset + 100] ^= 0xFF
     shard.write_bytes(bytes(data))
     problems = verify(copy)
-    assert any("train-00001.h5: sha256 differs" in p for p in problems)
-    assert any("train-00001.h5: unreadable or corrupt" in p for p in problems)  # fletcher32
+    # one line per damaged shard: the whole-file checksum first, then the count of further findings
+    assert problems == [f"{shard}: sha256 differs from the manifest (file changed or corrupt) (and 1 more problem(s))"]
     (copy / "val-00000.h5").unlink()
     assert any(p.endswith("val-00000.h5: missing") for p in verify(copy))

@@ -37,7 +37,7 @@ def test_custom_class_table_with_flowers(tmp_path):
     ids = map_mask(np.array([[600, 7100, 10000]], np.uint16), t.lut(), "x")
     assert ids.tolist() == [[2, IGNORE_INDEX, 3]]
     p.write_text(json.dumps({"classes": [{"name": "A", "values": [1]}, {"name": "B", "values": [1]}]}))
-    with pytest.raises(SegError, match="raw value 1 is given to both 'A' and 'B'"):
+    with pytest.raises(SegError, match=r"c.json: classes\[1\] \('B'\): raw value 1 is also given to 'A'"):
         load_class_table(str(p))
     p.write_text("{not json")
     with pytest.raises(SegError, match="c.json: not a readable JSON class table"):

@@ -85,8 +85,8 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "4 (batch 2 x world 2 x accum 1)" in p.stdout, p.stdout + p.stderr
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     from seg.heads import build_head
 
     torch.manual_seed(0)

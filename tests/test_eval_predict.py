@@ -123,8 +123,8 @@ def test_errors(run_dir, small_cache, dataset, tmp_path):
     # unreadable image
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    _one_line_error(invoke("predict", "--run", run_dir, "--images", bad, "--out", tmp_path / "o", "--workers", "0"),
-                    "bad.png: cannot read image")
+    _one_line_error(invoke("predict", "--run", run_dir, "--images", bad, "--out", tmp_path / "o", "--workers", "0",
+                           "--strict"), "bad.png: cannot read image")
     _one_line_error(invoke("predict", "--run", run_dir, "--images", tmp_path / "none", "--out", tmp_path / "o"),
                     "no such image or folder")
 

@@ -50,7 +50,7 @@ def test_each_phase_end_to_end(small_cache, tmp_path, phase):
     assert header[:5] == ["epoch", "train_loss", "val_loss", "val_miou", "lr"] and "iou_Logs" in header
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["phase"] == phase and config["backbone"]["backbone"] == "vits14"
-    best = torch.load(out / "best.pt", weights_only=False)
+    best = torch.load(out / "best.pt", weights_only=True)
     assert set(best) >= {"head", "config", "class_table", "cache_fingerprint", "backbone", "epoch"}
     if phase == 1:
         assert best["epoch"] == 2  # phase 1 keeps the final weights
@@ -129,8 +129,8 @@ def test_preload_modes_train_identically(learnable_cache, tmp_path):
     cfg = resolve(1, {"epochs": 2})
     train(cfg, str(learnable_cache), str(tmp_path / "a"), opts(preload="always"), **QUIET)
     train(cfg, str(learnable_cache), str(tmp_path / "b"), opts(preload="never", workers=1), **QUIET)
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["head"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["head"]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["head"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["head"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -149,12 +149,12 @@ def test_resume_after_a_stop_gives_the_same_weights(learnable_cache, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
     monkeypatch.setattr(th.Trainer, "train_epoch", real)
-    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 1
-    with pytest.raises(SegError, match="holds a run already"):
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(SegError, match="holds a seg run already; pass --resume to continue it, --overwrite"):
         train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
     train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(resume=True), **QUIET)
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert cut["epoch"] == 3
     for k in full["head"]:
         assert torch.equal(full["head"][k], cut["head"][k]), k
@@ -172,9 +172,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(learnable_cache, tmp_path
         return logits, loss
 
     monkeypatch.setattr(th.Trainer, "_forward_loss", poisoned)
-    with pytest.raises(SegError, match=r"loss became nan at epoch 2, step 1; stopped\. The last good checkpoint is .*last\.pt"):
+    with pytest.raises(SegError, match=r"train loss became nan at epoch 2, step 1; stopped\. The last good checkpoint is "
+                                       r".*last\.pt \(epoch 1\)"):
         train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
-    assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 0
 
 
 def test_early_stopping(learnable_cache, tmp_path, monkeypatch):
@@ -211,7 +212,7 @@ def test_cli_mismatch_and_overrides(small_cache, tmp_path):
 
 def test_resume_from_a_corrupt_last_checkpoint_is_a_one_line_error(learnable_cache, tmp_path):
     out = tmp_path / "r"
-    out.mkdir()
+    train(resolve(1, {"epochs": 1}), str(learnable_cache), str(out), opts(), **QUIET)
     (out / "last.pt").write_bytes(b"truncated")
     with pytest.raises(SegError, match=r"last\.pt: unreadable checkpoint; cannot resume"):
         train(resolve(1, {"epochs": 1}), str(learnable_cache), str(out), opts(resume=True), **QUIET)

@@ -13,7 +13,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("fixture", ["dinov2_tiny_golden.pt", "dinov2_tiny_reg4_golden.pt"])
 def test_reproduces_reference_outputs(fixture):
-    gold = torch.load(DATA_DIR / fixture, weights_only=False)
+    gold = torch.load(DATA_DIR / fixture, weights_only=True)
     model = DinoVisionTransformer(**gold["config"])
     model.load_state_dict(gold["state_dict"], strict=True)
     model.eval()
@@ -43,7 +43,7 @@ def test_reproduces_reference_outputs(fixture):
 
 
 def test_non_multiple_of_patch_is_rejected():
-    gold = torch.load(DATA_DIR / "dinov2_tiny_golden.pt", weights_only=False)
+    gold = torch.load(DATA_DIR / "dinov2_tiny_golden.pt", weights_only=True)
     model = DinoVisionTransformer(**gold["config"]).eval()
     with pytest.raises(ValueError, match="multiples of 14"):
         model.forward_features(torch.zeros(1, 3, 56, 100))

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from seg import cache_format as cf
+from seg.backbone import file_sha256
 from seg.classes import default_class_table
 from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
 
@@ -41,7 +42,8 @@ def write_token_cache(path: Path, splits: dict, backbone: str = "vits14", size=(
         manifest_splits[name] = {
             "data_dir": "synthetic", "images": [f"{name}_{i:04d}.png" for i in range(n_img)], "seeds": split_seeds,
             "num_samples": len(tokens),
-            "shards": [{"file": p.file, "start": p.start, "samples": p.count, "sha256": None, "bytes": None}
+            "shards": [{"file": p.file, "start": p.start, "samples": p.count,
+                        "sha256": file_sha256(path / p.file), "bytes": (path / p.file).stat().st_size}
                        for p in plans],
         }
     w, h = size
@@ -50,7 +52,7 @@ def write_token_cache(path: Path, splits: dict, backbone: str = "vits14", size=(
         "backbone": backbone, "weights_sha256": "random-init", "weights_source": "synthetic tokens",
         "random_init_seed": 0, "weights_fingerprint": "synthetic",
         "size": {"width": w, "height": h}, "patch_size": 14, "patch_grid": {"width": w // 14, "height": h // 14},
-        "embed_dim": int(first_tokens.shape[2]), "layers": [11], "layer_norm": True, "token_dtype": "float16",
+        "embed_dim": int(first_tokens.shape[2]), "depth": 12, "layers": [11], "batch_size": 8, "layer_norm": True, "token_dtype": "float16",
         "token_shape": list(first_tokens.shape[1:]), "mask_shape": list(first_masks.shape[1:]),
         "compute_dtype": "float32", "device": "cpu",
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
