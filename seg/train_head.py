@@ -68,9 +68,9 @@ def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mis
     if manifest["layers"] != last_block:
         mismatches.append(f"cache stores blocks {manifest['layers']}, but phase {cfg.phase} was published on the "
                           f"normed last block {last_block} only")
+    if mismatches and not allow_mismatch:
+        raise SegError(f"{cache}: {'; '.join(mismatches)}; extract a matching cache or pass --allow-mismatch")
     for msg in mismatches:
-        if not allow_mismatch:
-            raise SegError(f"{cache}: {msg}; extract a matching cache or pass --allow-mismatch")
         log(f"WARNING: {msg} (allowed by --allow-mismatch)")
     if manifest["augmentation"]["policy"] != cfg.aug_policy:
         log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
