@@ -165,3 +165,25 @@ def test_resume_after_sigkill_gives_identical_bytes(dataset, tmp_path):
     m_out = json.loads((out / "manifest.json").read_text())
     assert m_ref == m_out
     assert not list(out.glob("*.tmp"))
+
+
+def test_policy_caches_hold_only_augmented_train_draws(dataset, tmp_path):
+    r = run(*BASE, "--data", dataset, "--out", tmp_path / "c", "--aug-policy", "phase2", "--splits", "train,val")
+    assert r.exit_code == 0, r.output
+    assert "WARNING: --aug-seeds 1 with policy phase2: each train image gets only 1 augmented view(s)" in r.output
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["splits"]["train"]["seeds"] == [1] and m["splits"]["val"]["seeds"] == [0]
+    # seed 1 is an augmented draw, not the plain resize: some train sample differs from seed 0
+    from seg.augment import Augmenter
+    from seg.classes import default_class_table
+    from seg.data import list_split, read_split_pair
+
+    files = list_split(dataset, "train")
+    lut = default_class_table().lut()
+    plain, aug = Augmenter("none", (224, 126)), Augmenter("phase2", (224, 126))
+    differ = [not np.array_equal(plain(*read_split_pair(files, i, lut), files.names[i], 0)[0],
+                                 aug(*read_split_pair(files, i, lut), files.names[i], 1)[0])
+              for i in range(len(files.names))]
+    assert sum(differ) >= 4
+    info = run("cache", "info", tmp_path / "c")
+    assert "1 augmented view(s) per train image" in info.output

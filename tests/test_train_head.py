@@ -55,21 +55,17 @@ def test_each_phase_end_to_end(small_cache, tmp_path, phase):
     if phase == 1:
         assert best["epoch"] == 2  # phase 1 keeps the final weights
         assert config["class_weights"] is None
-    else:
-        w = config["class_weights"]
-        assert max(w) == pytest.approx(5.0) and min(w) > 0
+    else:  # inverse pixel frequency over the train masks, scaled so the largest weight is 5, by hand
+        import h5py
 
-
-def test_presets_match_the_published_settings():
-    p1, p2, p3 = PRESETS[1], PRESETS[2], PRESETS[3]
-    assert (p1.head, p1.loss, p1.optimizer, p1.lr, p1.momentum, p1.batch_size, p1.epochs, p1.amp, p1.select) == \
-        ("convnext", "ce", "sgd", 1e-4, 0.9, 2, 10, False, "final")
-    assert (p2.loss, p2.optimizer, p2.lr, p2.weight_decay, p2.schedule, p2.eta_min, p2.epochs, p2.patience, p2.amp) == \
-        ("weighted_ce", "adamw", 5e-4, 1e-4, "cosine", 1e-6, 30, 10, True)
-    assert (p3.head, p3.loss, p3.lr, p3.weight_decay, p3.batch_size, p3.accum, p3.epochs, p3.patience) == \
-        ("upernet", "focal_dice", 3e-4, 1e-4, 2, 2, 40, 12)
-    assert (p1.backbone, p1.size, p3.backbone, p3.size) == ("vits14", "476x266", "vitb14_reg", "644x364")
-    assert (p3.focal_gamma, p3.dice_weight, p2.max_class_weight) == (2.0, 0.5, 5.0)
+        counts = np.zeros(10)
+        for shard in sorted(small_cache.glob("train-*.h5")):
+            with h5py.File(shard) as f:
+                m = f["masks"][()]
+            counts += np.bincount(m[m < 10].ravel(), minlength=10)
+        inv = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+        expect = np.where(counts > 0, inv / inv.max() * 5.0, 5.0)
+        assert config["class_weights"] == pytest.approx(expect.tolist(), rel=1e-5)
 
 
 def test_schedules_give_the_published_learning_rates():
