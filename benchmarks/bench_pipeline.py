@@ -219,7 +219,7 @@ def run_child(task: str, **args) -> dict:
 def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val: int) -> Path:
     """A cache with the real token shapes and random content (training speed does not depend on it)."""
     from seg import cache_format as cf
-    from seg.backbone import backbone_kwargs
+    from seg.backbone import backbone_kwargs, file_sha256
     from seg.classes import default_class_table
     from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
 
@@ -238,12 +238,15 @@ def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val
                            np.zeros(p.count, np.int32))
         splits[name] = {"data_dir": "random", "images": [f"{i:05d}.png" for i in range(n)], "seeds": [0],
                         "num_samples": n, "shards": [{"file": p.file, "start": p.start, "samples": p.count,
-                                                      "sha256": None, "bytes": None} for p in plans]}
+                                                      "sha256": file_sha256(path / p.file),
+                                                      "bytes": (path / p.file).stat().st_size} for p in plans]}
     cf.write_manifest(path, {
         "format": cf.FORMAT, "format_version": cf.FORMAT_VERSION, "complete": True, "backbone": backbone,
         "weights_sha256": "random-init", "weights_source": "random tokens", "random_init_seed": 0,
         "weights_fingerprint": "random", "size": {"width": w, "height": h}, "patch_size": 14,
-        "patch_grid": {"width": w // 14, "height": h // 14}, "embed_dim": d, "layers": [11], "layer_norm": True,
+        "patch_grid": {"width": w // 14, "height": h // 14}, "embed_dim": d,
+        "depth": backbone_kwargs(backbone)["depth"], "layers": [backbone_kwargs(backbone)["depth"] - 1],
+        "layer_norm": True, "batch_size": 1, "device": "cpu",
         "token_dtype": "float16", "token_shape": token_shape, "mask_shape": mask_shape, "compute_dtype": "bfloat16",
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, "resize": {},
         "class_table": default_class_table().to_json(), "ignore_index": 255,
