@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from bisect import bisect_right
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from seg import cache_format as cf
+from seg.atomic import write_json
 from seg.backbone import file_sha256
+from seg.class_stats import class_counts, describe_counts
 from seg.classes import ClassTable
 from seg.errors import SegError
 
@@ -59,6 +62,29 @@ class FeatureCache:
                 if progress:
                     progress(sh["bytes"])
         return n, total
+
+    def class_counts(self, name: str) -> np.ndarray:
+        """int64 [N, K] class pixels of every sample of a split, in sample order. Version-3 caches
+        carry them in the manifest; for older ones they are counted from the masks once and kept in
+        CLASS_COUNTS_FILE, tied to the shards' checksums."""
+        s = self.split(name).manifest["splits"][name]
+        if "class_counts" in s:
+            return np.asarray(s["class_counts"], np.int64).reshape(-1, len(self.class_table.names))
+        side = self.path / cf.CLASS_COUNTS_FILE
+        key = [sh["sha256"] for sh in s["shards"]]
+        stored = {}
+        if side.exists():
+            try:
+                stored = json.loads(side.read_text())
+            except (OSError, ValueError):
+                stored = {}
+        entry = stored.get(name)
+        if isinstance(entry, dict) and entry.get("shards_sha256") == key:
+            return np.asarray(entry["counts"], np.int64).reshape(-1, len(self.class_table.names))
+        counts = self.split(name).count_classes(len(self.class_table.names))
+        stored[name] = {"shards_sha256": key, "counts": counts.tolist()}
+        write_json(side, stored)
+        return counts
 
     def split(self, name: str) -> "CacheSplit":
         if name not in self.manifest["splits"]:
@@ -172,16 +198,16 @@ class CacheSplit(Dataset):
                 progress(plan.count)
         return tokens, masks
 
-    def class_pixel_counts(self, num_classes: int) -> np.ndarray:
-        """Pixels per class id over every mask of the split (ignore excluded), shard by shard."""
-        counts = np.zeros(num_classes, np.int64)
+    def count_classes(self, num_classes: int) -> np.ndarray:
+        """int64 [N, K] pixels per class id of every mask of the split (ignore excluded), shard by shard."""
+        parts = []
         for j in range(len(self.shards)):
             try:
                 masks = self._tokens_masks(j)[1][()]
             except OSError as exc:
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
-            counts += np.bincount(masks[masks < num_classes].ravel(), minlength=num_classes)[:num_classes]
-        return counts
+            parts.append(class_counts(masks, num_classes))
+        return np.concatenate(parts)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -189,7 +215,7 @@ class CacheSplit(Dataset):
         self._files, self._datasets = {}, {}
 
 
-def describe(path: str | Path) -> list[str]:
+def describe(path: str | Path, class_stats: bool = True) -> list[str]:
     """`seg cache info`: the manifest in human form."""
     m = cf.read_manifest(Path(path))
     size, grid = m["size"], m["patch_grid"]
@@ -214,6 +240,16 @@ def describe(path: str | Path) -> list[str]:
         lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
                      f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB")
     lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
+    cp = m["augmentation"].get("copy_paste")
+    if cp:
+        lines.append(f"copy-paste   {', '.join(cp['class_names'])} (scale {cp['scale'][0]}-{cp['scale'][1]}, "
+                     f"flip p {cp['flip_p']}, up to {cp['max_instances']} instances)")
+    if class_stats and m.get("complete"):
+        cache = FeatureCache(path)
+        names = list(cache.class_table.names)
+        for name in m["splits"]:
+            lines.append(f"classes in {name} (after augmentation):")
+            lines += describe_counts(cache.class_counts(name), names)
     return lines
 
 
@@ -288,6 +324,7 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
             if d.shape != shape or d.dtype != dtype:
                 return [f"{key} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}"]
             data[key] = d[()]  # reading every chunk checks its fletcher32 checksum
+        stored_counts = f["class_counts"][()] if "class_counts" in f else None
     problems = []
     n_img = len(split["images"])
     ks = np.arange(plan.start, plan.start + plan.count)
@@ -299,4 +336,10 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
         problems.append("masks hold ids outside the class table")
     if not np.isfinite(data["tokens"]).all():
         problems.append("tokens hold NaN or infinite values")
+    counted = class_counts(masks, len(m["class_table"]["classes"]))
+    if stored_counts is not None and not np.array_equal(stored_counts, counted):
+        problems.append("class_counts do not match the masks")
+    if "class_counts" in split and not np.array_equal(
+            np.asarray(split["class_counts"][plan.start:plan.start + plan.count]).reshape(counted.shape), counted):
+        problems.append("the manifest's class_counts do not match the masks")
     return problems

@@ -6,7 +6,7 @@ shards' checksums when every shard exists. Sample order is seed-major: sample k 
 image `k % n_images` with aug seed `seeds[k // n_images]`, and shard j holds samples
 `[j * shard_size, (j + 1) * shard_size)`. Everything about the layout derives from the manifest.
 
-Version 2 (this one) differs from version 1 in meaning, not only in fields, so version-1 caches are
+Version 2 differs from version 1 in meaning, not only in fields, so version-1 caches are
 refused: with an augmentation policy every train seed (1..K) is an augmented draw (v1: seed 0 was
 the plain resize), the compute precision, device and batch size are settings compared on resume,
 `data_dir` is absolute, and each split records its source files' sizes and mtimes.
@@ -28,16 +28,21 @@ from seg.data import IMAGE_DIR, MASK_DIR, mask_name
 from seg.errors import SegError
 
 FORMAT = "seg-feature-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 3 adds per-sample class pixel counts (a `class_counts` dataset in each shard, and per split
+# in the manifest) and the copy-paste record; a version-2 cache is still read, its counts computed
+# from the masks on first use and kept in CLASS_COUNTS_FILE.
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".seg-extract.lock"
+CLASS_COUNTS_FILE = "class-counts.json"
 # Fields that describe results, not settings: a rerun with the same settings may differ in these.
 # Everything else (compute dtype and device included) changes the bytes and must match on resume.
 RESULT_FIELDS = ("complete", "seg_version", "torch_version")
 SHARD_RESULT_FIELDS = ("sha256", "bytes")
 # Per split: where the sources are and what they looked like; they may move or change without
 # changing the settings (a change is reported, see `source_changes`).
-SPLIT_RESULT_FIELDS = ("data_dir", "sources")
+SPLIT_RESULT_FIELDS = ("data_dir", "sources", "class_counts")
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,9 @@ def read_manifest(cache_dir: Path) -> dict:
         raise SegError(f"{path}: unreadable manifest ({exc})") from None
     if manifest.get("format") != FORMAT:
         raise SegError(f"{path}: not a seg feature cache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise SegError(f"{path}: cache format version {manifest.get('format_version')}, "
-                       f"this seg reads version {FORMAT_VERSION}; re-extract it")
+                       f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
     return manifest
 
 
@@ -126,6 +131,7 @@ def write_shard(
     image_index: np.ndarray,
     aug_seed: np.ndarray,
     attrs: Optional[dict[str, Any]] = None,
+    class_counts: Optional[np.ndarray] = None,
 ) -> None:
     """One shard, written under <name>.tmp and renamed when complete.
 
@@ -147,6 +153,8 @@ def write_shard(
                          fletcher32=True)
         f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
                          fletcher32=True)
+        if class_counts is not None:
+            f.create_dataset("class_counts", data=class_counts.astype(np.int64, copy=False), fletcher32=True)
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
         f.flush()
@@ -171,7 +179,7 @@ def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: li
 def owned_files(manifest: dict) -> set[str]:
     """Every file name a seg cache with this manifest may hold: its shards, their temporaries,
     the manifest and the extraction lock."""
-    names = {MANIFEST, MANIFEST + ".tmp", LOCK}
+    names = {MANIFEST, MANIFEST + ".tmp", LOCK, CLASS_COUNTS_FILE, CLASS_COUNTS_FILE + ".tmp"}
     for split in manifest.get("splits", {}).values():
         for sh in split.get("shards", []):
             names |= {sh["file"], sh["file"] + ".tmp"}

@@ -34,6 +34,14 @@ def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
     return wrapper
 
 
+def parse_pair(text: str, flag: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SegError(f"{flag} takes LOW,HIGH (e.g. 0.5,1.5), got {text!r}") from None
+    return lo, hi
+
+
 COUNT = click.IntRange(min=1)
 WORKERS = click.IntRange(min=0)
 
@@ -63,6 +71,10 @@ def main() -> None:
 @click.option("--shard-size", default=64, show_default=True, type=COUNT, help="Samples per HDF5 shard.")
 @click.option("--classes", default=None, type=click.Path(dir_okay=False), help="JSON class table (default: the published 10 classes, 600 -> Background).")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
+@click.option("--copy-paste", "copy_paste", default="none", show_default=True,
+              help="Paste instances of rare classes into train samples: none, auto (classes under 1%% of "
+                   "train pixels) or class names/ids, e.g. Logs,Rocks.")
+@click.option("--copy-paste-scale", default="0.5,1.5", show_default=True, help="Scale jitter LOW,HIGH of pasted instances.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
 @user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)")
 def extract(**kw) -> None:
@@ -75,6 +87,7 @@ def extract(**kw) -> None:
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
         layers=kw["layers"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
+        copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
     )
     from seg import distributed
 
@@ -113,6 +126,11 @@ def extract(**kw) -> None:
 @click.option("--max-class-weight", type=float, help="Largest inverse-frequency class weight.")
 @click.option("--seed", type=int, help="Seed for head init and the per-epoch sample draw.")
 @click.option("--all-seeds", is_flag=True, default=None, help="Visit every cached (image, aug seed) each epoch.")
+@click.option("--sampling", type=click.Choice(["uniform", "rare-class"]),
+              help="Epoch draw: uniform (published) or rare-class (DAFormer's RCS over cached samples).")
+@click.option("--rcs-temperature", type=float, help="Rare-class sampling temperature T [default: 0.01].")
+@click.option("--rcs-min-pixels", type=int,
+              help="Pixels of the drawn class a sample must hold [default: 3000 at 1024x512, scaled to the mask].")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--preload", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Hold the cache on the device, or stream it from the shards.")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import cv2
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -20,8 +21,10 @@ from seg.augment import Augmenter, parse_size, policy_params
 from seg.atomic import tmp_name
 from seg.backbone import PATCH_SIZE, file_sha256, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
-from seg.data import SplitFiles, list_split, read_split_pair, worker_count
+from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
 from seg.device import autocast, half_dtype, resolve_device
+from seg.class_stats import class_counts
+from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, parse_copy_paste
 from seg.dirlock import DirLock
 from seg.distributed import Dist, barrier, on_main, rank_device
 from seg.errors import SegError
@@ -51,6 +54,12 @@ class ExtractConfig:
     overwrite: bool = False
     half: bool = True
     progress: bool = True
+    copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
+    copy_paste_scale: tuple[float, float] = (0.5, 1.5)
+
+    @property
+    def copy_paste_enabled(self) -> bool:
+        return self.copy_paste is not None and self.copy_paste.strip().lower() not in ("", "none")
 
 
 @dataclass
@@ -83,17 +92,19 @@ def parse_layers(text: str) -> int | list[int]:
     return sorted(parts)  # tokens are stored in block order, and recorded so
 
 
-def train_seeds(policy: str, k: int) -> list[int]:
-    """With a policy every cached train sample is an augmented draw (seeds 1..K); seed 0, the plain
-    resize, is what val/test get and what train gets without a policy."""
-    return list(range(1, k + 1)) if policy != "none" else [0]
+def train_seeds(augmented: bool, k: int) -> list[int]:
+    """With a policy (or copy-paste) every cached train sample is an augmented draw (seeds 1..K);
+    seed 0, the plain resize, is what val/test get and what train gets without augmentation."""
+    return list(range(1, k + 1)) if augmented else [0]
 
 
 class ExtractionSamples(Dataset):
-    """Sample k of a split -> resized, augmented uint8 image and class-id mask (or an error text)."""
+    """Sample k of a split -> resized, augmented uint8 image and class-id mask (or an error text).
+    Copy-paste (train, seeds >= 1) happens at the original size, before the resize and the policy."""
 
-    def __init__(self, files: SplitFiles, seeds: list[int], augmenter: Augmenter, lut: np.ndarray) -> None:
-        self.files, self.seeds, self.augmenter, self.lut = files, seeds, augmenter, lut
+    def __init__(self, files: SplitFiles, seeds: list[int], augmenter: Augmenter, lut: np.ndarray,
+                 paste: Optional[CopyPasteConfig] = None) -> None:
+        self.files, self.seeds, self.augmenter, self.lut, self.paste = files, seeds, augmenter, lut, paste
 
     def __len__(self) -> int:
         return len(self.files.names) * len(self.seeds)
@@ -102,6 +113,9 @@ class ExtractionSamples(Dataset):
         i, seed = cf.sample_of(k, len(self.files.names), self.seeds)
         try:
             image, mask = read_split_pair(self.files, i, self.lut)
+            if self.paste is not None and seed != 0:
+                image, mask, _ = copy_paste(image, mask, i, self.files.names[i], seed, self.paste,
+                                            lambda j: read_split_pair(self.files, j, self.lut))
             image, mask = self.augmenter(image, mask, self.files.names[i], seed)
         except SegError as exc:
             # Raised in a worker, an exception comes back wrapped in a traceback; pass the text instead.
@@ -120,10 +134,23 @@ def _collate(batch: list[dict]) -> dict:
     }
 
 
+def scan_class_counts(files: SplitFiles, table: ClassTable, progress: bool) -> np.ndarray:
+    """int64 [n_images, K] class pixels of every train mask at its original size (for copy-paste)."""
+    lut = table.lut()
+    counts = np.zeros((len(files.names), table.num_classes), np.int64)
+    for i in tqdm(range(len(files.names)), desc="scan train masks", unit="mask", disable=not progress,
+                  dynamic_ncols=True, leave=False):
+        path = files.mask_path(i)
+        counts[i] = class_counts(map_mask(read_raw_mask(path), lut, path)[None], table.num_classes)[0]
+    return counts
+
+
 def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tuple[int, int],
-                   table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device) -> dict:
+                   table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device,
+                   paste: Optional[CopyPasteConfig] = None) -> dict:
     w, h = size
-    seeds = {s: (train_seeds(cfg.aug_policy, cfg.aug_seeds) if s == "train" else [0]) for s in split_files}
+    augmented = cfg.aug_policy != "none" or paste is not None
+    seeds = {s: (train_seeds(augmented, cfg.aug_seeds) if s == "train" else [0]) for s in split_files}
     splits = {}
     for name, files in split_files.items():
         n = len(files.names) * len(seeds[name])
@@ -169,6 +196,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
             "policy": cfg.aug_policy,
             "transforms": policy_params(cfg.aug_policy),
             "albumentations": _albumentations_version(),
+            "copy_paste": paste.record(list(table.names)) if paste is not None else None,
             "seeding": "per sample: sha256(image name, aug seed) -> numpy Generator + random.Random; "
                        "seed 0 = resize only (val, test, and train without a policy); train seeds 1..K "
                        "with a policy, each an augmented draw",
@@ -258,9 +286,11 @@ def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> lis
 
 
 def finalize_manifest(out: Path, manifest: dict) -> int:
-    """Record every shard's sha256 and size, mark the cache complete; returns total bytes."""
+    """Record every shard's sha256 and size and every sample's class counts (from the shards, which
+    other ranks may have written), mark the cache complete; returns total bytes."""
     total = 0
     for split in manifest["splits"].values():
+        counts = []
         for sh in split["shards"]:
             path = out / sh["file"]
             if not path.is_file():
@@ -268,6 +298,9 @@ def finalize_manifest(out: Path, manifest: dict) -> int:
             sh["sha256"] = file_sha256(path)
             sh["bytes"] = path.stat().st_size
             total += sh["bytes"]
+            with h5py.File(path, "r") as f:
+                counts += f["class_counts"][()].tolist()
+        split["class_counts"] = counts
     manifest["complete"] = True
     cf.write_manifest(out, manifest)
     return total
@@ -283,8 +316,8 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     size = parse_size(cfg.size, PATCH_SIZE)
     if cfg.aug_seeds < 1:
         raise SegError(f"--aug-seeds must be at least 1, got {cfg.aug_seeds}")
-    if cfg.aug_policy == "none" and cfg.aug_seeds > 1:
-        raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3)")
+    if cfg.aug_policy == "none" and cfg.aug_seeds > 1 and not cfg.copy_paste_enabled:
+        raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3) or --copy-paste")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise SegError("--batch-size and --shard-size must be at least 1")
     if not cfg.splits:
@@ -292,7 +325,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     twice = sorted({s for s in cfg.splits if cfg.splits.count(s) > 1})
     if twice:
         raise SegError(f"--splits names {twice[0]!r} twice")
-    if cfg.aug_policy != "none" and cfg.aug_seeds < 4 and "train" in cfg.splits:
+    if (cfg.aug_policy != "none" or cfg.copy_paste_enabled) and cfg.aug_seeds < 4 and "train" in cfg.splits:
         say(f"WARNING: --aug-seeds {cfg.aug_seeds} with policy {cfg.aug_policy}: each train image gets only "
             f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
             "published runs); 4 or more is recommended")
@@ -306,7 +339,16 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         layers = sorted(model.resolve_layers(parse_layers(cfg.layers)))
     except ValueError as exc:
         raise SegError(f"--layers: {exc}") from None
-    manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device)
+    paste = None
+    choice = parse_copy_paste(cfg.copy_paste, list(table.names))
+    if choice is not None:
+        if "train" not in split_files:
+            raise SegError("--copy-paste pastes into train samples; add train to --splits")
+        paste = build_config(choice, scan_class_counts(split_files["train"], table, cfg.progress and d.is_main),
+                             list(table.names), cfg.copy_paste_scale)
+        say(f"copy-paste: {', '.join(table.names[c] for c in paste.classes)} from "
+            + ", ".join(f"{len(paste.sources[c])} images" for c in paste.classes))
+    manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device, paste)
     out = Path(cfg.out)
     lock = DirLock(out, cf.LOCK, "extraction")
 
@@ -341,7 +383,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
                 plans = [p for p in todo if p.split == split]
                 if plans:
                     written += _extract_split(model, device, layers, split_files[split], manifest, plans,
-                                              augmenter, lut, cfg, workers, out, bar)
+                                              augmenter, lut, cfg, workers, out, bar, paste, table.num_classes)
         loop_seconds = time.perf_counter() - t_loop
         barrier(d)
         total_bytes = on_main(d, lambda: finalize_manifest(out, manifest)) or 0
@@ -380,12 +422,13 @@ def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor
 
 
 @torch.inference_mode()
-def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar) -> int:
+def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar,
+                   paste: Optional[CopyPasteConfig], num_classes: int) -> int:
     seeds = manifest["splits"][files.split]["seeds"]
     # One OpenCV thread per decoding process: the backbone owns the cores. Set here, before the
     # workers fork, because calling it inside a forked child hangs if the parent used OpenCV's pool.
     cv2.setNumThreads(1)
-    dataset = ExtractionSamples(files, seeds, augmenter, lut)
+    dataset = ExtractionSamples(files, seeds, augmenter, lut, paste if files.split == "train" else None)
     # Batches never cross a shard boundary: a resumed shard is computed in exactly the same batches.
     batches = [list(range(s, min(s + cfg.batch_size, p.start + p.count)))
                for p in plans for s in range(p.start, p.start + p.count, cfg.batch_size)]
@@ -417,7 +460,8 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
             ks = np.arange(plan.start, plan.start + plan.count)
             cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
                            np.asarray(seeds)[ks // len(files.names)],
-                           attrs={"split": plan.split, "shard": plan.index, "start": plan.start})
+                           attrs={"split": plan.split, "shard": plan.index, "start": plan.start},
+                           class_counts=class_counts(buf_masks, num_classes))
             written += plan.count
             plan = next(plan_iter, None)
             if plan is None:

@@ -35,6 +35,9 @@ class TrainConfig:
     max_class_weight: float = 5.0
     seed: int = 0
     all_seeds: bool = False      # visit every (image, seed) each epoch instead of one seed per image
+    sampling: str = "uniform"    # uniform (published) | rare-class (DAFormer's RCS over cached samples)
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: Optional[int] = None  # None: DAFormer's 3000 px at 1024x512, scaled to the mask area
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +80,7 @@ CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("none", "cosine", "warmup_cosine"),
     "select": ("best", "final"),
+    "sampling": ("uniform", "rare-class"),
 }
 
 
@@ -100,6 +104,10 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
     for key in ("batch_size", "accum", "epochs"):
         if getattr(cfg, key) < 1:
             raise SegError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.rcs_min_pixels is not None and cfg.rcs_min_pixels < 1:
+        raise SegError(f"--rcs-min-pixels must be at least 1, got {cfg.rcs_min_pixels}")
+    if cfg.sampling == "rare-class" and cfg.all_seeds:
+        raise SegError("--sampling rare-class draws samples by class; it cannot be combined with --all-seeds")
     for key in ("warmup_epochs", "seed"):
         if getattr(cfg, key) < 0:
             raise SegError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(cfg, key)}")
@@ -107,7 +115,7 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
     for key, low, inclusive, high in (("lr", 0.0, False, None), ("momentum", 0.0, True, 1.0),
                                       ("weight_decay", 0.0, True, None), ("eta_min", 0.0, True, None),
                                       ("focal_gamma", 0.0, True, None), ("dice_weight", 0.0, True, None),
-                                      ("max_class_weight", 0.0, False, None)):
+                                      ("max_class_weight", 0.0, False, None), ("rcs_temperature", 0.0, False, None)):
         v = getattr(cfg, key)
         ok = math.isfinite(v) and (v >= low if inclusive else v > low) and (high is None or v < high)
         if not ok:

@@ -29,6 +29,7 @@ from seg.heads import build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
 from seg.presets import TrainConfig
+from seg.rare_class_sampling import RareClassSampler, default_min_pixels
 from seg.run_dir import LOCK as RUN_LOCK, RUN_FORMAT, check_run_dir, clear_run_dir
 from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, choose_preload, epoch_indices
 
@@ -118,6 +119,13 @@ class Trainer:
         else:
             self.log("integrity: shard checksums NOT checked (--no-verify)")
         self.amp_dtype = half_dtype(self.device) if cfg.amp else None
+        self.train_counts = self.cache.class_counts("train")  # [samples, classes]
+        self.sampler = None
+        if cfg.sampling == "rare-class":
+            min_pixels = cfg.rcs_min_pixels or default_min_pixels(tuple(m["mask_shape"]))
+            self.sampler = RareClassSampler(self.train_counts, cfg.rcs_temperature, min_pixels)
+            self.log("rare-class sampling (T {:g}, >= {} px): P(class) = ".format(cfg.rcs_temperature, min_pixels)
+                     + ", ".join(f"{n} {p:.3f}" for n, p in zip(self.names, self.sampler.probs)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     # -- setup -----------------------------------------------------------------------------
@@ -133,7 +141,7 @@ class Trainer:
                 self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         weights = None
         if cfg.loss != "ce":
-            counts = torch.from_numpy(self.train_split.class_pixel_counts(self.k))
+            counts = torch.from_numpy(self.train_counts.sum(0))
             weights = inverse_frequency_weights(counts, cfg.max_class_weight)
             self.class_weights = weights.tolist()
         else:
@@ -173,12 +181,19 @@ class Trainer:
         logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None)
         return logits, self.criterion(logits, masks)
 
+    def epoch_draw(self, epoch: int) -> np.ndarray:
+        """The epoch's samples, in order: a pure function of (seed, epoch), the same on every rank."""
+        cfg = self.cfg
+        if self.sampler is not None:
+            return self.sampler.draw(len(self.train_split.images), epoch, cfg.seed)[0]
+        return epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
+
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of the epoch. Under DDP the epoch's draw is the one-process draw,
         padded by wrap-around to whole global batches, and each global batch of batch_size x world
         is cut into one slice per rank."""
         cfg, d = self.cfg, self.d
-        idx = epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
+        idx = self.epoch_draw(epoch)
         if not d.active:
             return batches_of(idx, cfg.batch_size)
         global_batch = cfg.batch_size * d.world
@@ -323,9 +338,11 @@ class Trainer:
             self._refuse_non_finite(epoch, train_loss, val_loss)
             self.sched.step()
             summary = summarize(cm, self.names)
+            drawn = (self.train_counts[self.epoch_draw(epoch)] > 0).sum(0)  # drawn samples holding each class
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_miou": summary["miou"],
                    "lr": lr, "seconds": time.perf_counter() - t0, "samples_per_s": sps,
-                   **{f"iou_{n}": v for n, v in zip(self.names, summary["iou"])}}
+                   **{f"iou_{n}": v for n, v in zip(self.names, summary["iou"])},
+                   **{f"drawn_{n}": int(c) for n, c in zip(self.names, drawn)}}
             history.append(row)
             improved = summary["miou"] > best["miou"] or cfg.select == "final"
             if improved:

@@ -18,7 +18,7 @@ from seg.normalize import normalize
 
 def test_manifest_has_every_agreed_field(small_cache):
     m = json.loads((small_cache / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["complete"] is True
+    assert m["format_version"] == 3 and m["complete"] is True
     assert m["backbone"] == "vits14" and m["weights_sha256"] == "random-init" and m["random_init_seed"] == 0
     assert m["size"] == {"width": 224, "height": 126} and m["patch_grid"] == {"width": 16, "height": 9}
     assert m["embed_dim"] == 384 and m["depth"] == 12 and m["layers"] == [11] and m["token_dtype"] == "float16"

@@ -1,0 +1,30 @@
+"""Per-sample class pixel counts: what rare-class sampling draws from and `seg cache info` shows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def class_counts(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [n, K] pixels of each class id in each mask [n, H, W] (ignore and unknown ids excluded),
+    in one bincount over (sample, class) pairs instead of a loop over samples."""
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1).astype(np.int64)
+    valid = flat < num_classes
+    keys = (np.arange(n)[:, None] * num_classes + flat)[valid]
+    return np.bincount(keys, minlength=n * num_classes).reshape(n, num_classes)
+
+
+def frequencies(counts: np.ndarray) -> np.ndarray:
+    """Share of all counted pixels per class (float64 [K])."""
+    total = counts.sum()
+    return counts.sum(0) / total if total else np.zeros(counts.shape[1])
+
+
+def describe_counts(counts: np.ndarray, names: list[str]) -> list[str]:
+    """Lines for `seg cache info`: pixel share and how many samples hold each class."""
+    freq = frequencies(counts)
+    holding = (counts > 0).sum(0)
+    return [f"  {name:<16} {100 * f:7.3f} % of pixels, in {int(h):6d} of {len(counts)} samples"
+            for name, f, h in zip(names, freq, holding)]
+
