@@ -42,6 +42,19 @@ def parse_pair(text: str, flag: str) -> tuple[float, float]:
     return lo, hi
 
 
+def parse_stride(text):
+    """'WxH' -> (h, w) pixels, or None for the default."""
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SegError(f"--stride takes WxH pixels (e.g. 429x243), got {text!r}") from None
+    if w < 1 or h < 1:
+        raise SegError(f"--stride must be positive, got {text!r}")
+    return h, w
+
+
 COUNT = click.IntRange(min=1)
 WORKERS = click.IntRange(min=0)
 
@@ -105,7 +118,8 @@ def extract(**kw) -> None:
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Feature cache from `seg extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, history, plots).")
 @click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
-@click.option("--head", type=click.Choice(["convnext", "upernet"]), help="Override the preset's head.")
+@click.option("--head", type=click.Choice(["convnext", "upernet", "linear", "upernet-ms"]),
+              help="Override the preset's head (linear: DINOv2's BN + 1x1 conv; upernet-ms: pyramid over 4 layers).")
 @click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice", "lin_focal_dice"]),
               help="Override the loss (focal_dice = the published focal; lin_focal_dice = Lin et al.'s).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Override the optimizer.")
@@ -174,20 +188,23 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True,
               help="Test-time augmentation (images only).")
 @click.option("--full-res", is_flag=True, help="Score at the original image size (masks read from disk).")
+@click.option("--mode", type=click.Choice(["resize", "slide"]), default="resize", show_default=True,
+              help="resize: the whole image to the training size; slide: training-size windows over the original.")
+@click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the cache's shards (with --cache).")
 @user_errors
-def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch_size, device, workers,
+def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stride, out, batch_size, device, workers,
              no_verify) -> None:
     """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
     from seg.evaluate import EvalOptions, evaluate
 
     evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, weights=weights, tta=tta,
                          full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers,
-                         verify=not no_verify),
+                         verify=not no_verify, mode=mode, stride=parse_stride(stride)),
              log=click.echo)
 
 
@@ -199,18 +216,22 @@ def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, out, batch
 @click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
 @click.option("--save-raw", is_flag=True, help="Also write masks in the dataset's raw values (uint16, original size).")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True)
+@click.option("--mode", type=click.Choice(["resize", "slide"]), default="resize", show_default=True,
+              help="resize: the whole image to the training size; slide: training-size windows over the original.")
+@click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @user_errors
-def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, batch_size, device, workers, strict) -> None:
+def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, mode, stride, batch_size, device, workers,
+            strict) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
                        save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers,
-                       strict=strict),
+                       strict=strict, mode=mode, stride=parse_stride(stride)),
         log=click.echo)
 
 

@@ -36,6 +36,8 @@ class EvalOptions:
     weights: Optional[str] = None
     tta: str = "none"
     full_res: bool = False
+    mode: str = "resize"        # resize (the whole image to the training size) | slide (windows over the original)
+    stride: Optional[tuple[int, int]] = None  # slide: (h, w) step, default 2/3 of the window
     out: Optional[str] = None
     device: str = "auto"
     batch_size: int = 4
@@ -49,6 +51,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
         raise SegError("give exactly one of --cache CACHE (cached tokens) or --data ROOT (images)")
     if opts.cache is not None and opts.tta != "none":
         raise SegError("--tta needs images (--data): cached tokens hold one view per image")
+    if opts.cache is not None and opts.mode != "resize":
+        raise SegError("--mode slide needs images (--data): cached tokens hold one resized view per image")
     device = resolve_device(opts.device)
     run = load_run(opts.run, device)
     out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}"
@@ -124,7 +128,7 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     segmenter = Segmenter(run, opts.weights, device)
     dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
                                  [files.mask_path(i) for i in range(len(files.names))],
-                                 run.size, run.class_table.lut(), full_res_masks=opts.full_res)
+                                 run.size, run.class_table.lut(), full_res_masks=opts.full_res or opts.mode == "slide")
     workers = worker_count(4) if opts.workers is None else opts.workers
     cv2.setNumThreads(1)  # before the workers fork (see extract_features)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
@@ -133,9 +137,15 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     for batch in loader:
         if batch["errors"]:
             raise SegError(batch["errors"][0][1])
-        labels = segmenter.label_maps(batch["image"], [m.shape for m in batch["mask"]], opts.tta)
+        if opts.mode == "slide":
+            labels = [segmenter.slide_scores(torch.from_numpy(o), opts.tta, opts.stride, opts.batch_size).argmax(0)
+                      for o in batch["original"]]
+        else:
+            labels = segmenter.label_maps(batch["image"], [m.shape for m in batch["mask"]], opts.tta)
         for pred, m in zip(labels, batch["mask"]):
             cm += confusion_matrix(pred, torch.from_numpy(m).to(device), cm.shape[0])
         bar.update(len(batch["index"]))
     bar.close()
+    if opts.mode == "slide":
+        return len(dataset), f"original size (slide, window {w}x{h})"
     return len(dataset), ("original size" if opts.full_res else f"{w}x{h}")

@@ -19,6 +19,7 @@ from seg.errors import SegError
 from seg.heads import head_logits
 from seg.normalize import normalize
 from seg.runs import Run, rebuild_backbone
+from seg.sliding_window import default_stride, slide_logits
 
 TTA_MODES = ("none", "flip", "flip+scales")
 TTA_SCALES = (0.75, 1.0, 1.25)
@@ -67,6 +68,35 @@ class Segmenter:
         if len(set(sizes)) == 1:
             return list(self.scores(images, sizes[0], tta).argmax(1))
         return [self.scores(images[i:i + 1], size, tta).argmax(1)[0] for i, size in enumerate(sizes)]
+
+    @torch.inference_mode()
+    def slide_scores(self, image: Tensor, tta: str = "none", stride: Optional[tuple[int, int]] = None,
+                     batch: int = 4) -> Tensor:
+        """One uint8 image [H, W, 3] at any size (the original frame) -> mean softmax [K, H, W] over
+        the TTA views, each view scored by windows of the training size slid over the (rescaled) image."""
+        if tta not in TTA_MODES:
+            raise SegError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        w, h = self.run.size
+        stride = stride or default_stride((h, w))
+        x = normalize(image[None].to(self.device))
+        size = tuple(x.shape[-2:])
+
+        def window_logits(crops: Tensor) -> Tensor:
+            return head_logits(self.run.head, self.tokens(crops), (h, w), self.amp)
+
+        total, views = None, 0
+        for scale in (TTA_SCALES if tta == "flip+scales" else (1.0,)):
+            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in ((False, True) if tta != "none" else (False,)):
+                xv = xs.flip(-1) if flip else xs
+                logits = slide_logits(xv, (h, w), stride, window_logits, batch)
+                logits = logits.flip(-1) if flip else logits
+                if logits.shape[-2:] != size:
+                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                probs = logits.softmax(1)
+                total = probs if total is None else total + probs
+                views += 1
+        return (total / views)[0]
 
     def _rescale(self, x: Tensor, scale: float) -> Tensor:
         h, w = x.shape[-2:]

@@ -32,6 +32,8 @@ class PredictOptions:
     overlay_alpha: float = 0.5
     save_raw: bool = False
     tta: str = "none"
+    mode: str = "resize"        # resize | slide (windows of the training size over the original image)
+    stride: Optional[tuple[int, int]] = None
     device: str = "auto"
     batch_size: int = 4
     workers: Optional[int] = None
@@ -166,7 +168,11 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
                     bar.update(1)
                 if batch["image"] is None:
                     continue
-                labels = segmenter.label_maps(batch["image"], [o.shape[:2] for o in batch["original"]], opts.tta)
+                if opts.mode == "slide":
+                    labels = [segmenter.slide_scores(torch.from_numpy(o), opts.tta, opts.stride,
+                                                     opts.batch_size).argmax(0) for o in batch["original"]]
+                else:
+                    labels = segmenter.label_maps(batch["image"], [o.shape[:2] for o in batch["original"]], opts.tta)
                 for j, i in enumerate(batch["index"]):
                     original, name = batch["original"][j], names[i]
                     ids = labels[j].to(torch.uint8).cpu().numpy()

@@ -12,7 +12,7 @@ from seg.errors import SegError
 @dataclass(frozen=True)
 class TrainConfig:
     phase: Optional[int]
-    head: str                    # convnext | upernet
+    head: str                    # convnext | upernet (published) | linear (DINOv2's) | upernet-ms (4 layers)
     loss: str                    # ce | weighted_ce | focal_dice (published) | lin_focal_dice (Lin et al.'s focal)
     optimizer: str               # sgd | adamw
     lr: float
@@ -75,7 +75,7 @@ PRESETS: dict[int, TrainConfig] = {
 }
 
 CHOICES = {
-    "head": ("convnext", "upernet"),
+    "head": ("convnext", "upernet", "linear", "upernet-ms"),
     "loss": ("ce", "weighted_ce", "focal_dice", "lin_focal_dice"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("none", "cosine", "warmup_cosine"),

@@ -49,7 +49,8 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
         raise SegError(f"{best}: not a seg checkpoint (needs {', '.join(sorted(needed))})")
     table = ClassTable.from_json(record["class_table"], source=str(best))
     try:
-        head = build_head(record["config"]["head"], record["in_channels"], table.num_classes)
+        head = build_head(record["config"]["head"], record["in_channels"], table.num_classes,
+                          layers=record["backbone"]["token_shape"][0])
         head.load_state_dict(record.pop("head"))
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise SegError(f"{best}: its head weights do not fit its recorded head ({str(exc).splitlines()[0][:160]})") from None

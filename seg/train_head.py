@@ -28,7 +28,7 @@ from seg.errors import SegError
 from seg.heads import build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
-from seg.presets import TrainConfig
+from seg.presets import PRESETS, TrainConfig
 from seg.rare_class_sampling import RareClassSampler, default_min_pixels
 from seg.run_dir import LOCK as RUN_LOCK, RUN_FORMAT, check_run_dir, clear_run_dir
 from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, choose_preload, epoch_indices
@@ -60,13 +60,18 @@ def backbone_record(manifest: dict) -> dict:
     return {k: manifest[k] for k in keys}
 
 
+def recommended_layers(depth: int) -> str:
+    """Four blocks spread over the depth, ending with the last (ViT-B: 2,5,8,11; ViT-L: 5,11,17,23)."""
+    return ",".join(str(depth // 4 * (i + 1) - 1) for i in range(4))
+
+
 def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mismatch: bool, log) -> None:
     size = f"{manifest['size']['width']}x{manifest['size']['height']}"
     last_block = [manifest["depth"] - 1]
     mismatches = []
     if (manifest["backbone"], size) != (cfg.backbone, cfg.size):
         mismatches.append(f"cache is {manifest['backbone']} @ {size}, but phase {cfg.phase} is {cfg.backbone} @ {cfg.size}")
-    if manifest["layers"] != last_block:
+    if manifest["layers"] != last_block and cfg.phase in PRESETS and cfg.head == PRESETS[cfg.phase].head:
         mismatches.append(f"cache stores blocks {manifest['layers']}, but phase {cfg.phase} was published on the "
                           f"normed last block {last_block} only")
     if mismatches and not allow_mismatch:
@@ -103,9 +108,12 @@ class Trainer:
         views = augmented_views(m)
         self.log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
                  + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
-        if cfg.head == "convnext" and hp * wp == 1:
-            raise SegError(f"{cache_dir}: the patch grid is 1x1; the convnext head's BatchNorm needs more than one "
+        if cfg.head in ("convnext", "linear") and hp * wp == 1:
+            raise SegError(f"{cache_dir}: the patch grid is 1x1; the {cfg.head} head's BatchNorm needs more than one "
                            "value per channel: extract a larger --size or use --head upernet")
+        if cfg.head == "upernet-ms" and L < 4:
+            raise SegError(f"{cache_dir}: the upernet-ms head needs at least 4 stored layers, the cache has {L} "
+                           f"(blocks {m['layers']}); extract with e.g. --layers {recommended_layers(m['depth'])}")
         self.device = resolve_device(rank_device(self.d, opts.device))
         self.table = self.cache.class_table
         self.names = list(self.table.names)
@@ -132,7 +140,8 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights
-        self.head = build_head(cfg.head, self.cache.in_channels, self.k).to(self.device)
+        self.head = build_head(cfg.head, self.cache.in_channels, self.k,
+                               layers=self.cache.manifest["token_shape"][0]).to(self.device)
         self.model = self.head
         if self.d.active:
             if self.device.type == "cuda":  # per-rank BatchNorm statistics would differ from one process

@@ -1,28 +1,11 @@
-"""The two segmentation heads (DESIGN.md section 2). They map cached tokens to class logits
-on the patch grid; the trainer upsamples the logits to the mask size."""
+"""The phase-3 head (DESIGN.md section 2) and the pyramid pooling module it shares with the
+multi-level head."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-HEADS = ("convnext", "upernet")
-
-
-class ConvNeXtHead(nn.Module):
-    """Phases 1 and 2: Conv3x3(C,256)-BN-GELU-Conv3x3(256,256)-BN-GELU-Conv1x1(256,K)."""
-
-    def __init__(self, in_channels: int, num_classes: int, width: int = 256) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU(),
-        )
-        self.classifier = nn.Conv2d(width, num_classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.body(x))
 
 
 def conv_gn(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -63,28 +46,3 @@ class UPerNetHead(nn.Module):
         x = self.proj(x)
         feats = [x, *self.ppm(x), *(b(x) for b in self.branches)]
         return self.classifier(self.fuse(torch.cat(feats, dim=1)))
-
-
-def build_head(name: str, in_channels: int, num_classes: int) -> nn.Module:
-    if name == "convnext":
-        return ConvNeXtHead(in_channels, num_classes)
-    if name == "upernet":
-        return UPerNetHead(in_channels, num_classes)
-    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {name!r}")
-
-
-def tokens_to_input(tokens: Tensor) -> Tensor:
-    """Cached tokens [B, L, C, Hp, Wp] (float16) -> head input [B, L*C, Hp, Wp] (float32)."""
-    b, l, c, h, w = tokens.shape
-    return tokens.reshape(b, l * c, h, w).float()
-
-
-def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool) -> Tensor:
-    """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
-    The one path used by training, validation, evaluation and prediction."""
-    from seg.device import autocast
-
-    with autocast(tokens.device, amp):
-        logits = head(tokens_to_input(tokens))
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-    return logits.float()

@@ -1,0 +1,48 @@
+"""Segmentation heads: cached tokens -> class logits, and the one path from tokens to logits that
+training, evaluation and prediction share (`head_logits`)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seg.heads.convnext import ConvNeXtHead
+from seg.heads.linear import LinearHead
+from seg.heads.pyramid import PyramidUPerNetHead
+from seg.heads.upernet import PyramidPooling, UPerNetHead, conv_gn
+
+HEADS = ("convnext", "upernet", "linear", "upernet-ms")
+
+
+def build_head(name: str, in_channels: int, num_classes: int, layers: int = 1) -> nn.Module:
+    """in_channels = layers x embed_dim of the cached tokens."""
+    if name == "convnext":
+        return ConvNeXtHead(in_channels, num_classes)
+    if name == "upernet":
+        return UPerNetHead(in_channels, num_classes)
+    if name == "linear":
+        return LinearHead(in_channels, num_classes)
+    if name == "upernet-ms":
+        return PyramidUPerNetHead(in_channels, num_classes, layers)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {name!r}")
+
+
+def tokens_to_input(tokens: Tensor) -> Tensor:
+    """Cached tokens [B, L, C, Hp, Wp] (float16) -> head input [B, L*C, Hp, Wp] (float32)."""
+    b, l, c, h, w = tokens.shape
+    return tokens.reshape(b, l * c, h, w).float()
+
+
+def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool) -> Tensor:
+    """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
+    The one path used by training, validation, evaluation and prediction."""
+    from seg.device import autocast
+
+    with autocast(tokens.device, amp):
+        logits = head(tokens_to_input(tokens))
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    return logits.float()
+
+
+__all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PyramidPooling", "PyramidUPerNetHead", "UPerNetHead",
+           "build_head", "conv_gn", "head_logits", "tokens_to_input"]
