@@ -55,6 +55,18 @@ def parse_stride(text):
     return h, w
 
 
+def parse_scales(text):
+    if text is None:
+        return None
+    try:
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SegError(f"--tta-scales takes comma-separated numbers (e.g. 1,1.32,1.73), got {text!r}") from None
+    if not scales or not all(0.1 <= s <= 8 for s in scales):
+        raise SegError(f"--tta-scales must be numbers between 0.1 and 8, got {text!r}")
+    return scales
+
+
 COUNT = click.IntRange(min=1)
 WORKERS = click.IntRange(min=0)
 
@@ -191,20 +203,23 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
 @click.option("--mode", type=click.Choice(["resize", "slide"]), default="resize", show_default=True,
               help="resize: the whole image to the training size; slide: training-size windows over the original.")
 @click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
+@click.option("--tta-scales", default=None,
+              help="flip+scales: comma-separated scales [default: 0.75,1,1.25; DINOv2's +ms: 1,1.32,1.73,2.28,3].")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the cache's shards (with --cache).")
 @user_errors
-def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stride, out, batch_size, device, workers,
-             no_verify) -> None:
+def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stride, tta_scales, out, batch_size,
+             device, workers, no_verify) -> None:
     """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
     from seg.evaluate import EvalOptions, evaluate
 
     evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, weights=weights, tta=tta,
                          full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers,
-                         verify=not no_verify, mode=mode, stride=parse_stride(stride)),
+                         verify=not no_verify, mode=mode, stride=parse_stride(stride),
+                         tta_scales=parse_scales(tta_scales)),
              log=click.echo)
 
 
@@ -219,19 +234,21 @@ def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stri
 @click.option("--mode", type=click.Choice(["resize", "slide"]), default="resize", show_default=True,
               help="resize: the whole image to the training size; slide: training-size windows over the original.")
 @click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
+@click.option("--tta-scales", default=None,
+              help="flip+scales: comma-separated scales [default: 0.75,1,1.25; DINOv2's +ms: 1,1.32,1.73,2.28,3].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @user_errors
-def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, mode, stride, batch_size, device, workers,
-            strict) -> None:
+def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, mode, stride, tta_scales, batch_size, device,
+            workers, strict) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
                        save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers,
-                       strict=strict, mode=mode, stride=parse_stride(stride)),
+                       strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales)),
         log=click.echo)
 
 

@@ -37,7 +37,8 @@ class EvalOptions:
     tta: str = "none"
     full_res: bool = False
     mode: str = "resize"        # resize (the whole image to the training size) | slide (windows over the original)
-    stride: Optional[tuple[int, int]] = None  # slide: (h, w) step, default 2/3 of the window
+    stride: Optional[tuple[int, int]] = None
+    tta_scales: Optional[tuple[float, ...]] = None  # flip+scales: the scales (default 0.75, 1, 1.25)  # slide: (h, w) step, default 2/3 of the window
     out: Optional[str] = None
     device: str = "auto"
     batch_size: int = 4
@@ -125,7 +126,7 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
 
 def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     files = list_split(opts.data, opts.split)
-    segmenter = Segmenter(run, opts.weights, device)
+    segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
                                  [files.mask_path(i) for i in range(len(files.names))],
                                  run.size, run.class_table.lut(), full_res_masks=opts.full_res or opts.mode == "slide")

@@ -26,8 +26,10 @@ TTA_SCALES = (0.75, 1.0, 1.25)
 
 
 class Segmenter:
-    def __init__(self, run: Run, weights: Optional[str], device: torch.device) -> None:
+    def __init__(self, run: Run, weights: Optional[str], device: torch.device,
+                 scales: Optional[tuple[float, ...]] = None) -> None:
         self.run, self.device = run, device
+        self.scales = tuple(scales) if scales else TTA_SCALES  # of the flip+scales TTA
         self.backbone = rebuild_backbone(run.backbone, weights, device)
         self.layers = run.backbone["layers"]
         # The cache's precision, not the device's default: image-based scores then match cache-based ones.
@@ -52,7 +54,7 @@ class Segmenter:
         if tta == "none":
             return head_logits(self.run.head, self.tokens(x), out_size, self.amp)
         total, views = None, 0
-        for scale in (TTA_SCALES if tta == "flip+scales" else (1.0,)):
+        for scale in (self.scales if tta == "flip+scales" else (1.0,)):
             xs = x if scale == 1.0 else self._rescale(x, scale)
             for flip in (False, True):
                 xv = xs.flip(-1) if flip else xs
@@ -85,7 +87,7 @@ class Segmenter:
             return head_logits(self.run.head, self.tokens(crops), (h, w), self.amp)
 
         total, views = None, 0
-        for scale in (TTA_SCALES if tta == "flip+scales" else (1.0,)):
+        for scale in (self.scales if tta == "flip+scales" else (1.0,)):
             xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
             for flip in ((False, True) if tta != "none" else (False,)):
                 xv = xs.flip(-1) if flip else xs

@@ -34,6 +34,7 @@ class PredictOptions:
     tta: str = "none"
     mode: str = "resize"        # resize | slide (windows of the training size over the original image)
     stride: Optional[tuple[int, int]] = None
+    tta_scales: Optional[tuple[float, ...]] = None  # flip+scales: the scales (default 0.75, 1, 1.25)
     device: str = "auto"
     batch_size: int = 4
     workers: Optional[int] = None
@@ -138,7 +139,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     names = output_names(images)
     out = Path(opts.out)
     previous = check_predict_dir(out)
-    segmenter = Segmenter(run, opts.weights, device)
+    segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     table = run.class_table
     masks = [mask_beside(p) for p in images]
     dataset = ImageFolderSamples(images, masks, run.size, table.lut(), full_res_masks=True, optional_masks=True)

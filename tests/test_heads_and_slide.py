@@ -129,6 +129,9 @@ def test_slide_equals_whole_image_when_one_window_covers_it(small_cache, tmp_pat
     assert torch.allclose(slid, whole, atol=1e-6)
     for tta in ("flip", "flip+scales"):
         assert seg.slide_scores(image, tta).shape == (10, 126, 224)
+    one_scale = Segmenter(seg.run, None, torch.device("cpu"), scales=(1.0,))  # --tta-scales 1
+    assert torch.allclose(one_scale.slide_scores(image, "flip+scales"), seg.slide_scores(image, "flip"), atol=1e-6)
+    assert not torch.allclose(seg.slide_scores(image, "flip+scales"), seg.slide_scores(image, "flip"), atol=1e-4)
     big = torch.randint(0, 256, (300, 500, 3), dtype=torch.uint8)
     assert seg.slide_scores(big, "none", (84, 149)).shape == (10, 300, 500)
 
