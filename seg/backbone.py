@@ -14,6 +14,7 @@ from torch import nn
 
 from seg.checkpoint import load_torch_file
 from seg.errors import SegError
+from seg.dinov3 import DinoV3VisionTransformer
 from seg.vit import DinoVisionTransformer
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
