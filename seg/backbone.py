@@ -1,4 +1,4 @@
-"""Named DINOv2 backbones: their architectures, official weights and deterministic random init."""
+"""Named DINOv2 and DINOv3 backbones: their architectures, official weights and deterministic random init."""
 
 from __future__ import annotations
 
@@ -26,8 +26,19 @@ ARCHS = {
     "vitl14": (1024, 24, 16, "mlp"),
     "vitg14": (1536, 40, 24, "swiglufused"),
 }
-BACKBONES = tuple(sorted(list(ARCHS) + [a + "_reg" for a in ARCHS]))
-PATCH_SIZE = 14
+# DINOv3 (facebookresearch/dinov3 hub constructors): (embed_dim, depth, num_heads, ffn_ratio, ffn_layer).
+# Patch 16; weights are gated by Meta's license, so --weights only (no download URL).
+DINOV3_ARCHS = {
+    "dinov3_vits16": (384, 12, 6, 4.0, "mlp"),
+    "dinov3_vits16plus": (384, 12, 6, 6.0, "swiglu"),
+    "dinov3_vitb16": (768, 12, 12, 4.0, "mlp"),
+    "dinov3_vitl16": (1024, 24, 16, 4.0, "mlp"),
+    "dinov3_vith16plus": (1280, 32, 20, 6.0, "swiglu"),
+}
+DINOV3_WEIGHTS_HELP = ("DINOv3 weights are gated by Meta's license: request them at "
+                       "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass --weights FILE")
+BACKBONES = tuple(sorted(list(ARCHS) + [a + "_reg" for a in ARCHS])) + tuple(DINOV3_ARCHS)
+PATCH_SIZE = 14  # DINOv2's; DINOv3's is 16 (every model has .patch_size)
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,19 @@ class BackboneInfo:
     state_fingerprint: str       # sha256 over the loaded tensors: same for the same weights anywhere
 
 
+def is_dinov3(name: str) -> bool:
+    return name in DINOV3_ARCHS
+
+
 def backbone_kwargs(name: str) -> dict:
+    """The reference constructor keywords of a named backbone."""
+    if is_dinov3(name):
+        dim, depth, heads, ratio, ffn = DINOV3_ARCHS[name]
+        return dict(img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0,
+                    pos_embed_rope_normalize_coords="separate", pos_embed_rope_rescale_coords=2,
+                    pos_embed_rope_dtype="fp32", embed_dim=dim, depth=depth, num_heads=heads, ffn_ratio=ratio,
+                    qkv_bias=True, layerscale_init=1e-5, norm_layer="layernormbf16", ffn_layer=ffn, ffn_bias=True,
+                    proj_bias=True, n_storage_tokens=4, mask_k_bias=True)
     arch, reg = split_name(name)
     dim, depth, heads, ffn = ARCHS[arch]
     kwargs = dict(img_size=518, patch_size=PATCH_SIZE, embed_dim=dim, depth=depth, num_heads=heads,
@@ -52,7 +75,7 @@ def backbone_kwargs(name: str) -> dict:
 
 
 def split_name(name: str) -> tuple[str, bool]:
-    if name not in BACKBONES:
+    if name not in BACKBONES or is_dinov3(name):
         raise SegError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return name.removesuffix("_reg"), name.endswith("_reg")
 
@@ -62,7 +85,9 @@ def weights_url(name: str) -> str:
     return WEIGHTS_URL.format(arch=f"dinov2_{arch}", reg="_reg4" if reg else "")
 
 
-def build_backbone(name: str) -> DinoVisionTransformer:
+def build_backbone(name: str) -> nn.Module:
+    if is_dinov3(name):
+        return DinoV3VisionTransformer(**backbone_kwargs(name))
     return DinoVisionTransformer(**backbone_kwargs(name))
 
 
@@ -77,7 +102,7 @@ def random_init_(model: nn.Module, seed: int) -> None:
                 p.fill_(1.0 if pname.endswith("weight") else 0.0)
             elif pname.endswith("bias"):
                 p.zero_()
-            elif pname in ("cls_token", "register_tokens", "mask_token"):
+            elif pname in ("cls_token", "register_tokens", "storage_tokens", "mask_token"):
                 p.copy_(torch.randn(p.shape, generator=g) * 1e-6)
             else:
                 p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02, generator=g))
@@ -100,10 +125,14 @@ def file_sha256(path: Path) -> str:
 
 
 def hub_checkpoint_path(name: str) -> Path:
+    if is_dinov3(name):
+        raise SegError(f"{name}: {DINOV3_WEIGHTS_HELP}")
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_url(name))
 
 
 def _fetch_official(name: str) -> Path:
+    if is_dinov3(name):
+        raise SegError(f"{name}: {DINOV3_WEIGHTS_HELP} (or --random-init to try the pipeline)")
     path = hub_checkpoint_path(name)
     if path.exists():
         return path

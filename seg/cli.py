@@ -80,8 +80,11 @@ def main() -> None:
 @main.command()
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="Dataset root (Falcon layout).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create or resume.")
-@click.option("--backbone", default="vitb14_reg", show_default=True, help="vits14|vitb14|vitl14|vitg14, optionally _reg.")
-@click.option("--size", default="644x364", show_default=True, help="Input WIDTHxHEIGHT, multiples of 14.")
+@click.option("--backbone", default="vitb14_reg", show_default=True,
+              help="DINOv2: vits14|vitb14|vitl14|vitg14, optionally _reg; DINOv3: dinov3_vits16|dinov3_vits16plus|"
+                   "dinov3_vitb16|dinov3_vitl16|dinov3_vith16plus (--weights only).")
+@click.option("--size", default="644x364", show_default=True,
+              help="Input WIDTHxHEIGHT, multiples of the patch (14 for DINOv2, 16 for DINOv3).")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False), help="Local checkpoint file (else the official URL via the torch hub cache).")
 @click.option("--random-init", is_flag=True, help="Seeded random weights instead of DINOv2's (tests, offline trials).")
 @click.option("--random-init-seed", default=0, show_default=True, help="Seed for --random-init.")

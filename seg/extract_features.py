@@ -19,10 +19,10 @@ import seg
 from seg import cache_format as cf
 from seg.augment import Augmenter, parse_size, policy_params
 from seg.atomic import tmp_name
-from seg.backbone import PATCH_SIZE, file_sha256, load_backbone
+from seg.backbone import backbone_kwargs, file_sha256, is_dinov3, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
-from seg.device import autocast, half_dtype, resolve_device
+from seg.device import autocast, half_dtype, recorded_dtype, resolve_device
 from seg.class_stats import class_counts
 from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, parse_copy_paste
 from seg.dirlock import DirLock
@@ -134,6 +134,17 @@ def _collate(batch: list[dict]) -> dict:
     }
 
 
+def compute_dtype(half: bool, device: torch.device, backbone: str) -> str:
+    """bf16 where the hardware has it, else fp16 (DINOv2 only: DINOv3 is documented as unsupported in
+    fp16, so it computes in fp32 there), or fp32 with --fp32."""
+    if not half:
+        return "float32"
+    dtype = half_dtype(device)
+    if dtype == torch.float16 and is_dinov3(backbone):
+        return "float32"
+    return str(dtype).removeprefix("torch.")
+
+
 def scan_class_counts(files: SplitFiles, table: ClassTable, progress: bool) -> np.ndarray:
     """int64 [n_images, K] class pixels of every train mask at its original size (for copy-paste)."""
     lut = table.lut()
@@ -176,16 +187,16 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "random_init_seed": info.random_init_seed,
         "weights_fingerprint": info.state_fingerprint,
         "size": {"width": w, "height": h},
-        "patch_size": PATCH_SIZE,
-        "patch_grid": {"width": w // PATCH_SIZE, "height": h // PATCH_SIZE},
+        "patch_size": model.patch_size,
+        "patch_grid": {"width": w // model.patch_size, "height": h // model.patch_size},
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),
         "layers": layers,
         "layer_norm": True,
         "token_dtype": "float16",
-        "token_shape": [len(layers), model.embed_dim, h // PATCH_SIZE, w // PATCH_SIZE],
+        "token_shape": [len(layers), model.embed_dim, h // model.patch_size, w // model.patch_size],
         "mask_shape": [h, w],
-        "compute_dtype": str(half_dtype(device)).removeprefix("torch.") if cfg.half else "float32",
+        "compute_dtype": compute_dtype(cfg.half, device, info.name),
         "device": device.type,
         "batch_size": cfg.batch_size,  # batch shapes can change low-order bits: part of the settings
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
@@ -313,7 +324,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     d = dist_ctx or Dist()
     say = log if d.is_main else (lambda s: None)
     t0 = time.perf_counter()
-    size = parse_size(cfg.size, PATCH_SIZE)
+    size = parse_size(cfg.size, backbone_kwargs(cfg.backbone)["patch_size"])
     if cfg.aug_seeds < 1:
         raise SegError(f"--aug-seeds must be at least 1, got {cfg.aug_seeds}")
     if cfg.aug_policy == "none" and cfg.aug_seeds > 1 and not cfg.copy_paste_enabled:
@@ -445,7 +456,7 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
         if "error" in batch:
             raise SegError(batch["error"])
         x = normalize(batch["image"].to(device, non_blocking=True))
-        with autocast(device, cfg.half):
+        with autocast(device, dtype=recorded_dtype(manifest["compute_dtype"], device)):
             feats = torch.stack(model.get_intermediate_layers(x, n=layers, reshape=True, norm=True), dim=1)
         half = feats.to(torch.float16)
         if not torch.isfinite(half).all():

@@ -58,3 +58,38 @@ def test_the_key_bias_is_masked():
     assert model.blocks[0].attn.qkv.bias_mask[d:2 * d].sum() == 0  # ... and never used
     with pytest.raises(ValueError, match="multiples of 16"):
         model.forward_features(torch.zeros(1, 3, 56, 100))
+
+
+def test_dinov3_through_the_pipeline(dataset, tmp_path):
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from seg.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    base = ["extract", "--data", dataset, "--backbone", "dinov3_vits16", "--workers", "0", "--batch-size", "2",
+            "--splits", "train,val"]
+    r = run(*base, "--out", tmp_path / "x", "--size", "224x126", "--random-init")
+    assert r.exit_code == 1 and "--size 224x126: both sides must be positive multiples of 16" in r.output
+    r = run(*base, "--out", tmp_path / "y", "--size", "224x128")
+    assert r.exit_code == 1 and "DINOv3 weights are gated by Meta's license" in r.output and "--weights" in r.output
+    r = run(*base, "--out", tmp_path / "c", "--size", "224x128", "--random-init")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (m["backbone"], m["patch_size"], m["patch_grid"], m["token_shape"], m["compute_dtype"]) == (
+        "dinov3_vits16", 16, {"width": 14, "height": 8}, [1, 384, 8, 14], "bfloat16")
+    r = run("train-head", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--phase", "3", "--epochs", "1",
+            "--allow-mismatch", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    for mode in ("cache", "data"):
+        src = tmp_path / "c" if mode == "cache" else dataset
+        r = run("eval", "--run", tmp_path / "r", f"--{mode}", src, "--split", "val", "--workers", "0",
+                "--out", tmp_path / f"e-{mode}")
+        assert r.exit_code == 0, r.output
+    a, b = (json.loads((tmp_path / f"e-{m_}" / "eval.json").read_text()) for m_ in ("cache", "data"))
+    cm_a, cm_b = np.array(a["confusion_matrix"]), np.array(b["confusion_matrix"])
+    assert cm_a.sum() == cm_b.sum() and np.abs(cm_a - cm_b).sum() / 2 <= 0.001 * cm_a.sum()
