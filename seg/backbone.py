@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from seg.checkpoint import load_torch_file
+from seg.weight_formats import architecture_of, read_state, to_official, weights_file
 from seg.errors import SegError
 from seg.dinov3 import DinoV3VisionTransformer
 from seg.vit import DinoVisionTransformer
@@ -48,6 +48,7 @@ class BackboneInfo:
     weights_source: str          # URL, local path, or "random-init (seed S)"
     random_init_seed: Optional[int]
     state_fingerprint: str       # sha256 over the loaded tensors: same for the same weights anywhere
+    weights_format: str = "random-init"  # official | transformers | timm | random-init
 
 
 def is_dinov3(name: str) -> bool:
@@ -162,21 +163,19 @@ def load_backbone(
         random_init_(model, seed)
         info = BackboneInfo(name, "random-init", f"random-init (seed {seed})", seed, state_fingerprint(model))
     else:
-        path = Path(weights) if weights else _fetch_official(name)
-        if not path.is_file():
-            raise SegError(f"{path}: weights file not found")
-        state = load_torch_file(path, what="not a readable PyTorch checkpoint")
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise SegError(f"{path}: not a {name} checkpoint (expected a state dict of tensors, got "
-                           f"{type(state).__name__})")
+        path = weights_file(weights) if weights else _fetch_official(name)
+        state = read_state(path)
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-            raise SegError(f"{path}: not a {name} checkpoint ({first[:200]})") from None
+            state, fmt = (state, "official") if is_dinov3(name) else to_official(state)
+        except SegError as exc:
+            raise SegError(f"{path}: {exc}") from None
+        expected = model.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            have = architecture_of(state) if "cls_token" in state else f"{len(state)} tensors"
+            raise SegError(f"{path}: not a {name} checkpoint ({fmt} layout, {have}; {name} has "
+                           f"{architecture_of(expected)})")
+        model.load_state_dict(state, strict=True)
         info = BackboneInfo(name, file_sha256(path), str(path if weights else weights_url(name)), None,
-                            state_fingerprint(model))
+                            state_fingerprint(model), fmt)
     model.eval().requires_grad_(False)
     return model, info

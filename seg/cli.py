@@ -85,7 +85,9 @@ def main() -> None:
                    "dinov3_vitb16|dinov3_vitl16|dinov3_vith16plus (--weights only).")
 @click.option("--size", default="644x364", show_default=True,
               help="Input WIDTHxHEIGHT, multiples of the patch (14 for DINOv2, 16 for DINOv3).")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="Local checkpoint file (else the official URL via the torch hub cache).")
+@click.option("--weights", default=None, type=click.Path(),
+              help="Checkpoint file or folder: official .pth, Hugging Face transformers (model.safetensors, "
+                   "pytorch_model.bin or a snapshot folder) or timm (else the official URL via the torch hub cache).")
 @click.option("--random-init", is_flag=True, help="Seeded random weights instead of DINOv2's (tests, offline trials).")
 @click.option("--random-init-seed", default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--aug-policy", type=click.Choice(["none", "phase2", "phase3"]), default="none", show_default=True, help="Augmentation policy for train seeds > 0.")
@@ -199,7 +201,7 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Score from this cache's tokens (fast).")
 @click.option("--data", type=click.Path(file_okay=False), help="Score end to end from images under this dataset root.")
 @click.option("--split", default="val", show_default=True, help="train|val|test.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Backbone checkpoint file (checked by sha256).")
+@click.option("--weights", type=click.Path(), help="Backbone checkpoint file or folder (checked by sha256).")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True,
               help="Test-time augmentation (images only).")
 @click.option("--full-res", is_flag=True, help="Score at the original image size (masks read from disk).")
@@ -230,7 +232,7 @@ def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stri
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
 @click.option("--images", required=True, multiple=True, help="Image files or folders (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Backbone checkpoint file (checked by sha256).")
+@click.option("--weights", type=click.Path(), help="Backbone checkpoint file or folder (checked by sha256).")
 @click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
 @click.option("--save-raw", is_flag=True, help="Also write masks in the dataset's raw values (uint16, original size).")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True)

@@ -184,6 +184,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "backbone": info.name,
         "weights_sha256": info.weights_sha256,
         "weights_source": info.weights_source,
+        "weights_format": info.weights_format,
         "random_init_seed": info.random_init_seed,
         "weights_fingerprint": info.state_fingerprint,
         "size": {"width": w, "height": h},

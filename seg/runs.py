@@ -14,6 +14,7 @@ from seg.checkpoint import load_torch_file
 from seg.classes import ClassTable
 from seg.errors import SegError
 from seg.heads import build_head
+from seg.weight_formats import weights_file
 from seg.vit import DinoVisionTransformer
 
 # Fields of the backbone record that must agree between a run and a cache it is evaluated on.
@@ -79,6 +80,8 @@ def rebuild_backbone(record: dict, weights: Optional[str], device: torch.device)
         model, info = load_backbone(name, random_init=True, seed=record["random_init_seed"])
     else:
         path = Path(weights) if weights else hub_checkpoint_path(name)
+        if path.is_dir():
+            path = weights_file(path)
         if not path.is_file():
             raise SegError(f"the run's backbone weights are not at {path}; pass --weights FILE "
                            f"(sha256 {record['weights_sha256'][:16]}..., from {record['weights_source']})")
