@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg.vit import LayerScale, block_indices
+
 
 class RopePositionEmbedding(nn.Module):
     """(sin, cos) [h*w, head_dim] of axial rotary embeddings for an h x w patch grid."""
@@ -112,15 +114,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
 
 
 class Block(nn.Module):
@@ -235,16 +228,7 @@ class DinoV3VisionTransformer(nn.Module):
         return self.forward_features(x)["x_norm_clstoken"]
 
     def resolve_layers(self, n: Union[int, Sequence[int]]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(n, int):
-            if not 1 <= n <= depth:
-                raise ValueError(f"n must be between 1 and {depth}, got {n}")
-            return list(range(depth - n, depth))
-        idx = [int(i) for i in n]
-        bad = [i for i in idx if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"layer indices must be in 0..{depth - 1}, got {bad}")
-        return idx
+        return block_indices(len(self.blocks), n)
 
     def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                 return_class_token: bool = False, return_extra_tokens: bool = False,

@@ -15,6 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def block_indices(depth: int, n: Union[int, Sequence[int]]) -> list[int]:
+    """Block indices for 'the last n blocks' (int) or an explicit index list."""
+    if isinstance(n, int):
+        if not 1 <= n <= depth:
+            raise ValueError(f"n must be between 1 and {depth}, got {n}")
+        return list(range(depth - n, depth))
+    idx = [int(i) for i in n]
+    bad = [i for i in idx if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"layer indices must be in 0..{depth - 1}, got {bad}")
+    return idx
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -182,17 +195,7 @@ class DinoVisionTransformer(nn.Module):
         return self.forward_features(x)["x_norm_clstoken"]
 
     def resolve_layers(self, n: Union[int, Sequence[int]]) -> list[int]:
-        """Block indices for 'the last n blocks' (int) or an explicit index list."""
-        depth = len(self.blocks)
-        if isinstance(n, int):
-            if not 1 <= n <= depth:
-                raise ValueError(f"n must be between 1 and {depth}, got {n}")
-            return list(range(depth - n, depth))
-        idx = [int(i) for i in n]
-        bad = [i for i in idx if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"layer indices must be in 0..{depth - 1}, got {bad}")
-        return idx
+        return block_indices(len(self.blocks), n)
 
     def get_intermediate_layers(
         self,

@@ -86,3 +86,29 @@ def test_official_and_timm_layouts(tmp_path):
     assert (outs["official.pth"] - outs["timm.safetensors"]).abs().max().item() < 1e-5
     ref_out = ref.forward_features(x)["x_norm_patchtokens"]
     assert torch.equal(outs["official.pth"], ref_out)
+
+
+@pytest.mark.parametrize("arch,name,save", [("vit_small_patch14_dinov2", "vits14", "pth"),
+                                            ("vit_small_patch14_reg4_dinov2", "vits14_reg", "safetensors")])
+def test_timm_weights_give_timm_tokens(tmp_path, arch, name, save):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, img_size=518).eval()
+    with torch.no_grad():  # tokens and LayerScale away from their trivial inits
+        for pname, p in model.named_parameters():
+            if "token" in pname or "pos_embed" in pname or "gamma" in pname:
+                p.add_(torch.randn_like(p) * 0.2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights = tmp_path / f"timm.{save}"
+    save_file(state, str(weights)) if save == "safetensors" else torch.save(state, weights)
+    ours, info = load_backbone(name, weights=str(weights))
+    assert info.weights_format == "timm"
+    x = torch.randn(2, 3, 518, 518, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = model.forward_features(x)
+        mine = ours.forward_features(x)
+    r = 4 if "reg" in name else 0
+    assert (mine["x_norm_patchtokens"] - theirs[:, 1 + r:]).abs().max().item() < 1e-5
+    assert (mine["x_norm_clstoken"] - theirs[:, 0]).abs().max().item() < 1e-5
