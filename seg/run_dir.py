@@ -55,12 +55,12 @@ def check_run_dir(out: Path, cache_dir: Path, resume: bool, overwrite: bool) -> 
         raise SegError(f"{out}: is inside the feature cache {cache_dir}; choose a run directory outside it")
     if out.exists() and not out.is_dir():
         raise SegError(f"{out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK for p in out.iterdir()):  # a lock alone: a start that died
         if resume:
             raise SegError(f"{out}: nothing to resume (no run there); drop --resume to start one")
         return "fresh"
     if not is_seg_run(out):
-        first = sorted(p.name for p in out.iterdir())[0]
+        first = sorted(p.name for p in out.iterdir() if p.name != LOCK)[0]
         raise SegError(f"{out / first}: {out} is not a seg run directory and is not empty; seg writes runs only "
                        "into a new or empty directory: choose another --out")
     foreign = run_dir_foreign(out)

@@ -141,6 +141,10 @@ def test_train_head_refuses_a_directory_of_user_files(token_cache, tmp_path):
     for extra in ([], ["--overwrite"], ["--resume"]):
         one_line_error(run(*train_args(token_cache, out, *extra)), f"{out / 'config.json'}: {out} is not a seg run")
     assert (out / "config.json").read_text() == '{"my": "settings"}' and len(list(out.iterdir())) == 1
+    # a directory holding only the lock of a start that died is still new
+    (tmp_path / "died").mkdir()
+    (tmp_path / "died" / ".seg-train.lock").write_text("12345")
+    assert run(*train_args(token_cache, tmp_path / "died", "--epochs", "1")).exit_code == 0
     one_line_error(run(*train_args(token_cache, token_cache)), "is inside the feature cache")
     one_line_error(run(*train_args(token_cache, token_cache / "runs")), "is inside the feature cache")
 
