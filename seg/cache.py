@@ -204,7 +204,7 @@ class CacheSplit(Dataset):
         for j in range(len(self.shards)):
             try:
                 masks = self._tokens_masks(j)[1][()]
-            except OSError as exc:
+            except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
             parts.append(class_counts(masks, num_classes))
         return np.concatenate(parts)
@@ -217,7 +217,8 @@ class CacheSplit(Dataset):
 
 def describe(path: str | Path, class_stats: bool = True) -> list[str]:
     """`seg cache info`: the manifest in human form."""
-    m = cf.read_manifest(Path(path))
+    cache = FeatureCache(path, require_complete=False)
+    m = cache.manifest
     size, grid = m["size"], m["patch_grid"]
     lines = [
         f"cache        {path}  ({'complete' if m.get('complete') else 'INCOMPLETE: rerun the extract command'})",
@@ -245,7 +246,6 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         lines.append(f"copy-paste   {', '.join(cp['class_names'])} (scale {cp['scale'][0]}-{cp['scale'][1]}, "
                      f"flip p {cp['flip_p']}, up to {cp['max_instances']} instances)")
     if class_stats and m.get("complete"):
-        cache = FeatureCache(path)
         names = list(cache.class_table.names)
         for name in m["splits"]:
             lines.append(f"classes in {name} (after augmentation):")
@@ -336,10 +336,11 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
         problems.append("masks hold ids outside the class table")
     if not np.isfinite(data["tokens"]).all():
         problems.append("tokens hold NaN or infinite values")
-    counted = class_counts(masks, len(m["class_table"]["classes"]))
-    if stored_counts is not None and not np.array_equal(stored_counts, counted):
-        problems.append("class_counts do not match the masks")
-    if "class_counts" in split and not np.array_equal(
-            np.asarray(split["class_counts"][plan.start:plan.start + plan.count]).reshape(counted.shape), counted):
-        problems.append("the manifest's class_counts do not match the masks")
+    if stored_counts is not None or "class_counts" in split:  # version 3: counts stored; older: nothing to check
+        counted = class_counts(masks, len(m["class_table"]["classes"]))
+        if stored_counts is not None and not np.array_equal(stored_counts, counted):
+            problems.append("class_counts do not match the masks")
+        if "class_counts" in split and not np.array_equal(
+                np.asarray(split["class_counts"][plan.start:plan.start + plan.count]).reshape(counted.shape), counted):
+            problems.append("the manifest's class_counts do not match the masks")
     return problems

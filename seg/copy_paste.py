@@ -41,9 +41,13 @@ class CopyPasteConfig:
         return d
 
 
+def copy_paste_requested(text: Optional[str]) -> bool:
+    return text is not None and text.strip().lower() not in ("", "none")
+
+
 def parse_copy_paste(text: Optional[str], names: list[str]) -> Optional[str | tuple[int, ...]]:
     """'none' -> None; 'auto' -> 'auto'; 'Logs,Rocks' or '6,7' -> class ids."""
-    if text is None or text.strip().lower() in ("", "none"):
+    if not copy_paste_requested(text):
         return None
     if text.strip().lower() == "auto":
         return "auto"

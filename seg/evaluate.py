@@ -37,8 +37,8 @@ class EvalOptions:
     tta: str = "none"
     full_res: bool = False
     mode: str = "resize"        # resize (the whole image to the training size) | slide (windows over the original)
-    stride: Optional[tuple[int, int]] = None
-    tta_scales: Optional[tuple[float, ...]] = None  # flip+scales: the scales (default 0.75, 1, 1.25)  # slide: (h, w) step, default 2/3 of the window
+    stride: Optional[tuple[int, int]] = None  # slide: (h, w) step, default 2/3 of the window
+    tta_scales: Optional[tuple[float, ...]] = None  # flip+scales: the scales (default 0.75, 1, 1.25)
     out: Optional[str] = None
     device: str = "auto"
     batch_size: int = 4
@@ -138,11 +138,8 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     for batch in loader:
         if batch["errors"]:
             raise SegError(batch["errors"][0][1])
-        if opts.mode == "slide":
-            labels = [segmenter.slide_scores(torch.from_numpy(o), opts.tta, opts.stride, opts.batch_size).argmax(0)
-                      for o in batch["original"]]
-        else:
-            labels = segmenter.label_maps(batch["image"], [m.shape for m in batch["mask"]], opts.tta)
+        labels = segmenter.batch_labels(batch, [m.shape for m in batch["mask"]], opts.tta, opts.mode, opts.stride,
+                                        opts.batch_size)
         for pred, m in zip(labels, batch["mask"]):
             cm += confusion_matrix(pred, torch.from_numpy(m).to(device), cm.shape[0])
         bar.update(len(batch["index"]))

@@ -24,7 +24,7 @@ from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
 from seg.device import autocast, half_dtype, recorded_dtype, resolve_device
 from seg.class_stats import class_counts
-from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, parse_copy_paste
+from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, copy_paste_requested, parse_copy_paste
 from seg.dirlock import DirLock
 from seg.distributed import Dist, barrier, on_main, rank_device
 from seg.errors import SegError
@@ -59,7 +59,7 @@ class ExtractConfig:
 
     @property
     def copy_paste_enabled(self) -> bool:
-        return self.copy_paste is not None and self.copy_paste.strip().lower() not in ("", "none")
+        return copy_paste_requested(self.copy_paste)
 
 
 @dataclass
@@ -256,10 +256,10 @@ def check_cache_dir(out: Path, manifest: dict) -> Optional[dict]:
     return old
 
 
-def prepare_cache_dir(out: Path, manifest: dict, overwrite: bool, log: Callable[[str], None]) -> None:
+def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite: bool,
+                      log: Callable[[str], None]) -> None:
     """Refuse to mix settings in one cache; a rerun with the same settings keeps finished shards.
-    --overwrite deletes only the files the old manifest lists (checked by check_cache_dir)."""
-    old = _seg_manifest(out)
+    `old` is the manifest check_cache_dir found; --overwrite deletes only the files it lists."""
     if old is None:
         return
     if overwrite:
@@ -365,10 +365,10 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     lock = DirLock(out, cf.LOCK, "extraction")
 
     def prepare() -> None:
-        check_cache_dir(out, manifest)
+        old = check_cache_dir(out, manifest)
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        prepare_cache_dir(out, manifest, cfg.overwrite, say)
+        prepare_cache_dir(out, old, manifest, cfg.overwrite, say)
         if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
             cf.write_manifest(out, manifest)
 

@@ -44,25 +44,29 @@ class Segmenter:
             feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
         return torch.stack(feats, dim=1).to(torch.float16)
 
-    @torch.inference_mode()
-    def scores(self, images: Tensor, out_size: tuple[int, int], tta: str = "none") -> Tensor:
-        """uint8 images [B, h, w, 3] at the run's input size -> [B, K, H, W] float32 scores
-        (logits without TTA; mean softmax over the TTA views otherwise)."""
+    def _views(self, x: Tensor, tta: str, rescale, logits_of) -> Tensor:
+        """logits_of(x) without TTA; otherwise the mean softmax over the flipped (and rescaled) views
+        of x, each view's logits_of brought back to x's frame."""
         if tta not in TTA_MODES:
             raise SegError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-        x = normalize(images.to(self.device))
         if tta == "none":
-            return head_logits(self.run.head, self.tokens(x), out_size, self.amp)
+            return logits_of(x)
         total, views = None, 0
         for scale in (self.scales if tta == "flip+scales" else (1.0,)):
-            xs = x if scale == 1.0 else self._rescale(x, scale)
+            xs = x if scale == 1.0 else rescale(x, scale)
             for flip in (False, True):
-                xv = xs.flip(-1) if flip else xs
-                probs = head_logits(self.run.head, self.tokens(xv), out_size, self.amp).softmax(1)
+                probs = logits_of(xs.flip(-1) if flip else xs).softmax(1)
                 probs = probs.flip(-1) if flip else probs
                 total = probs if total is None else total + probs
                 views += 1
         return total / views
+
+    @torch.inference_mode()
+    def scores(self, images: Tensor, out_size: tuple[int, int], tta: str = "none") -> Tensor:
+        """uint8 images [B, h, w, 3] at the run's input size -> [B, K, H, W] float32 scores
+        (logits without TTA; mean softmax over the TTA views otherwise)."""
+        return self._views(normalize(images.to(self.device)), tta, self._rescale,
+                           lambda v: head_logits(self.run.head, self.tokens(v), out_size, self.amp))
 
     def label_maps(self, images: Tensor, sizes: list[tuple[int, int]], tta: str = "none") -> list[Tensor]:
         """Class-id maps (on the device), one per image at its own (H, W); one backbone pass when
@@ -76,8 +80,6 @@ class Segmenter:
                      batch: int = 4) -> Tensor:
         """One uint8 image [H, W, 3] at any size (the original frame) -> mean softmax [K, H, W] over
         the TTA views, each view scored by windows of the training size slid over the (rescaled) image."""
-        if tta not in TTA_MODES:
-            raise SegError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         w, h = self.run.size
         stride = stride or default_stride((h, w))
         x = normalize(image[None].to(self.device))
@@ -86,19 +88,26 @@ class Segmenter:
         def window_logits(crops: Tensor) -> Tensor:
             return head_logits(self.run.head, self.tokens(crops), (h, w), self.amp)
 
-        total, views = None, 0
-        for scale in (self.scales if tta == "flip+scales" else (1.0,)):
-            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            for flip in ((False, True) if tta != "none" else (False,)):
-                xv = xs.flip(-1) if flip else xs
-                logits = slide_logits(xv, (h, w), stride, window_logits, batch)
-                logits = logits.flip(-1) if flip else logits
-                if logits.shape[-2:] != size:
-                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                probs = logits.softmax(1)
-                total = probs if total is None else total + probs
-                views += 1
-        return (total / views)[0]
+        def view_logits(v: Tensor) -> Tensor:
+            logits = slide_logits(v, (h, w), stride, window_logits, batch)
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            return logits
+
+        def rescale(v: Tensor, scale: float) -> Tensor:
+            return F.interpolate(v, scale_factor=scale, mode="bilinear", align_corners=False)
+
+        scores = self._views(x, tta, rescale, view_logits)
+        return (scores.softmax(1) if tta == "none" else scores)[0]
+
+    def batch_labels(self, batch: dict, sizes: list[tuple[int, int]], tta: str = "none", mode: str = "resize",
+                     stride: Optional[tuple[int, int]] = None, window_batch: int = 4) -> list[Tensor]:
+        """Class-id maps of a collated batch: from its resized images at `sizes` ("resize"), or from
+        windows slid over its original frames, at their own size ("slide")."""
+        if mode == "slide":
+            return [self.slide_scores(torch.from_numpy(o), tta, stride, window_batch).argmax(0)
+                    for o in batch["original"]]
+        return self.label_maps(batch["image"], sizes, tta)
 
     def _rescale(self, x: Tensor, scale: float) -> Tensor:
         h, w = x.shape[-2:]

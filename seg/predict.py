@@ -84,7 +84,6 @@ def output_names(images: list[Path]) -> list[str]:
 
 
 PREDICT_RECORD = "predict.json"
-OUTPUT_FOLDERS = ("color", "overlay", "compare", "raw")
 
 
 def check_predict_dir(out: Path) -> set[str]:
@@ -169,11 +168,8 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
                     bar.update(1)
                 if batch["image"] is None:
                     continue
-                if opts.mode == "slide":
-                    labels = [segmenter.slide_scores(torch.from_numpy(o), opts.tta, opts.stride,
-                                                     opts.batch_size).argmax(0) for o in batch["original"]]
-                else:
-                    labels = segmenter.label_maps(batch["image"], [o.shape[:2] for o in batch["original"]], opts.tta)
+                labels = segmenter.batch_labels(batch, [o.shape[:2] for o in batch["original"]], opts.tta,
+                                                opts.mode, opts.stride, opts.batch_size)
                 for j, i in enumerate(batch["index"]):
                     original, name = batch["original"][j], names[i]
                     ids = labels[j].to(torch.uint8).cpu().numpy()

@@ -129,6 +129,12 @@ def test_slide_equals_whole_image_when_one_window_covers_it(small_cache, tmp_pat
     assert torch.allclose(slid, whole, atol=1e-6)
     for tta in ("flip", "flip+scales"):
         assert seg.slide_scores(image, tta).shape == (10, 126, 224)
+    # flip TTA = the mean of the plain view and the mirrored image's scores mirrored back
+    mirrored = image.flip(1)
+    expect = (seg.scores(image[None], (126, 224)).softmax(1)
+              + seg.scores(mirrored[None], (126, 224)).softmax(1).flip(-1)) / 2
+    assert torch.allclose(seg.scores(image[None], (126, 224), "flip"), expect, atol=1e-6)
+    assert torch.allclose(seg.slide_scores(image, "flip"), (slid + seg.slide_scores(mirrored).flip(-1)) / 2, atol=1e-6)
     one_scale = Segmenter(seg.run, None, torch.device("cpu"), scales=(1.0,))  # --tta-scales 1
     assert torch.allclose(one_scale.slide_scores(image, "flip+scales"), seg.slide_scores(image, "flip"), atol=1e-6)
     assert not torch.allclose(seg.slide_scores(image, "flip+scales"), seg.slide_scores(image, "flip"), atol=1e-4)
