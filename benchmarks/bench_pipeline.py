@@ -44,7 +44,7 @@ CONFIGS = {  # name -> (backbone, size, phase)
 # ---------------------------------------------------------------------------------------------
 def vit_flops(backbone: str, size: str) -> float:
     """Analytic forward FLOPs of one image (multiply-add = 2 FLOPs)."""
-    from seg.backbone import backbone_kwargs
+    from seg.backbones import backbone_kwargs
 
     kw = backbone_kwargs(backbone)
     d, depth = kw["embed_dim"], kw["depth"]
@@ -114,7 +114,7 @@ def task_onestage(args: dict) -> dict:
     """The published scripts' loop: backbone forward (frozen, half precision) + head step, every step."""
     import torch
 
-    from seg.backbone import load_backbone
+    from seg.backbones import load_backbone
     from seg.device import autocast
     from seg.heads import build_head, head_logits
     from seg.losses import SegLoss
@@ -219,7 +219,7 @@ def run_child(task: str, **args) -> dict:
 def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val: int) -> Path:
     """A cache with the real token shapes and random content (training speed does not depend on it)."""
     from seg import cache_format as cf
-    from seg.backbone import backbone_kwargs, file_sha256
+    from seg.backbones import backbone_kwargs, file_sha256
     from seg.classes import default_class_table
     from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
 

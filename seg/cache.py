@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from seg import cache_format as cf
 from seg.atomic import write_json
-from seg.backbone import file_sha256
+from seg.backbones import file_sha256
 from seg.class_stats import class_counts, describe_counts
 from seg.classes import ClassTable
 from seg.errors import SegError

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from seg.backbone import load_backbone
+from seg.backbones import load_backbone
 from seg.errors import SegError
 from seg.evaluate import EvalOptions, evaluate
 from seg.extract_features import ExtractConfig, extract

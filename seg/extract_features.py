@@ -19,7 +19,7 @@ import seg
 from seg import cache_format as cf
 from seg.augment import Augmenter, parse_size, policy_params
 from seg.atomic import tmp_name
-from seg.backbone import backbone_kwargs, file_sha256, is_dinov3, load_backbone
+from seg.backbones import backbone_kwargs, file_sha256, is_dinov3, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
 from seg.device import autocast, half_dtype, recorded_dtype, resolve_device

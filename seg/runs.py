@@ -9,13 +9,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from seg.backbone import file_sha256, hub_checkpoint_path, load_backbone
+from seg.backbones import file_sha256, hub_checkpoint_path, load_backbone
 from seg.checkpoint import load_torch_file
 from seg.classes import ClassTable
 from seg.errors import SegError
 from seg.heads import build_head
-from seg.weight_formats import weights_file
-from seg.vit import DinoVisionTransformer
+from seg.backbones.weight_formats import weights_file
+from seg.backbones.dinov2 import DinoVisionTransformer
 
 # Fields of the backbone record that must agree between a run and a cache it is evaluated on.
 FEATURE_FIELDS = ("backbone", "weights_sha256", "weights_fingerprint", "size", "layers", "layer_norm",

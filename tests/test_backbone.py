@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from seg import backbone as bb
+from seg.backbones import named as bb
 from seg.errors import SegError
 
 

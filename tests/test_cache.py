@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from seg.augment import Augmenter
-from seg.backbone import load_backbone
+from seg.backbones import load_backbone
 from seg.cache import FeatureCache, verify
 from seg.classes import default_class_table
 from seg.data import list_split, read_split_pair

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from seg.backbone import DinoV3VisionTransformer
+from seg.backbones import DinoV3VisionTransformer
 from conftest import DATA_DIR
 
 

@@ -131,7 +131,7 @@ def test_errors(run_dir, small_cache, dataset, tmp_path):
 
 def test_run_trained_on_official_weights_checks_sha256(run_dir, tmp_path, dataset):
     """A run whose cache used a weights file is only evaluated with that very file."""
-    from seg.backbone import file_sha256, load_backbone
+    from seg.backbones import file_sha256, load_backbone
     from seg.errors import SegError
     from seg.runs import rebuild_backbone
 

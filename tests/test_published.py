@@ -12,7 +12,7 @@ from torch import nn
 
 from seg import train_head as th
 from seg.augment import PublishedGaussianBlur, policy_params
-from seg.backbone import load_backbone
+from seg.backbones import load_backbone
 from seg.device import autocast
 from seg.heads import ConvNeXtHead, UPerNetHead, build_head, head_logits
 from seg.losses import SegLoss

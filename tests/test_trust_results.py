@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from seg import train_head as th
-from seg.backbone import load_backbone
+from seg.backbones import load_backbone
 from seg.cache import verify
 from seg.cli import main
 from seg.presets import resolve

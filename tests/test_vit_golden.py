@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seg.vit import DinoVisionTransformer
+from seg.backbones.dinov2 import DinoVisionTransformer
 from conftest import DATA_DIR
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers  # a test dependency (setup.cfg [test]): the oracle must run, never be skipped
 
-from seg.backbone import load_backbone
+from seg.backbones import load_backbone
 from seg.errors import SegError
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from seg import cache_format as cf
-from seg.backbone import file_sha256
+from seg.backbones import file_sha256
 from seg.classes import default_class_table
 from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
 

@@ -1,7 +1,7 @@
 """DINOv2 weights in the layouts users hold them: the official .pth, Hugging Face transformers
 (safetensors or pytorch_model.bin, file or snapshot folder, with or without the `dinov2.` prefix)
 and timm. The format is detected from the keys and converted to the official key layout, which
-`seg.vit.DinoVisionTransformer` loads strictly. Conversions (DESIGN.md "Weight formats"):
+`seg.backbones.dinov2.DinoVisionTransformer` loads strictly. Conversions (DESIGN.md "Weight formats"):
 
 - transformers: q, k, v (`attention.attention.{query,key,value}` or `attention.{q,k,v}_proj`)
   concatenated in that order into `attn.qkv`; `attention.output.dense` / `attention.o_proj` ->

@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from seg.weight_formats import architecture_of, read_state, to_official, weights_file
+from seg.backbones.weight_formats import architecture_of, read_state, to_official, weights_file
 from seg.errors import SegError
-from seg.dinov3 import DinoV3VisionTransformer
-from seg.vit import DinoVisionTransformer
+from seg.backbones.dinov3 import DinoV3VisionTransformer
+from seg.backbones.dinov2 import DinoVisionTransformer
 
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
 

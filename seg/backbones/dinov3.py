@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seg.vit import LayerScale, block_indices
+from seg.backbones.dinov2 import LayerScale, block_indices
 
 
 class RopePositionEmbedding(nn.Module):
