@@ -41,8 +41,16 @@ class FeatureCache:
 
     @property
     def in_channels(self) -> int:
-        layers, dim = self.manifest["token_shape"][:2]
+        layers, dim = cf.head_input(self.manifest)
         return layers * dim
+
+    @property
+    def head_layers(self) -> int:
+        return cf.head_input(self.manifest)[0]
+
+    @property
+    def tap_block(self) -> Optional[int]:
+        return cf.tap_block(self.manifest)
 
     def check_shards(self, splits: list[str], progress: Optional[Callable[[int], None]] = None) -> tuple[int, int]:
         """Every shard of these splits against the manifest's sha256, before anything reads it: HDF5
@@ -227,8 +235,10 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         f"  ({m['weights_source']})",
         f"input        {size['width']}x{size['height']}  -> patch grid {grid['width']}x{grid['height']} "
         f"= {grid['width'] * grid['height']} tokens",
-        f"tokens       {m['token_dtype']} {m['token_shape']} per sample (layers {m['layers']}, normed), "
-        f"computed in {m.get('compute_dtype')} on {m.get('device')}",
+        f"tokens       {m['token_dtype']} {m['token_shape']} per sample ("
+        + (f"layers {m['layers']}, normed" if cf.tap_block(m) is None else
+           f"tap: the un-normed stream entering block {m['tap_block']} of {m['depth']}, all tokens; "
+           f"largest |value| {_largest(m)}") + f"), computed in {m.get('compute_dtype')} on {m.get('device')}",
         f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']}); "
         f"{augmented_views(m)} augmented view(s) per train image",
         f"classes      {len(m['class_table']['classes'])}: "
@@ -251,6 +261,11 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
             lines.append(f"classes in {name} (after augmentation):")
             lines += describe_counts(cache.class_counts(name), names)
     return lines
+
+
+def _largest(manifest: dict) -> str:
+    values = [sh.get("max_abs") for s in manifest["splits"].values() for sh in s["shards"]]
+    return f"{max(values):.4g}" if values and None not in values else "?"
 
 
 def augmented_views(manifest: dict) -> int:
@@ -325,6 +340,7 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
                 return [f"{key} is {d.dtype}{list(d.shape)}, expected {np.dtype(dtype)}{list(shape)}"]
             data[key] = d[()]  # reading every chunk checks its fletcher32 checksum
         stored_counts = f["class_counts"][()] if "class_counts" in f else None
+        recorded_max = f.attrs.get("max_abs")
     problems = []
     n_img = len(split["images"])
     ks = np.arange(plan.start, plan.start + plan.count)
@@ -336,6 +352,9 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
         problems.append("masks hold ids outside the class table")
     if not np.isfinite(data["tokens"]).all():
         problems.append("tokens hold NaN or infinite values")
+    elif cf.tap_block(m) is not None and (recorded_max is None or float(np.abs(data["tokens"]).max(initial=0))
+                                          != float(recorded_max)):
+        problems.append(f"the tokens' largest |value| differs from the recorded max_abs {recorded_max}")
     if stored_counts is not None or "class_counts" in split:  # version 3: counts stored; older: nothing to check
         counted = class_counts(masks, len(m["class_table"]["classes"]))
         if stored_counts is not None and not np.array_equal(stored_counts, counted):

@@ -32,14 +32,18 @@ FORMAT_VERSION = 3
 # Version 3 adds per-sample class pixel counts (a `class_counts` dataset in each shard, and per split
 # in the manifest) and the copy-paste record; a version-2 cache is still read, its counts computed
 # from the masks on first use and kept in CLASS_COUNTS_FILE.
-READABLE_VERSIONS = (2, 3)
+TAP_FORMAT_VERSION = 4
+# Version 4 is a tap cache: `tap_block` B, and tokens [T, C] per sample that are the un-normed
+# residual stream entering block B (all tokens), not normed patch maps. Layer caches are still
+# written as version 3, so older seg versions keep reading them and refuse tap caches by version.
+READABLE_VERSIONS = (2, 3, 4)
 MANIFEST = "manifest.json"
 LOCK = ".seg-extract.lock"
 CLASS_COUNTS_FILE = "class-counts.json"
 # Fields that describe results, not settings: a rerun with the same settings may differ in these.
 # Everything else (compute dtype and device included) changes the bytes and must match on resume.
 RESULT_FIELDS = ("complete", "seg_version", "torch_version")
-SHARD_RESULT_FIELDS = ("sha256", "bytes")
+SHARD_RESULT_FIELDS = ("sha256", "bytes", "max_abs")
 # Per split: where the sources are and what they looked like; they may move or change without
 # changing the settings (a change is reported, see `source_changes`).
 SPLIT_RESULT_FIELDS = ("data_dir", "sources", "class_counts")
@@ -104,6 +108,23 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def format_version(tap_block: Optional[int]) -> int:
+    return FORMAT_VERSION if tap_block is None else TAP_FORMAT_VERSION
+
+
+def tap_block(manifest: dict) -> Optional[int]:
+    """The block whose input a tap cache stores, or None for a cache of normed layer outputs."""
+    return manifest.get("tap_block")
+
+
+def head_input(manifest: dict) -> tuple[int, int]:
+    """(layers, channels per layer) of what the head sees: the stored layers, or for a tap cache the
+    one normed last block the tuned tail produces."""
+    if tap_block(manifest) is not None:
+        return 1, manifest["embed_dim"]
+    return manifest["token_shape"][0], manifest["token_shape"][1]
+
+
 def read_manifest(cache_dir: Path) -> dict:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
@@ -117,6 +138,9 @@ def read_manifest(cache_dir: Path) -> dict:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise SegError(f"{path}: cache format version {manifest.get('format_version')}, "
                        f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
+    if (manifest["format_version"] == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
+        raise SegError(f"{path}: format version {manifest['format_version']} with tap_block "
+                       f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
     return manifest
 
 

@@ -95,6 +95,9 @@ def main() -> None:
               help="K >= 1: with a policy, each train image is cached as K augmented draws (seeds 1..K; 4+ recommended).")
 @click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to extract.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
+@click.option("--tap-block", type=click.IntRange(min=0), default=None,
+              help="Store the un-normed stream entering block B (all tokens) instead of normed layers: "
+                   "a tap cache for `train-head --tune-blocks N-B`.")
 @click.option("--batch-size", default=8, show_default=True, type=COUNT, help="Images per backbone forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8].")
@@ -115,7 +118,7 @@ def extract(**kw) -> None:
         data=kw["data"], out=kw["out"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
         random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"],
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
-        layers=kw["layers"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
+        layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
     )
@@ -162,6 +165,15 @@ def extract(**kw) -> None:
 @click.option("--rcs-temperature", type=float, help="Rare-class sampling temperature T [default: 0.01].")
 @click.option("--rcs-min-pixels", type=int,
               help="Pixels of the drawn class a sample must hold [default: 3000 at 1024x512, scaled to the mask].")
+@click.option("--tune-blocks", type=click.IntRange(min=0),
+              help="Also train the last k backbone blocks and the final norm (needs `extract --tap-block N-k`).")
+@click.option("--backbone-lr", type=float, help="Learning rate of the tuned blocks [default: lr / 10].")
+@click.option("--layer-decay", type=float, help="Tuned block i of k learns at backbone-lr x decay^(k-1-i) [default: 1].")
+@click.option("--weights", type=click.Path(),
+              help="--tune-blocks: the backbone checkpoint the cache was built with (checked by sha256) "
+                   "[default: the torch hub cache].")
+@click.option("--checkpointing", is_flag=True,
+              help="--tune-blocks: recompute block activations in backward (less memory, ~1/3 more compute).")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--preload", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Hold the cache on the device, or stream it from the shards.")
@@ -172,7 +184,7 @@ def extract(**kw) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard before training.")
 @user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch")
 def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, allow_mismatch, no_verify,
-               **overrides) -> None:
+               weights, checkpointing, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs)."""
     from seg.metrics import format_table
     from seg.presets import resolve
@@ -184,7 +196,8 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
     d = distributed.init(device)
     try:
         metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch,
-                                                        overwrite=overwrite, verify=not no_verify),
+                                                        overwrite=overwrite, verify=not no_verify,
+                                                        weights=weights, checkpointing=checkpointing),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)

@@ -111,13 +111,13 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
         tokens, masks = split.read_rows(rows)
         tokens = torch.from_numpy(tokens).to(device)
         if data_dir is None:
-            logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"])
+            logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"], run.grid)
             cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
         else:
             for i, row in enumerate(rows):
                 path = source_files(data_dir, split.images[int(row) % n])[1]
                 full = torch.from_numpy(map_mask(read_raw_mask(path), lut, path)).to(device)
-                logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"])
+                logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"], run.grid)
                 cm += confusion_matrix(logits.argmax(1)[0], full, cm.shape[0])
         bar.update(len(rows))
     bar.close()

@@ -22,7 +22,8 @@ from seg.atomic import tmp_name
 from seg.backbones import backbone_kwargs, file_sha256, is_dinov3, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
-from seg.device import autocast, half_dtype, recorded_dtype, resolve_device
+from seg.device import half_dtype, recorded_dtype, resolve_device
+from seg.features import backbone_features
 from seg.class_stats import class_counts
 from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, copy_paste_requested, parse_copy_paste
 from seg.dirlock import DirLock
@@ -46,6 +47,7 @@ class ExtractConfig:
     aug_seeds: int = 1
     splits: tuple[str, ...] = ("train", "val")
     layers: str = "1"
+    tap_block: Optional[int] = None         # store the un-normed stream entering this block instead
     batch_size: int = 8
     device: str = "auto"
     workers: Optional[int] = None
@@ -160,6 +162,12 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
                    table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device,
                    paste: Optional[CopyPasteConfig] = None) -> dict:
     w, h = size
+    grid = (h // model.patch_size, w // model.patch_size)
+    tap = cfg.tap_block
+    if tap is None:
+        token_shape = [len(layers), model.embed_dim, *grid]
+    else:
+        token_shape = [1 + model.num_register_tokens + grid[0] * grid[1], model.embed_dim]
     augmented = cfg.aug_policy != "none" or paste is not None
     seeds = {s: (train_seeds(augmented, cfg.aug_seeds) if s == "train" else [0]) for s in split_files}
     splits = {}
@@ -177,7 +185,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         }
     manifest = {
         "format": cf.FORMAT,
-        "format_version": cf.FORMAT_VERSION,
+        "format_version": cf.format_version(tap),
         "seg_version": seg.__version__,
         "torch_version": torch.__version__,
         "complete": False,
@@ -192,10 +200,14 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "patch_grid": {"width": w // model.patch_size, "height": h // model.patch_size},
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),
-        "layers": layers,
-        "layer_norm": True,
+        "layers": layers if tap is None else [],
+        "layer_norm": tap is None,
+        **({} if tap is None else {
+            "tap_block": tap,
+            "token_layout": f"the un-normed residual stream entering block {tap}: cls, "
+                            f"{model.num_register_tokens} register tokens, then the patches row by row"}),
         "token_dtype": "float16",
-        "token_shape": [len(layers), model.embed_dim, h // model.patch_size, w // model.patch_size],
+        "token_shape": token_shape,
         "mask_shape": [h, w],
         "compute_dtype": compute_dtype(cfg.half, device, info.name),
         "device": device.type,
@@ -312,6 +324,8 @@ def finalize_manifest(out: Path, manifest: dict) -> int:
             total += sh["bytes"]
             with h5py.File(path, "r") as f:
                 counts += f["class_counts"][()].tolist()
+                if cf.tap_block(manifest) is not None:
+                    sh["max_abs"] = float(f.attrs["max_abs"])
         split["class_counts"] = counts
     manifest["complete"] = True
     cf.write_manifest(out, manifest)
@@ -351,6 +365,14 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         layers = sorted(model.resolve_layers(parse_layers(cfg.layers)))
     except ValueError as exc:
         raise SegError(f"--layers: {exc}") from None
+    if cfg.tap_block is not None:
+        depth = len(model.blocks)
+        if str(cfg.layers) != "1":
+            raise SegError("--tap-block and --layers exclude each other: a tap cache stores the stream entering "
+                           "one block, the tuned blocks make the last layer")
+        if not 0 <= cfg.tap_block < depth:
+            raise SegError(f"--tap-block must be a block of {cfg.backbone}, 0..{depth - 1} (then --tune-blocks "
+                           f"{depth} - B), got {cfg.tap_block}")
     paste = None
     choice = parse_copy_paste(cfg.copy_paste, list(table.names))
     if choice is not None:
@@ -382,7 +404,8 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
         todo = missing_shards(out, manifest, mine)
         n_todo = sum(p.count for p in todo)
-        say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, layers {layers}, policy {cfg.aug_policy}, "
+        what = f"layers {layers}" if cfg.tap_block is None else f"the stream entering block {cfg.tap_block}"
+        say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, {what}, policy {cfg.aug_policy}, "
             f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
             f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
             + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
@@ -404,6 +427,12 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
                                  total_bytes, seconds, written / seconds if seconds > 0 else 0.0,
                                  written / loop_seconds if written and loop_seconds > 0 else 0.0)
         per = total_bytes / summary.samples_total if summary.samples_total else 0
+        if cfg.tap_block is not None and d.is_main:
+            largest = max(sh["max_abs"] for s in manifest["splits"].values() for sh in s["shards"])
+            summary_tap = (f"tap tokens: largest |value| {largest:.4g} (float16 holds up to 65504; at that size "
+                           f"its step is {_f16_step(largest):.3g})")
+        else:
+            summary_tap = None
         rank_note = f" by rank 0 of {d.world}" if d.active else ""
         summary.lines = [
             f"cache: {out}",
@@ -412,10 +441,15 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)",
             f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s overall, "
             f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
-        ]
+        ] + ([summary_tap] if summary_tap else [])
         return summary
     finally:
         lock.release()
+
+
+def _f16_step(value: float) -> float:
+    """The spacing of float16 numbers near value: what storing the stream costs in precision."""
+    return float(np.spacing(np.float16(min(value, 65504.0))))
 
 
 def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor, files: SplitFiles,
@@ -452,16 +486,18 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
     plan = next(plan_iter)
     buf_tokens = np.empty((plan.count, *token_shape), np.float16)
     buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-    filled, written = 0, 0
+    filled, written, max_abs = 0, 0, 0.0
+    tap = cf.tap_block(manifest)
+    dtype = recorded_dtype(manifest["compute_dtype"], device)
     for batch in loader:
         if "error" in batch:
             raise SegError(batch["error"])
         x = normalize(batch["image"].to(device, non_blocking=True))
-        with autocast(device, dtype=recorded_dtype(manifest["compute_dtype"], device)):
-            feats = torch.stack(model.get_intermediate_layers(x, n=layers, reshape=True, norm=True), dim=1)
+        feats = backbone_features(model, x, layers, tap, device, dtype)
         half = feats.to(torch.float16)
         if not torch.isfinite(half).all():
             _refuse_non_finite(feats, half, batch["k"], files, seeds)
+        max_abs = max(max_abs, half.abs().max().item())
         tokens = half.cpu().numpy()
         b = tokens.shape[0]
         buf_tokens[filled:filled + b] = tokens
@@ -470,9 +506,11 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
         bar.update(b)
         if filled == plan.count:
             ks = np.arange(plan.start, plan.start + plan.count)
+            attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
+            if tap is not None:
+                attrs["max_abs"] = max_abs
             cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
-                           np.asarray(seeds)[ks // len(files.names)],
-                           attrs={"split": plan.split, "shard": plan.index, "start": plan.start},
+                           np.asarray(seeds)[ks // len(files.names)], attrs=attrs,
                            class_counts=class_counts(buf_masks, num_classes))
             written += plan.count
             plan = next(plan_iter, None)
@@ -480,5 +518,5 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
                 break
             buf_tokens = np.empty((plan.count, *token_shape), np.float16)
             buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-            filled = 0
+            filled, max_abs = 0, 0.0
     return written

@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 from seg.augment import Augmenter
 from seg.data import read_pair
-from seg.device import autocast, recorded_dtype
+from seg.device import recorded_dtype
+from seg.features import backbone_features
 from seg.errors import SegError
 from seg.heads import head_logits
 from seg.normalize import normalize
@@ -39,10 +40,15 @@ class Segmenter:
 
     @torch.inference_mode()
     def tokens(self, x: Tensor) -> Tensor:
-        """Normalised images [B, 3, H, W] -> tokens [B, L, C, Hp, Wp] float16, as the cache stores them."""
-        with autocast(self.device, dtype=self.compute_dtype):
-            feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
-        return torch.stack(feats, dim=1).to(torch.float16)
+        """Normalised images [B, 3, H, W] -> float16 tokens, as the cache stores them: [B, L, C, Hp, Wp],
+        or for a tuned run the stream entering its first tuned block [B, T, C]."""
+        return backbone_features(self.backbone, x, self.layers, self.run.tap_block, self.device,
+                                 self.compute_dtype).to(torch.float16)
+
+    def logits(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Normalised images -> float32 logits at out_size, through the cache's tokens."""
+        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        return head_logits(self.run.head, self.tokens(x), out_size, self.amp, grid)
 
     def _views(self, x: Tensor, tta: str, rescale, logits_of) -> Tensor:
         """logits_of(x) without TTA; otherwise the mean softmax over the flipped (and rescaled) views
@@ -66,7 +72,7 @@ class Segmenter:
         """uint8 images [B, h, w, 3] at the run's input size -> [B, K, H, W] float32 scores
         (logits without TTA; mean softmax over the TTA views otherwise)."""
         return self._views(normalize(images.to(self.device)), tta, self._rescale,
-                           lambda v: head_logits(self.run.head, self.tokens(v), out_size, self.amp))
+                           lambda v: self.logits(v, out_size))
 
     def label_maps(self, images: Tensor, sizes: list[tuple[int, int]], tta: str = "none") -> list[Tensor]:
         """Class-id maps (on the device), one per image at its own (H, W); one backbone pass when
@@ -85,11 +91,8 @@ class Segmenter:
         x = normalize(image[None].to(self.device))
         size = tuple(x.shape[-2:])
 
-        def window_logits(crops: Tensor) -> Tensor:
-            return head_logits(self.run.head, self.tokens(crops), (h, w), self.amp)
-
         def view_logits(v: Tensor) -> Tensor:
-            logits = slide_logits(v, (h, w), stride, window_logits, batch)
+            logits = slide_logits(v, (h, w), stride, lambda crops: self.logits(crops, (h, w)), batch)
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             return logits

@@ -38,6 +38,13 @@ class TrainConfig:
     sampling: str = "uniform"    # uniform (published) | rare-class (DAFormer's RCS over cached samples)
     rcs_temperature: float = 0.01
     rcs_min_pixels: Optional[int] = None  # None: DAFormer's 3000 px at 1024x512, scaled to the mask area
+    tune_blocks: int = 0         # train the last k backbone blocks too (needs a tap cache at block N - k)
+    backbone_lr: Optional[float] = None  # their learning rate; None: lr / 10
+    layer_decay: float = 1.0     # block i of k gets backbone_lr x layer_decay^(k - 1 - i)
+
+    @property
+    def tuned_lr(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +115,13 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
         raise SegError(f"--rcs-min-pixels must be at least 1, got {cfg.rcs_min_pixels}")
     if cfg.sampling == "rare-class" and cfg.all_seeds:
         raise SegError("--sampling rare-class draws samples by class; it cannot be combined with --all-seeds")
-    for key in ("warmup_epochs", "seed"):
+    if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
+        raise SegError(f"--backbone-lr must be a finite number > 0, got {cfg.backbone_lr}")
+    if not (math.isfinite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1):
+        raise SegError(f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
+    if (cfg.backbone_lr is not None or cfg.layer_decay != 1.0) and not cfg.tune_blocks:
+        raise SegError("--backbone-lr and --layer-decay apply to tuned blocks: add --tune-blocks k")
+    for key in ("warmup_epochs", "seed", "tune_blocks"):
         if getattr(cfg, key) < 0:
             raise SegError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(cfg, key)}")
     # (name, lowest allowed, is the lowest itself allowed, upper bound exclusive)

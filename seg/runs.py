@@ -9,17 +9,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from seg.backbones import file_sha256, hub_checkpoint_path, load_backbone
+from seg.backbones import build_backbone, file_sha256, hub_checkpoint_path, load_backbone
+from seg.backbones.tail import BackboneTail
 from seg.checkpoint import load_torch_file
 from seg.classes import ClassTable
 from seg.errors import SegError
-from seg.heads import build_head
+from seg.heads import TunedHead, build_head
 from seg.backbones.weight_formats import weights_file
 from seg.backbones.dinov2 import DinoVisionTransformer
 
 # Fields of the backbone record that must agree between a run and a cache it is evaluated on.
 FEATURE_FIELDS = ("backbone", "weights_sha256", "weights_fingerprint", "size", "layers", "layer_norm",
-                  "normalize", "resize", "token_shape")
+                  "normalize", "resize", "token_shape", "tap_block")
 
 
 @dataclass
@@ -38,6 +39,19 @@ class Run:
         s = self.backbone["size"]
         return s["width"], s["height"]
 
+    @property
+    def tap_block(self) -> Optional[int]:
+        """Where the run's tuned blocks start (its head is a TunedHead), or None for a frozen run."""
+        return self.backbone.get("tap_block")
+
+    @property
+    def grid(self) -> Optional[tuple[int, int]]:
+        """The patch grid (Hp, Wp) tap tokens of the run's size lie on; None for a frozen run."""
+        if self.tap_block is None:
+            return None
+        w, h = self.size
+        return h // self.backbone["patch_size"], w // self.backbone["patch_size"]
+
 
 def load_run(run_dir: str | Path, device: torch.device) -> Run:
     path = Path(run_dir)
@@ -50,13 +64,23 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
         raise SegError(f"{best}: not a seg checkpoint (needs {', '.join(sorted(needed))})")
     table = ClassTable.from_json(record["class_table"], source=str(best))
     try:
-        head = build_head(record["config"]["head"], record["in_channels"], table.num_classes,
-                          layers=record["backbone"]["token_shape"][0])
+        head = build_run_head(record, table.num_classes)
         head.load_state_dict(record.pop("head"))
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise SegError(f"{best}: its head weights do not fit its recorded head ({str(exc).splitlines()[0][:160]})") from None
     head.to(device).eval().requires_grad_(False)
     return Run(path, record, head, table)
+
+
+def build_run_head(record: dict, num_classes: int) -> nn.Module:
+    """The run's head, untrained: for a tuned run, its backbone's tail blocks in front of it (built
+    from the architecture alone; best.pt holds the tuned weights)."""
+    bb = record["backbone"]
+    tap = bb.get("tap_block")
+    if tap is None:
+        return build_head(record["config"]["head"], record["in_channels"], num_classes, layers=bb["token_shape"][0])
+    head = build_head(record["config"]["head"], record["in_channels"], num_classes)
+    return TunedHead(BackboneTail(build_backbone(bb["backbone"]), tap), head)
 
 
 def check_cache_compatible(run: Run, manifest: dict, cache_dir: str | Path) -> None:
@@ -83,8 +107,9 @@ def rebuild_backbone(record: dict, weights: Optional[str], device: torch.device)
         if path.is_dir():
             path = weights_file(path)
         if not path.is_file():
-            raise SegError(f"the run's backbone weights are not at {path}; pass --weights FILE "
-                           f"(sha256 {record['weights_sha256'][:16]}..., from {record['weights_source']})")
+            raise SegError(f"the {name} weights the features were computed with are not at {path}; put them there "
+                           f"or pass --weights FILE (sha256 {record['weights_sha256'][:16]}..., from "
+                           f"{record['weights_source']})")
         if file_sha256(path) != record["weights_sha256"]:
             raise SegError(f"{path}: sha256 differs from the weights the run's cache was built with "
                            f"({record['weights_sha256'][:16]}...); refusing to mix features")

@@ -19,18 +19,21 @@ from tqdm import tqdm
 from seg import plots
 from seg.atomic import write_json, write_text
 from seg.cache import FeatureCache, augmented_views
+from seg import cache_format as cf
+from seg.backbones.tail import BackboneTail
 from seg.cache_format import settings_of
 from seg.checkpoint import load_torch_file, save_checkpoint
 from seg.dirlock import DirLock
 from seg.device import half_dtype, resolve_device
 from seg.distributed import Dist, all_reduce_sum, on_main, rank_device
 from seg.errors import SegError
-from seg.heads import build_head, head_logits
+from seg.heads import TunedHead, build_head, head_logits
 from seg.losses import SegLoss, inverse_frequency_weights
 from seg.metrics import confusion_matrix, format_table, jsonable, summarize
 from seg.presets import PRESETS, TrainConfig
 from seg.rare_class_sampling import RareClassSampler, default_min_pixels
 from seg.run_dir import LOCK as RUN_LOCK, RUN_FORMAT, check_run_dir, clear_run_dir
+from seg.runs import rebuild_backbone
 from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, choose_preload, epoch_indices
 
 VAL_BATCH = 8
@@ -46,6 +49,8 @@ class RunOptions:
     progress: bool = True
     overwrite: bool = False         # replace a finished seg run in --out
     verify: bool = True             # sha256 of every shard against the manifest before use
+    weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded hub file)
+    checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
 
 
 def cache_fingerprint(manifest: dict) -> str:
@@ -57,7 +62,7 @@ def backbone_record(manifest: dict) -> dict:
     keys = ("backbone", "weights_sha256", "weights_source", "random_init_seed", "weights_fingerprint",
             "size", "patch_size", "layers", "layer_norm", "normalize", "resize", "token_shape", "mask_shape",
             "compute_dtype")
-    return {k: manifest[k] for k in keys}
+    return {**{k: manifest[k] for k in keys}, "tap_block": cf.tap_block(manifest)}
 
 
 def recommended_layers(depth: int) -> str:
@@ -71,7 +76,8 @@ def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mis
     mismatches = []
     if (manifest["backbone"], size) != (cfg.backbone, cfg.size):
         mismatches.append(f"cache is {manifest['backbone']} @ {size}, but phase {cfg.phase} is {cfg.backbone} @ {cfg.size}")
-    if manifest["layers"] != last_block and cfg.phase in PRESETS and cfg.head == PRESETS[cfg.phase].head:
+    if cf.tap_block(manifest) is None and manifest["layers"] != last_block and cfg.phase in PRESETS \
+            and cfg.head == PRESETS[cfg.phase].head:
         mismatches.append(f"cache stores blocks {manifest['layers']}, but phase {cfg.phase} was published on the "
                           f"normed last block {last_block} only")
     if mismatches and not allow_mismatch:
@@ -103,14 +109,24 @@ class Trainer:
                 raise SegError(f"{cache_dir}: training needs a {split!r} split in the cache (it has "
                                f"{', '.join(m['splits'])}); extract with --splits train,val")
         check_cache_matches(cfg, m, Path(cache_dir), opts.allow_mismatch, self.log)
-        L, C, hp, wp = m["token_shape"]
-        self.log(f"head input: {L * C} channels = {L} layer(s) x {C} from blocks {m['layers']}, grid {wp}x{hp}")
+        self.tap = cf.tap_block(m)
+        self._check_tuning(Path(cache_dir))
+        L, C = cf.head_input(m)
+        hp, wp = m["patch_grid"]["height"], m["patch_grid"]["width"]
+        self.grid = (hp, wp) if self.tap is not None else None
+        if self.tap is None:
+            self.log(f"head input: {L * C} channels = {L} layer(s) x {C} from blocks {m['layers']}, grid {wp}x{hp}")
+        else:
+            self.log(f"tuning blocks {self.tap}..{m['depth'] - 1} and the final norm of {m['backbone']} from the "
+                     f"cached stream entering block {self.tap}; head input: {C} channels, grid {wp}x{hp}")
         views = augmented_views(m)
         self.log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
                  + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
         if cfg.head in ("convnext", "linear") and hp * wp == 1:
             raise SegError(f"{cache_dir}: the patch grid is 1x1; the {cfg.head} head's BatchNorm needs more than one "
                            "value per channel: extract a larger --size or use --head upernet")
+        if cfg.head == "upernet-ms" and self.tap is not None:
+            raise SegError(f"{cache_dir}: the upernet-ms head needs 4 layers; a tuned run's head sees the last block only")
         if cfg.head == "upernet-ms" and L < 4:
             raise SegError(f"{cache_dir}: the upernet-ms head needs at least 4 stored layers, the cache has {L} "
                            f"(blocks {m['layers']}); extract with e.g. --layers {recommended_layers(m['depth'])}")
@@ -136,12 +152,33 @@ class Trainer:
                      + ", ".join(f"{n} {p:.3f}" for n, p in zip(self.names, self.sampler.probs)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
+    def _check_tuning(self, cache_dir: Path) -> None:
+        """--tune-blocks k needs a tap cache at block N - k; a tap cache needs --tune-blocks."""
+        k, m = self.cfg.tune_blocks, self.cache.manifest
+        depth = m["depth"]
+        if self.tap is None and k:
+            if k > depth:
+                raise SegError(f"--tune-blocks {k}: {m['backbone']} has {depth} blocks")
+            raise SegError(f"{cache_dir}: --tune-blocks {k} needs a tap cache of the stream entering block "
+                           f"{depth - k}: extract with `seg extract --tap-block {depth - k}`")
+        if self.tap is not None and k != depth - self.tap:
+            raise SegError(f"{cache_dir}: holds the stream entering block {self.tap} of {depth}, so it trains "
+                           f"blocks {self.tap}..{depth - 1}: pass --tune-blocks {depth - self.tap}"
+                           + (f" (not {k})" if k else ""))
+
     # -- setup -----------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights
-        self.head = build_head(cfg.head, self.cache.in_channels, self.k,
-                               layers=self.cache.manifest["token_shape"][0]).to(self.device)
+        head = build_head(cfg.head, self.cache.in_channels, self.k, layers=self.cache.head_layers)
+        if self.tap is not None:
+            # Exactly the weights the cache recorded (sha256 and tensor fingerprint checked).
+            backbone = rebuild_backbone(backbone_record(self.cache.manifest), self.opts.weights, torch.device("cpu"))
+            tail = BackboneTail(backbone, self.tap)
+            tail.requires_grad_(True)
+            tail.checkpointing = self.opts.checkpointing
+            head = TunedHead(tail, head)
+        self.head = head.to(self.device)
         self.model = self.head
         if self.d.active:
             if self.device.type == "cuda":  # per-rank BatchNorm statistics would differ from one process
@@ -156,12 +193,25 @@ class Trainer:
         else:
             self.class_weights = None
         self.criterion = SegLoss(cfg.loss, weights, cfg.focal_gamma, cfg.dice_weight).to(self.device)
-        params = self.head.parameters()
+        params = self._param_groups()
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_factor)
+
+    def _param_groups(self) -> list[dict]:
+        """The head at lr; tuned block i of k at backbone_lr x layer_decay^(k - 1 - i), the final norm
+        at backbone_lr. The schedule scales every group by the same factor."""
+        cfg = self.cfg
+        if self.tap is None:
+            return [{"params": list(self.head.parameters()), "lr": cfg.lr}]
+        tail = self.head.tail
+        k = len(tail.blocks)
+        return ([{"params": list(self.head.head.parameters()), "lr": cfg.lr}]
+                + [{"params": list(blk.parameters()), "lr": cfg.tuned_lr * cfg.layer_decay ** (k - 1 - i)}
+                   for i, blk in enumerate(tail.blocks)]
+                + [{"params": list(tail.norm.parameters()), "lr": cfg.tuned_lr}])
 
     def _sources(self):
         preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device)
@@ -187,7 +237,7 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------
     def _forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None)
+        logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None, self.grid)
         return logits, self.criterion(logits, masks)
 
     def epoch_draw(self, epoch: int) -> np.ndarray:

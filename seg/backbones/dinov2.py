@@ -197,6 +197,13 @@ class DinoVisionTransformer(nn.Module):
     def resolve_layers(self, n: Union[int, Sequence[int]]) -> list[int]:
         return block_indices(len(self.blocks), n)
 
+    def tokens_entering(self, x: Tensor, block: int) -> Tensor:
+        """The un-normed residual stream entering `block`: all tokens (cls, registers, patches)."""
+        tokens = self.prepare_tokens(x)
+        for blk in self.blocks[:block]:
+            tokens = blk(tokens)
+        return tokens
+
     def get_intermediate_layers(
         self,
         x: Tensor,

@@ -230,6 +230,14 @@ class DinoV3VisionTransformer(nn.Module):
     def resolve_layers(self, n: Union[int, Sequence[int]]) -> list[int]:
         return block_indices(len(self.blocks), n)
 
+    def tokens_entering(self, x: Tensor, block: int) -> Tensor:
+        """The un-normed residual stream entering `block`: all tokens (cls, storage tokens, patches)."""
+        tokens, (hp, wp) = self.prepare_tokens(x)
+        rope = self.rope_embed(hp, wp)
+        for blk in self.blocks[:block]:
+            tokens = blk(tokens, rope)
+        return tokens
+
     def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                 return_class_token: bool = False, return_extra_tokens: bool = False,
                                 norm: bool = True) -> tuple:

@@ -3,12 +3,15 @@ training, evaluation and prediction share (`head_logits`)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg.heads.convnext import ConvNeXtHead
 from seg.heads.linear import LinearHead
 from seg.heads.pyramid import PyramidUPerNetHead
+from seg.heads.tuned import TunedHead
 from seg.heads.upernet import PyramidPooling, UPerNetHead, conv_gn
 
 HEADS = ("convnext", "upernet", "linear", "upernet-ms")
@@ -33,16 +36,23 @@ def tokens_to_input(tokens: Tensor) -> Tensor:
     return tokens.reshape(b, l * c, h, w).float()
 
 
-def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool) -> Tensor:
+def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool,
+                grid: Optional[tuple[int, int]] = None) -> Tensor:
     """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
-    The one path used by training, validation, evaluation and prediction."""
+    The one path used by training, validation, evaluation and prediction. Tap tokens [B, T, C]
+    go through the tuned blocks of a TunedHead first, on their patch grid (Hp, Wp)."""
     from seg.device import autocast
 
     with autocast(tokens.device, amp):
-        logits = head(tokens_to_input(tokens))
+        if tokens.dim() == 3:
+            if grid is None:
+                raise ValueError("tap tokens need their patch grid")
+            logits = head(tokens.float(), grid)  # the residual stream is float32 in the backbone
+        else:
+            logits = head(tokens_to_input(tokens))
         logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
     return logits.float()
 
 
-__all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PyramidPooling", "PyramidUPerNetHead", "UPerNetHead",
+__all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PyramidPooling", "PyramidUPerNetHead", "TunedHead", "UPerNetHead",
            "build_head", "conv_gn", "head_logits", "tokens_to_input"]
