@@ -103,7 +103,8 @@ def rebuild_backbone(record: dict, weights: Optional[str], device: torch.device)
             raise SegError(f"the run was trained on random-init {name} features; --weights does not apply")
         model, info = load_backbone(name, random_init=True, seed=record["random_init_seed"])
     else:
-        path = Path(weights) if weights else hub_checkpoint_path(name)
+        source = record["weights_source"]  # a local file the cache was built from, or the official URL
+        path = Path(weights) if weights else (hub_checkpoint_path(name) if "://" in source else Path(source))
         if path.is_dir():
             path = weights_file(path)
         if not path.is_file():

@@ -145,5 +145,7 @@ def test_run_trained_on_official_weights_checks_sha256(run_dir, tmp_path, datase
     torch.save(load_backbone("vits14", random_init=True, seed=6)[0].state_dict(), other)
     with pytest.raises(SegError, match="sha256 differs"):
         rebuild_backbone(record, str(other), torch.device("cpu"))
-    with pytest.raises(SegError, match="pass --weights FILE"):
+    assert rebuild_backbone(record, None, torch.device("cpu")) is not None  # the recorded file, found again
+    good.rename(tmp_path / "moved.pth")
+    with pytest.raises(SegError, match=f"are not at {good}; put them there or pass --weights FILE"):
         rebuild_backbone(record, None, torch.device("cpu"))

@@ -40,4 +40,4 @@ class BackboneTail(nn.Module):
             else:
                 tokens = blk(tokens, *extra)
         patches = self.norm(tokens)[:, self.num_prefix:]
-        return patches.reshape(b, hp, wp, c).permute(0, 3, 1, 2)
+        return patches.reshape(b, hp, wp, c).permute(0, 3, 1, 2).contiguous()  # the layout frozen caches give the head
