@@ -77,18 +77,87 @@ def dice_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, 
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
+class _FocalDice(torch.autograd.Function):
+    """focal_loss + dice_weight x dice_loss in a few passes over the full-resolution logits, with the
+    gradient written out by hand: softmax once, no one-hot, no boolean indexing, one saved tensor.
+    The same formulas as the two reference functions above (a test compares values and gradients)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weights: Tensor, gamma: float, dice_weight: float,
+                smooth: float) -> Tensor:
+        k = logits.shape[1]
+        valid = target != IGNORE_INDEX
+        all_valid = bool(valid.all())
+        vf = valid.to(torch.promote_types(logits.dtype, torch.float32))
+        t = torch.where(valid, target, 0)
+        p = torch.log_softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        logp_t = p.gather(1, t.unsqueeze(1)).squeeze(1)
+        p.exp_()  # the log-probabilities are not needed again: p holds the probabilities from here
+        n_valid = vf.sum()
+        w_t = weights[t]
+        ce = -w_t * logp_t
+        pt = torch.exp(-ce)
+        one_m = 1.0 - pt
+        focal = (one_m.pow(gamma) * ce * vf).sum() / n_valid
+        p_t = logp_t.exp()
+        flat_t = t.flatten()
+        p_sum = p.sum((0, 2, 3)) if all_valid else torch.einsum("bkhw,bhw->k", p, vf)
+        t_sum = torch.bincount(flat_t, weights=vf.flatten(), minlength=k).to(p.dtype)
+        inter = torch.bincount(flat_t, weights=(p_t * vf).flatten(), minlength=k).to(p.dtype)
+        den = p_sum + t_sum + smooth
+        dice = 1.0 - ((2 * inter + smooth) / den).mean()
+        ctx.save_for_backward(p, t, vf, w_t, ce, pt, p_t, den, inter)
+        ctx.gamma, ctx.dice_weight, ctx.smooth, ctx.all_valid = gamma, dice_weight, smooth, all_valid
+        ctx.n_valid = n_valid
+        return focal + dice_weight * dice
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        p, t, vf, w_t, ce, pt, p_t, den, inter = ctx.saved_tensors
+        gamma, dw, g = ctx.gamma, ctx.dice_weight * grad_out, grad_out
+        k = p.shape[1]
+        one_m = 1.0 - pt
+        # d focal / d ce per pixel; the first term vanishes with gamma = 0 or at pt = 1 (where ce = 0)
+        d_ce = one_m.pow(gamma)
+        if gamma != 0:
+            d_ce = d_ce + torch.where(one_m > 0, gamma * one_m.pow(gamma - 1) * pt * ce, torch.zeros_like(ce))
+        s = g * d_ce * vf / ctx.n_valid
+        # dice: d/dp_c = valid x (a_c [t = c] + b_c); through the softmax: p_k (g_k - sum_j p_j g_j)
+        a = dw * -2.0 / (k * den)
+        b = dw * (2 * inter + ctx.smooth) / (k * den * den)
+        pb = torch.einsum("bkhw,k->bhw", p, b)
+        alpha = (s * w_t - (pb + a[t] * p_t) * vf)
+        grad = torch.add(alpha.unsqueeze(1), b.view(1, k, 1, 1))
+        grad.mul_(p)
+        if not ctx.all_valid:
+            grad.mul_(vf.unsqueeze(1))
+        beta = (-s * w_t + a[t] * p_t * vf)
+        grad.scatter_add_(1, t.unsqueeze(1), beta.unsqueeze(1))
+        return grad, None, None, None, None, None
+
+
+def focal_dice(logits: Tensor, target: Tensor, class_weights: Tensor, gamma: float = 2.0,
+               dice_weight: float = 0.5, smooth: float = DICE_SMOOTH) -> Tensor:
+    """focal_loss(...) + dice_weight x dice_loss(...), fused (see _FocalDice)."""
+    if not (target != IGNORE_INDEX).any():  # nothing to average over: zero, not 0/0
+        return logits.sum() * 0.0
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return _FocalDice.apply(logits, target.long(), class_weights.to(logits.device, dtype), gamma, dice_weight, smooth)
+
+
 class SegLoss(nn.Module):
     """The phase losses: 'ce', 'weighted_ce' (class_weights), 'focal_dice' (the published focal with
     class_weights + dice_weight x Dice) and 'lin_focal_dice' (Lin et al.'s focal instead)."""
 
     def __init__(self, kind: str, class_weights: Optional[Tensor] = None, gamma: float = 2.0,
-                 dice_weight: float = 0.5) -> None:
+                 dice_weight: float = 0.5, fused: bool = True) -> None:
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
         if kind != "ce" and class_weights is None:
             raise ValueError(f"loss {kind!r} needs class weights")
         self.kind, self.gamma, self.dice_weight = kind, gamma, dice_weight
+        self.fused = fused  # focal_dice through _FocalDice; False: the reference functions (benchmarks)
         self.register_buffer("class_weights", class_weights if kind != "ce" else None)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -99,5 +168,7 @@ class SegLoss(nn.Module):
             return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
         if self.kind == "weighted_ce":
             return F.cross_entropy(logits.float(), target, weight=self.class_weights, ignore_index=IGNORE_INDEX)
+        if self.kind == "focal_dice" and self.fused:
+            return focal_dice(logits, target, self.class_weights, self.gamma, self.dice_weight)
         focal = focal_loss if self.kind == "focal_dice" else lin_focal_loss
         return focal(logits, target, self.gamma, self.class_weights) + self.dice_weight * dice_loss(logits, target)

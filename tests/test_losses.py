@@ -126,3 +126,64 @@ def test_inverse_frequency_weights():
     w = inverse_frequency_weights(torch.tensor([100, 300, 0, 600]))
     # freq .1 .3 - .6 -> inverse 10, 3.33, -, 1.67 -> scaled to max 5
     assert w.tolist() == pytest.approx([5.0, 5 / 3, 5.0, 5 / 6])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_fused_focal_dice_equals_the_reference_formulas(gamma, ignore):
+    """The fused phase-3 loss (hand-written gradient) against focal_loss + w x dice_loss and autograd."""
+    from seg.losses import focal_dice
+
+    g = torch.Generator().manual_seed(int(gamma * 10) + ignore)
+    logits = (torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, 5, (2, 7, 9), generator=g)
+    target[1, 2] = 4  # class 3 may be absent; class 4 present
+    if ignore:
+        target[0, :3] = 255
+    w = torch.rand(5, generator=g, dtype=torch.float64) * 4 + 0.5
+    ref = focal_loss(logits, target, gamma, w) + 1.3 * dice_loss(logits, target)
+    (expect,) = torch.autograd.grad(ref, logits)
+    got = focal_dice(logits, target, w, gamma, 1.3)
+    (grad,) = torch.autograd.grad(got, logits)
+    # the reference functions compute in float32; the fused one keeps float64 input in float64
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-7 * float(expect.abs().max()))
+    if ignore:
+        assert (grad[0, :, :3] == 0).all()  # ignored pixels get no gradient
+    small = logits.detach()[:1, :, 1:5, :4].clone().requires_grad_()  # ignored and valid pixels (when ignore)
+    assert torch.autograd.gradcheck(lambda z: focal_dice(z, target[:1, 1:5, :4], w, gamma, 1.3), (small,))
+
+
+def test_phase3_step_loss_changes_only_by_bf16_rounding():
+    """The fast path (float32 upsampling by matrices, fused loss) against the one it replaced
+    (bf16 F.interpolate under autocast, then the reference formulas)."""
+    import torch.nn.functional as F
+
+    from seg.device import autocast
+    from seg.heads import build_head, head_logits, tokens_to_input
+
+    torch.manual_seed(0)
+    head = build_head("upernet", 64, 10, layers=1)
+    tokens = torch.randn(2, 1, 64, 6, 10).half()
+    target = torch.randint(0, 10, (2, 84, 140))
+    w = torch.rand(10) + 0.5
+    new = SegLoss("focal_dice", w)(head_logits(head, tokens, (84, 140), True), target)
+    with autocast(torch.device("cpu"), True):
+        old_logits = F.interpolate(head(tokens_to_input(tokens)), size=(84, 140), mode="bilinear", align_corners=False)
+    old = focal_loss(old_logits.float(), target, 2.0, w) + 0.5 * dice_loss(old_logits.float(), target)
+    assert new.item() == pytest.approx(old.item(), rel=4e-3)  # bf16 carries 8 bits: 2^-8 = 3.9e-3
+
+
+@pytest.mark.parametrize("shape", [(26, 46, 364, 644), (7, 9, 20, 31), (20, 30, 7, 11), (1, 1, 5, 6), (4, 4, 4, 4)])
+def test_matrix_resize_equals_bilinear_interpolation(shape):
+    import torch.nn.functional as F
+
+    from seg.heads.resize import resize_bilinear
+
+    h, w, big_h, big_w = shape
+    x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+    a = F.interpolate(x, size=(big_h, big_w), mode="bilinear", align_corners=False)
+    b = resize_bilinear(x, (big_h, big_w))
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(a)
+    torch.testing.assert_close(torch.autograd.grad(b, x, g)[0], torch.autograd.grad(a, x, g)[0], rtol=1e-10, atol=1e-12)

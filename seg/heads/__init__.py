@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg.heads.convnext import ConvNeXtHead
 from seg.heads.linear import LinearHead
 from seg.heads.pyramid import PyramidUPerNetHead
+from seg.heads.resize import resize_bilinear
 from seg.heads.tuned import TunedHead
 from seg.heads.upernet import PyramidPooling, UPerNetHead, conv_gn
 
@@ -50,8 +50,8 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
             logits = head(tokens.float(), grid)  # the residual stream is float32 in the backbone
         else:
             logits = head(tokens_to_input(tokens))
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-    return logits.float()
+    # Upsampled in float32, once: the loss reads it without another full-resolution copy.
+    return resize_bilinear(logits.float(), out_size)
 
 
 __all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PyramidPooling", "PyramidUPerNetHead", "TunedHead", "UPerNetHead",
