@@ -27,6 +27,9 @@ class FeatureCache:
     def __init__(self, path: str | Path, require_complete: bool = True) -> None:
         self.path = Path(path)
         self.manifest = cf.read_manifest(self.path)
+        # shard file name -> (size, mtime_ns) when its sha256 matched the manifest in this process;
+        # shared with every split, whose token reads then skip the per-chunk checksums
+        self.verified: dict[str, tuple[int, int]] = {}
         if require_complete and not self.manifest.get("complete"):
             raise SegError(f"{self.path}: cache is incomplete (extraction was interrupted); "
                            "rerun the same `seg extract` command to finish it")
@@ -63,9 +66,13 @@ class FeatureCache:
                 path = self.path / sh["file"]
                 if not path.is_file():
                     raise SegError(f"{path}: shard missing; the cache is damaged (`seg cache verify {self.path}`)")
+                before = os.stat(path)
                 if file_sha256(path) != sh["sha256"]:
                     raise SegError(f"{path}: sha256 differs from the manifest (corrupt or changed shard); "
                                    f"run `seg cache verify {self.path}`, re-extract, or pass --no-verify to use it anyway")
+                after = os.stat(path)
+                if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+                    self.verified[sh["file"]] = (after.st_size, after.st_mtime_ns)
                 n, total = n + 1, total + sh["bytes"]
                 if progress:
                     progress(sh["bytes"])
@@ -97,17 +104,22 @@ class FeatureCache:
     def split(self, name: str) -> "CacheSplit":
         if name not in self.manifest["splits"]:
             raise SegError(f"{self.path}: cache has no {name!r} split (it has {', '.join(self.splits) or 'none'})")
-        return CacheSplit(self.path, self.manifest, name)
+        return CacheSplit(self.path, self.manifest, name, self.verified)
 
 
 class CacheSplit(Dataset):
     """Sample i -> (tokens float16 [L, C, Hp, Wp], mask uint8 [H, W], image name, aug seed).
 
-    HDF5 handles are opened lazily per process, so DataLoader workers each get their own.
+    HDF5 handles are opened lazily per process, so DataLoader workers each get their own. Tokens of a
+    shard whose sha256 was checked in this process (`verified`) are read as raw bytes at their chunk's
+    file offset, without HDF5's per-chunk checksum work: the whole-file checksum covered them.
     """
 
-    def __init__(self, path: Path, manifest: dict, split: str) -> None:
+    def __init__(self, path: Path, manifest: dict, split: str,
+                 verified: Optional[dict[str, tuple[int, int]]] = None) -> None:
         self.path, self.manifest, self.name = path, manifest, split
+        self.verified = verified if verified is not None else {}
+        self._raw: dict[int, Optional[tuple[int, np.ndarray]]] = {}  # shard -> (fd, byte offset per row)
         s = manifest["splits"][split]
         self.images: list[str] = s["images"]
         self.seeds: list[int] = s["seeds"]
@@ -122,12 +134,12 @@ class CacheSplit(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_files"], state["_datasets"] = {}, {}
+        state["_files"], state["_datasets"], state["_raw"] = {}, {}, {}
         return state
 
     def _file(self, j: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never share the parent's handles
-            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+            self._files, self._datasets, self._raw, self._pid = {}, {}, {}, os.getpid()
         f = self._files.get(j)
         if f is None:
             path = self.path / self.shards[j].file
@@ -148,6 +160,27 @@ class CacheSplit(Dataset):
             except Exception as exc:  # damaged HDF5 metadata
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         return ds
+
+    def _raw_rows(self, j: int) -> Optional[tuple[int, np.ndarray, Optional[np.ndarray]]]:
+        """(file descriptor, byte offset of each row's tokens, of each row's mask or None) of a
+        verified shard, else None (read through HDF5). A dataset is read raw when it is stored as
+        plain chunks, one per row, with no compression or shuffle (masks were lzf-compressed before
+        seg 0.1's performance round: those are still read through HDF5)."""
+        tok_ds, mask_ds = self._tokens_masks(j)  # first: it drops a parent process's handles after a fork
+        if j in self._raw:
+            return self._raw[j]
+        raw = None
+        name = self.shards[j].file
+        if name in self.verified and _plain_rows(tok_ds, "<f2"):
+            path = self.path / name
+            fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self.verified[name]:
+                os.close(fd)
+                raise SegError(f"{path}: changed after its sha256 was checked; rerun to check it again")
+            raw = (fd, _row_offsets(tok_ds), _row_offsets(mask_ds) if _plain_rows(mask_ds, "|u1") else None)
+        self._raw[j] = raw
+        return raw
 
     def locate(self, k: int) -> tuple[int, int]:
         """(shard index, row in shard) of sample k."""
@@ -181,9 +214,16 @@ class CacheSplit(Dataset):
         for pos in order:
             j, row = self.locate(int(indices[pos]))
             tok_ds, mask_ds = self._tokens_masks(j)
+            raw = self._raw_rows(j)
             try:
-                tok_ds.read_direct(tokens, np.s_[row], np.s_[pos])
-                mask_ds.read_direct(masks, np.s_[row], np.s_[pos])
+                if raw is not None:
+                    _pread_into(raw[0], tokens[pos], raw[1][row])
+                else:
+                    tok_ds.read_direct(tokens, np.s_[row], np.s_[pos])
+                if raw is not None and raw[2] is not None:
+                    _pread_into(raw[0], masks[pos], raw[2][row])
+                else:
+                    mask_ds.read_direct(masks, np.s_[row], np.s_[pos])
             except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
         return tokens, masks
@@ -217,10 +257,38 @@ class CacheSplit(Dataset):
             parts.append(class_counts(masks, num_classes))
         return np.concatenate(parts)
 
+    def __del__(self) -> None:
+        for raw in getattr(self, "_raw", {}).values():
+            if raw is not None:
+                try:
+                    os.close(raw[0])
+                except OSError:
+                    pass
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files, self._datasets = {}, {}
+        for raw in self._raw.values():
+            if raw is not None:
+                os.close(raw[0])
+        self._files, self._datasets, self._raw = {}, {}, {}
+
+
+def _plain_rows(ds: h5py.Dataset, dtype: str) -> bool:
+    return ds.compression is None and not ds.shuffle and ds.dtype == np.dtype(dtype) \
+        and ds.chunks == (1, *ds.shape[1:])
+
+
+def _row_offsets(ds: h5py.Dataset) -> np.ndarray:
+    zeros = (0,) * (ds.ndim - 1)
+    return np.array([ds.id.get_chunk_info_by_coord((row, *zeros)).byte_offset for row in range(ds.shape[0])],
+                    np.int64)
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    got = os.preadv(fd, [memoryview(out).cast("B")], int(offset))
+    if got != out.nbytes:
+        raise OSError(f"short read ({got} of {out.nbytes} bytes)")
 
 
 def describe(path: str | Path, class_stats: bool = True) -> list[str]:

@@ -1,18 +1,21 @@
 """The feature cache: manifest fields, byte layout of shards, round trip against the backbone."""
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
+import pytest
 import numpy as np
 import torch
 
 from seg.augment import Augmenter
-from seg.backbones import load_backbone
+from seg.backbones import file_sha256, load_backbone
 from seg.cache import FeatureCache, verify
 from seg.classes import default_class_table
 from seg.data import list_split, read_split_pair
 from seg.device import autocast
+from seg.errors import SegError
 from seg.normalize import normalize
 
 
@@ -45,16 +48,16 @@ def test_shard_bytes_follow_the_format(small_cache):
         assert t.dtype == np.float16 and t.shape == (4, 1, 384, 9, 16) and t.chunks == (1, 1, 384, 9, 16)
         assert t.fletcher32 and t.compression is None
         assert mk.dtype == np.uint8 and mk.shape == (4, 126, 224) and mk.chunks == (1, 126, 224)
-        assert mk.fletcher32 and mk.compression == "lzf"
+        assert mk.fletcher32 and mk.compression is None  # plain rows: one pread each after the sha256 check
         assert f["image_index"].dtype == np.int32 and f["aug_seed"].dtype == np.int32
         # seed-major order: samples 4..7 of 6 images x seeds [0, 1]
         assert f["image_index"][()].tolist() == [4, 5, 0, 1]
         assert f["aug_seed"][()].tolist() == [1, 1, 2, 2]
         masks = mk[()]
         assert set(np.unique(masks)) <= set(range(10)) | {255}
-    # uncompressed fp16 tokens: the file is the raw token bytes plus small overhead
-    raw = 4 * 384 * 9 * 16 * 2
-    assert raw < (small_cache / "train-00001.h5").stat().st_size < raw * 1.1 + 4 * 126 * 224
+    # uncompressed fp16 tokens and uint8 masks: the file is their raw bytes plus small overhead
+    raw = 4 * 384 * 9 * 16 * 2 + 4 * 126 * 224
+    assert raw < (small_cache / "train-00001.h5").stat().st_size < raw * 1.05
 
 
 def test_tokens_equal_backbone_output_for_seed0(small_cache, dataset):
@@ -110,3 +113,51 @@ def test_verify_passes_then_catches_corruption(small_cache, tmp_path):
     assert problems == [f"{shard}: sha256 differs from the manifest (file changed or corrupt) (and 1 more problem(s))"]
     (copy / "val-00000.h5").unlink()
     assert any(p.endswith("val-00000.h5: missing") for p in verify(copy))
+
+
+def test_verified_reads_skip_hdf5_and_return_the_same_bytes(small_cache, tmp_path):
+    """After the sha256 check, rows are read with one pread each at their chunk's offset; the bytes
+    are HDF5's own, in any order, for tokens and masks, and for old caches with lzf masks too."""
+    plain = FeatureCache(small_cache).split("train")
+    cache = FeatureCache(small_cache)
+    cache.check_shards(["train"])
+    fast = cache.split("train")
+    rows = np.array([5, 0, 11, 3, 7, 7])
+    t1, m1 = plain.read_rows(rows)
+    t2, m2 = fast.read_rows(rows)
+    assert fast._raw_rows(0) is not None and plain._raw_rows(0) is None
+    assert np.array_equal(t1, t2) and np.array_equal(m1, m2)
+    for k, row in enumerate(rows):
+        tokens, mask, _, _ = plain[int(row)]
+        assert np.array_equal(t2[k], tokens.numpy()) and np.array_equal(m2[k], mask.numpy())
+    # an older shard with lzf-compressed masks: raw tokens, masks through HDF5
+    old = tmp_path / "old"
+    shutil.copytree(small_cache, old)
+    with h5py.File(small_cache / "train-00000.h5", "r") as f, h5py.File(old / "train-00000.h5", "w") as g:
+        for key in f:
+            kw = {"compression": "lzf"} if key == "masks" else {}
+            g.create_dataset(key, data=f[key][()], chunks=f[key].chunks, fletcher32=True, **kw)
+    m = json.loads((old / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["sha256"] = file_sha256(old / "train-00000.h5")
+    (old / "manifest.json").write_text(json.dumps(m))
+    c = FeatureCache(old)
+    c.check_shards(["train"])
+    split = c.split("train")
+    assert split._raw_rows(0)[2] is None and split._raw_rows(1)[2] is not None
+    t3, m3 = split.read_rows(rows)
+    assert np.array_equal(t1, t3) and np.array_equal(m1, m3)
+
+
+def test_a_shard_changed_after_its_check_is_refused(small_cache, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(small_cache, copy)
+    cache = FeatureCache(copy)
+    cache.check_shards(["train"])
+    split = cache.split("train")
+    split.read_rows(np.array([0]))  # shard 0 opened and trusted
+    path = copy / "train-00001.h5"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SegError, match="train-00001.h5: changed after its sha256 was checked"):
+        split.read_rows(np.array([5]))
