@@ -23,7 +23,7 @@ from seg.backbones import backbone_kwargs, file_sha256, is_dinov3, load_backbone
 from seg.classes import IGNORE_INDEX, ClassTable, load_class_table
 from seg.data import SplitFiles, list_split, map_mask, read_raw_mask, read_split_pair, worker_count
 from seg.device import half_dtype, recorded_dtype, resolve_device
-from seg.features import backbone_features
+from seg.features import backbone_features, cast_matmul_weights_
 from seg.class_stats import class_counts
 from seg.copy_paste import CopyPasteConfig, build_config, copy_paste, copy_paste_requested, parse_copy_paste
 from seg.dirlock import DirLock
@@ -396,7 +396,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
 
     try:
         on_main(d, prepare)
-        model.to(device)
+        cast_matmul_weights_(model, recorded_dtype(manifest["compute_dtype"], device)).to(device)
         augmenter = Augmenter(cfg.aug_policy, size)
         lut = table.lut()
         workers = worker_count() if cfg.workers is None else cfg.workers

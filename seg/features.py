@@ -20,3 +20,15 @@ def backbone_features(model: nn.Module, x: Tensor, layers: Sequence[int], tap_bl
         if tap_block is not None:
             return model.tokens_entering(x, tap_block)
         return torch.stack(model.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True), dim=1)
+
+
+def cast_matmul_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the Linear and Conv2d weights of a frozen backbone in the half-precision compute dtype
+    once, instead of autocast casting every weight on every forward (in inference mode autocast keeps
+    no cast cache). The features are bit-identical: autocast rounds these same tensors the same way,
+    and everything it keeps in float32 (norms, layer scales, embeddings) stays float32."""
+    if dtype in (torch.bfloat16, torch.float16):
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
+    return model

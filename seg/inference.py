@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from seg.augment import Augmenter
 from seg.data import read_pair
 from seg.device import recorded_dtype
-from seg.features import backbone_features
+from seg.features import backbone_features, cast_matmul_weights_
 from seg.errors import SegError
 from seg.heads import head_logits
 from seg.normalize import normalize
@@ -35,6 +35,7 @@ class Segmenter:
         self.layers = run.backbone["layers"]
         # The cache's precision, not the device's default: image-based scores then match cache-based ones.
         self.compute_dtype = recorded_dtype(run.backbone["compute_dtype"], device)
+        cast_matmul_weights_(self.backbone, self.compute_dtype)
         self.amp = bool(run.record["config"]["amp"])
         self.patch = run.backbone["patch_size"]
 

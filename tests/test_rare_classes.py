@@ -35,6 +35,7 @@ def test_class_counts_by_hand():
     masks = np.array([[[0, 0, 2], [255, 2, 2]], [[1, 1, 1], [1, 9, 255]]], np.uint8)
     # sample 0: class 0 twice, class 2 three times; sample 1: class 1 four times (9 and 255 are not classes)
     assert class_counts(masks, 3).tolist() == [[2, 0, 3], [0, 4, 0]]
+    assert class_counts(masks.astype(np.int64), 3).tolist() == [[2, 0, 3], [0, 4, 0]]  # the general path
 
 
 # -- statistics in the cache ------------------------------------------------------------------
