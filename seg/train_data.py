@@ -50,14 +50,16 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device) -> tuple[bool, str]:
-    """(preload?, the reason in words). 'auto' preloads when the data fills at most half of the free memory."""
+def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device,
+                   free: Optional[int] = None) -> tuple[bool, str]:
+    """(preload?, the reason in words). 'auto' preloads when the data fills at most half of the free
+    memory of the training device (the GPU's, when training on one); the other half is the head's."""
     need = sum(split_bytes(s) for s in splits)
     if mode == "always":
         return True, f"preload: always ({need / 1e9:.2f} GB on {device.type})"
     if mode == "never":
         return False, "preload: never (streaming from shards)"
-    free = available_memory(device)
+    free = available_memory(device) if free is None else free
     if need <= 0.5 * free:
         return True, f"preload: auto -> on {device.type} ({need / 1e9:.2f} GB needed, {free / 1e9:.1f} GB free)"
     return False, f"preload: auto -> streaming ({need / 1e9:.2f} GB needed > half of {free / 1e9:.1f} GB free)"
@@ -96,9 +98,13 @@ class StreamedSplit:
         self.split, self.device = split, device
         self.workers = worker_count(4) if workers is None else workers
 
+    def loader(self, batches: list[np.ndarray]) -> DataLoader:
+        """Reader processes; for a GPU, batches land in pinned host memory so that the copies below
+        overlap with compute (non_blocking)."""
+        return DataLoader(_BatchReads(self.split, batches), batch_size=None, shuffle=False,
+                          num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=4 if self.workers else None)
+
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(_BatchReads(self.split, batches), batch_size=None, shuffle=False,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
-        for tokens, masks in loader:
+        for tokens, masks in self.loader(batches):
             yield tokens.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)

@@ -212,3 +212,30 @@ def test_resume_from_a_corrupt_last_checkpoint_is_a_one_line_error(learnable_cac
     (out / "last.pt").write_bytes(b"truncated")
     with pytest.raises(SegError, match=r"last\.pt: unreadable checkpoint; cannot resume"):
         train(resolve(1, {"epochs": 1}), str(learnable_cache), str(out), opts(resume=True), **QUIET)
+
+
+class _SplitOfShape:
+    """Just what choose_preload reads of a split: its manifest shapes and its length."""
+
+    def __init__(self, n: int, token_shape: list, mask_shape: list) -> None:
+        self.manifest, self.n = {"token_shape": token_shape, "mask_shape": mask_shape}, n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_gpu_readiness_by_construction(small_cache):
+    from seg.train_data import choose_preload
+
+    split = FeatureCache(small_cache).split("train")
+    batches = batches_of(np.arange(4), 2)
+    assert StreamedSplit(split, torch.device("cuda"), workers=0).loader(batches).pin_memory
+    assert not StreamedSplit(split, torch.device("cpu"), workers=0).loader(batches).pin_memory
+    # README: a 6 GB laptop GPU (about 5.8 GB free) preloads about 1,400 vitb14_reg @ 644x364 samples
+    # of 26x46x768 float16 tokens + a 364x644 uint8 mask (2,071,472 bytes) on its own (auto: half the free memory)
+    vitb = ([1, 768, 26, 46], [364, 644])
+    assert (26 * 46 * 768 * 2 + 364 * 644) == 2_071_472
+    cuda = torch.device("cuda")
+    assert choose_preload("auto", [_SplitOfShape(1399, *vitb)], cuda, free=int(5.8e9))[0]
+    assert not choose_preload("auto", [_SplitOfShape(1400, *vitb)], cuda, free=int(5.8e9))[0]
+    assert "streaming" in choose_preload("auto", [_SplitOfShape(2857 + 317, *vitb)], cuda, free=int(5.8e9))[1]
