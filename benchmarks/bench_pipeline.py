@@ -1,4 +1,4 @@
-"""Measure the seg pipeline on this machine, side by side, in one run (issue 5).
+"""Measure the seg pipeline on this machine, side by side, in one run (issues 5 and 14).
 
     python benchmarks/bench_pipeline.py --json bench.json [--quick]
 
@@ -10,7 +10,13 @@
    with K = 1, 4, 8 cached seeds, extraction included;
 4. cache I/O: MB/s reading shards in training order vs a plain sequential read of the same files (cold
    page cache when this process may drop it), bytes per sample vs raw token size;
-5. peak resident memory of extraction and of training in both preload modes, streaming at two cache sizes.
+5. peak resident memory of extraction and of training in both preload modes, streaming at two cache sizes;
+6. issue 14's before/after rows, each pair measured in this run: the phase-3 head step against its analytic
+   floor, extraction with 0 and 1 decode workers, reads in training order.
+
+"Before" rows run the code paths this round replaced, restored in the child process: bf16 upsampling
+under autocast and the reference loss formulas; per-forward weight casts and the general class count
+in extraction (with its old default of 1 worker); lzf-compressed masks read through HDF5.
 
 Every measurement runs in a fresh child process so that its peak RSS is its own. Prints a markdown
 table; --json writes one object per measurement with its unit.
@@ -71,15 +77,122 @@ def task_matmul(_: dict) -> dict:
                 a @ b
             best = min(best, (time.perf_counter() - t) / 4)
         out[name] = 2 * 2048 ** 3 / best / 1e9
+    a = torch.empty(64 * 2 ** 20)  # 256 MB: far beyond the caches
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    out["copy_GB_per_s"] = 2 * a.numel() * 4 / best / 1e9  # read + write
     return out
+
+
+def _before_extraction() -> None:
+    """Restore extraction as it was before issue 14: weights cast by autocast on every forward, class
+    counts by one bincount over (sample, class) pairs."""
+    import seg.extract_features as ef
+
+    def general_counts(masks, k):
+        n = masks.shape[0]
+        flat = masks.reshape(n, -1).astype(np.int64)
+        valid = flat < k
+        return np.bincount((np.arange(n)[:, None] * k + flat)[valid], minlength=n * k).reshape(n, k)
+
+    ef.cast_matmul_weights_ = lambda model, dtype: model
+    ef.class_counts = general_counts
+
+
+def _before_head_step() -> None:
+    """Restore the head step as it was before issue 14: logits upsampled in bf16 under autocast by
+    F.interpolate, then a float32 copy, then the reference focal and Dice formulas."""
+    import functools
+
+    import torch.nn.functional as F
+
+    import seg.train_head as th
+    from seg.device import autocast
+    from seg.heads import tokens_to_input
+    from seg.losses import SegLoss
+
+    def old_head_logits(head, tokens, out_size, amp, grid=None):
+        with autocast(tokens.device, amp):
+            logits = F.interpolate(head(tokens_to_input(tokens)), size=out_size, mode="bilinear",
+                                   align_corners=False)
+        return logits.float()
+
+    th.head_logits = old_head_logits
+    th.SegLoss = functools.partial(SegLoss, fused=False)
+
+
+def head_step_flops(head, tokens_shape) -> float:
+    """Analytic FLOPs of one training step of the head (multiply-add = 2): every convolution's
+    forward, and its backward for the weights and (except the first, whose input is data) the input."""
+    import torch
+
+    flops, first = [], []
+
+    def hook(mod, inp, out):
+        k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+        f = 2 * k * out.numel()
+        flops.append(f * (2 if not first else 3))
+        first.append(True)
+
+    hooks = [m.register_forward_hook(hook) for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        head(torch.zeros(tokens_shape))
+    for h in hooks:
+        h.remove()
+    return float(sum(flops))
+
+
+def task_head_step(args: dict) -> dict:
+    """The phase-3 cached step (batch 2, bf16, UPerNet, Focal+Dice, AdamW) at vitb14_reg @ 644x364
+    shapes, before and after, with its analytic floor."""
+    import torch
+
+    import seg.train_head as th
+    from seg.heads import build_head
+    from seg.losses import SegLoss
+
+    if args["before"]:
+        _before_head_step()
+    grid, dim, mask, batch = (26, 46), 768, (364, 644), 2
+    head = build_head("upernet", dim, 10)
+    crit = th.SegLoss("focal_dice", torch.ones(10)) if args["before"] else SegLoss("focal_dice", torch.ones(10))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    tokens = torch.randn(batch, 1, dim, *grid).half()
+    target = torch.randint(0, 10, (batch, *mask))
+
+    def step() -> None:
+        crit(th.head_logits(head, tokens, mask, True), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args["steps"]):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    flops = head_step_flops(head, (1, dim, *grid))  # per sample
+    # the loss at mask size, at least: logits written and read forward, their gradient written and
+    # read backward, float32, plus the mask
+    loss_bytes = 4 * 4 * 10 * mask[0] * mask[1] + mask[0] * mask[1]
+    return {"ms_per_sample": 1000 * sorted(times)[len(times) // 2] / batch, "flops_per_sample": flops,
+            "loss_bytes_per_sample": loss_bytes}
 
 
 def task_extract(args: dict) -> dict:
     from seg.extract_features import ExtractConfig, extract
 
+    if args.get("before"):
+        _before_extraction()
     cfg = ExtractConfig(data=args["data"], out=args["out"], backbone=args["backbone"], size=args["size"],
                         random_init=True, splits=("train",), batch_size=args["batch"], shard_size=args["shard"],
-                        workers=1, progress=False, overwrite=True)
+                        workers=args.get("workers", 1), progress=False, overwrite=True)
     # warm-up on a throwaway cache so that one-time costs (weights, kernels) are not timed
     warm = ExtractConfig(**{**cfg.__dict__, "out": args["out"] + "-warm", "splits": ("val",)})
     extract(warm, log=lambda s: None)
@@ -92,6 +205,8 @@ def task_train(args: dict) -> dict:
     from seg.presets import resolve
     from seg.train_head import RunOptions, Trainer
 
+    if args.get("before"):
+        _before_head_step()
     cfg = resolve(args["phase"], {"epochs": 1, "patience": 0})
     trainer = Trainer(cfg, args["cache"], args["out"], RunOptions(device="cpu", preload=args["preload"],
                                                                   allow_mismatch=True, progress=False),
@@ -155,7 +270,11 @@ def task_read(args: dict) -> dict:
     files = sorted(cache.glob("train-*.h5"))
     total = sum(f.stat().st_size for f in files)
     out = {"file_bytes": total}
-    for mode in ("sequential", "training_order", "training_loader"):
+    old = Path(args["old_cache"])
+    if not drop_page_cache():  # every mode then reads from the page cache: warm it for all alike
+        for f in files + sorted(old.glob("train-*.h5")):
+            f.read_bytes()
+    for mode in ("sequential", "training_order_before", "training_order", "training_loader"):
         dropped = drop_page_cache()
         t = time.perf_counter()
         if mode == "sequential":
@@ -163,8 +282,12 @@ def task_read(args: dict) -> dict:
                 with open(f, "rb") as fh:
                     while fh.read(1 << 22):
                         pass
-        elif mode == "training_order":  # one process, as a reader in the training loop would
-            split = FeatureCache(cache).split("train")
+        elif mode.startswith("training_order"):  # one process, as a reader in the training loop would
+            fc = FeatureCache(old if mode.endswith("before") else cache)
+            if not mode.endswith("before"):
+                fc.check_shards(["train"])  # what training does first; its reads then skip HDF5
+            split = fc.split("train")
+            t = time.perf_counter()  # the checksum pass is the integrity check, timed separately
             idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
             for i in range(0, len(idx), 4):
                 split.read_rows(idx[i:i + 4])
@@ -173,9 +296,12 @@ def task_read(args: dict) -> dict:
 
             from seg.train_data import StreamedSplit, batches_of
 
-            split = FeatureCache(cache).split("train")
+            fc = FeatureCache(cache)
+            fc.check_shards(["train"])
+            split = fc.split("train")
+            t = time.perf_counter()
             idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
-            for _ in StreamedSplit(split, torch.device("cpu")).batches(batches_of(idx, 4)):
+            for _ in StreamedSplit(split, torch.device("cpu"), workers=1).batches(batches_of(idx, 4)):
                 pass
         seconds = time.perf_counter() - t
         out[mode] = {"MB_per_s": total / seconds / 1e6, "seconds": seconds, "cold": dropped}
@@ -193,7 +319,7 @@ def drop_page_cache() -> bool:
 
 
 TASKS = {"matmul": task_matmul, "extract": task_extract, "train": task_train, "onestage": task_onestage,
-         "read": task_read}
+         "read": task_read, "head_step": task_head_step}
 
 
 def child_main(task: str, args_json: str) -> None:
@@ -255,6 +381,27 @@ def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val
     return path
 
 
+def with_lzf_masks(cache: Path, out: Path) -> Path:
+    """A copy of a cache whose masks are lzf-compressed, as seg wrote them before issue 14."""
+    import shutil
+
+    import h5py
+
+    from seg.backbones import file_sha256
+
+    shutil.copytree(cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for sh in split["shards"]:
+            with h5py.File(cache / sh["file"], "r") as f, h5py.File(out / sh["file"], "w") as g:
+                for key in f:
+                    kw = {"compression": "lzf"} if key == "masks" else {}
+                    g.create_dataset(key, data=f[key][()], chunks=f[key].chunks, fletcher32=True, **kw)
+            sh["sha256"], sh["bytes"] = file_sha256(out / sh["file"]), (out / sh["file"]).stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def machine() -> dict:
     import torch
 
@@ -295,21 +442,47 @@ def main() -> None:
         mm = run_child("matmul")
         add("machine", "bf16 matmul 2048^3", mm["bf16"], "GFLOP/s")
         add("machine", "fp32 matmul 2048^3", mm["fp32"], "GFLOP/s")
+        add("machine", "memory copy (read + write, 256 MB)", mm["copy_GB_per_s"], "GB/s")
+
+        # the phase-3 head step against its floor, before and after
+        steps = 4 if q else 8
+        hs = {when: run_child("head_step", before=when == "before", steps=steps) for when in ("before", "after")}
+        flops, loss_bytes = hs["after"]["flops_per_sample"], hs["after"]["loss_bytes_per_sample"]
+        floor_ms = 1000 * (flops / (mm["bf16"] * 1e9) + loss_bytes / (mm["copy_GB_per_s"] * 1e9))
+        add("head", f"phase-3 head step FLOPs (forward + backward, analytic)", flops / 1e9, "GFLOP/sample")
+        add("head", f"floor: FLOPs at bf16 matmul rate + {loss_bytes / 1e6:.1f} MB loss traffic at copy rate",
+            floor_ms, "ms/sample")
+        for when in ("before", "after"):
+            add("head", f"phase-3 cached step, {when}", hs[when]["ms_per_sample"], "ms/sample",
+                x_floor=hs[when]["ms_per_sample"] / floor_ms)
+            add("head", f"phase-3 cached step, {when}: times the floor", hs[when]["ms_per_sample"] / floor_ms, "x")
+
         ext: dict[str, dict] = {}
+        runs = [(1, 1, False), (4, 1, True), (4, 0, False), (4, 1, False)]  # (batch, workers, before)
         for name, (backbone, size, phase) in CONFIGS.items():
             flops = vit_flops(backbone, size)
             add("extract", f"{name} forward FLOPs (analytic)", flops / 1e9, "GFLOP/image")
-            for batch in (1, 4):
-                r = run_child("extract", data=str(data), out=str(tmp / f"x-{name}-{batch}"), backbone=backbone,
-                              size=size, batch=batch, shard=max(4, batch * 2))
+            best: dict = {}
+            for rep in range(1 if q else 2):  # interleaved, best of the repeats: neighbours on a VM are noisy
+                for run in runs:
+                    batch, workers, before = run
+                    r = run_child("extract", data=str(data), out=str(tmp / f"x-{name}-{batch}-{workers}-{before}"),
+                                  backbone=backbone, size=size, batch=batch, shard=max(4, batch * 2),
+                                  workers=workers, before=before)
+                    if run not in best or r["loop_images_per_s"] > best[run]["loop_images_per_s"]:
+                        best[run] = r
+            for batch, workers, before in runs:
+                r = best[(batch, workers, before)]
+                what = f"{name} batch {batch}, {workers} worker(s){', before' if before else ''}"
                 gflops = flops * r["loop_images_per_s"] / 1e9
-                add("extract", f"{name} batch {batch}: throughput (extraction loop)", r["loop_images_per_s"], "images/s")
-                add("extract", f"{name} batch {batch}: throughput (whole command, {n_images} images)",
-                    r["images_per_s"], "images/s")
-                add("extract", f"{name} batch {batch}: achieved", gflops, "GFLOP/s",
+                add("extract", f"{what}: throughput (extraction loop)", r["loop_images_per_s"], "images/s")
+                add("extract", f"{what}: throughput (whole command, {n_images} images)", r["images_per_s"], "images/s")
+                add("extract", f"{what}: achieved", gflops, "GFLOP/s",
                     pct_of_bf16_matmul=100 * gflops / mm["bf16"], pct_of_fp32_matmul=100 * gflops / mm["fp32"])
-                add("extract", f"{name} batch {batch}: peak RSS", r["peak_rss_MB"], "MB")
-                ext.setdefault(name, {})[batch] = r
+                add("extract", f"{what}: achieved, share of bf16 matmul", 100 * gflops / mm["bf16"], "%")
+                add("extract", f"{what}: peak RSS", r["peak_rss_MB"], "MB")
+                if not before and workers == 1:
+                    ext.setdefault(name, {})[batch] = r
             raw = int(np.prod([1, 768 if "vitb" in name else 384, int(size.split("x")[1]) // 14,
                                int(size.split("x")[0]) // 14])) * 2
             per = ext[name][4]["bytes"] / n_images
@@ -320,13 +493,23 @@ def main() -> None:
         for name, (backbone, size, phase) in CONFIGS.items():
             cache = random_token_cache(tmp / f"t-{name}", backbone, size, train_n, 8)
             pre = run_child("train", cache=str(cache), out=str(tmp / f"r-{name}-p"), phase=phase, preload="always")
+            pre_before = run_child("train", cache=str(cache), out=str(tmp / f"r-{name}-b"), phase=phase,
+                                   preload="always", before=True)
             stream = run_child("train", cache=str(cache), out=str(tmp / f"r-{name}-s"), phase=phase, preload="never")
             one = run_child("onestage", backbone=backbone, size=size, phase=phase, steps=3 if q else 6)
             add("train", f"{name} phase {phase} from cache (preloaded)", pre["samples_per_s"], "samples/s")
             add("train", f"{name} phase {phase} from cache (streaming)", stream["samples_per_s"], "samples/s")
             add("train", f"{name} phase {phase} one-stage (backbone every step)", one["samples_per_s"], "samples/s")
-            add("train", f"{name} phase {phase} per-epoch speed-up of the cache",
-                pre["samples_per_s"] / one["samples_per_s"], "x")
+            add("train", f"{name} phase {phase} from cache (preloaded), before", pre_before["samples_per_s"],
+                "samples/s")
+            full_one = FULL_TRAIN / one["samples_per_s"] + FULL_VAL / ext[name][4]["loop_images_per_s"]
+            if phase == 3:
+                step = hs["after"]["flops_per_sample"]
+                add("train", f"{name} phase 3 per-epoch speed-up bound: (backbone forward + head step) / head "
+                    "step FLOPs", (vit_flops(backbone, size) + step) / step, "x")
+            for when, r in (("before", pre_before), ("after", pre)):
+                epoch = FULL_TRAIN / r["samples_per_s"] + FULL_VAL / r["val_samples_per_s"]
+                add("train", f"{name} phase {phase} per-epoch speed-up of the cache, {when}", full_one / epoch, "x")
             add("memory", f"{name} training peak RSS, preloaded ({train_n + 8} samples)", pre["peak_rss_MB"], "MB")
             add("memory", f"{name} training peak RSS, streaming ({train_n + 8} samples)", stream["peak_rss_MB"], "MB")
             if phase == 3:
@@ -334,25 +517,28 @@ def main() -> None:
                 stream_big = run_child("train", cache=str(big), out=str(tmp / "r-big"), phase=3, preload="never")
                 add("memory", f"{name} training peak RSS, streaming ({4 * train_n + 8} samples)",
                     stream_big["peak_rss_MB"], "MB")
-                io = run_child("read", cache=str(big))
+                io = run_child("read", cache=str(big), old_cache=str(with_lzf_masks(big, tmp / "t-big-lzf")))
                 add("io", f"{name} sequential read of the shards", io["sequential"]["MB_per_s"], "MB/s",
                     cold_cache=io["sequential"]["cold"])
-                add("io", f"{name} reads in training order, one process", io["training_order"]["MB_per_s"],
-                    "MB/s", cold_cache=io["training_order"]["cold"],
-                    pct_of_sequential=100 * io["training_order"]["MB_per_s"] / io["sequential"]["MB_per_s"])
-                add("io", f"{name} reads in training order, streaming loader", io["training_loader"]["MB_per_s"],
+                for mode, what in (("training_order_before", "before (lzf masks, HDF5 reads)"),
+                                   ("training_order", "after (checked once, pread per row)")):
+                    pct = 100 * io[mode]["MB_per_s"] / io["sequential"]["MB_per_s"]
+                    add("io", f"{name} reads in training order, one process, {what}", io[mode]["MB_per_s"],
+                        "MB/s", cold_cache=io[mode]["cold"], pct_of_sequential=pct)
+                    add("io", f"{name} reads in training order, {what}: share of sequential", pct, "%")
+                add("io", f"{name} reads in training order, a reader process", io["training_loader"]["MB_per_s"],
                     "MB/s", cold_cache=io["training_loader"]["cold"],
                     pct_of_sequential=100 * io["training_loader"]["MB_per_s"] / io["sequential"]["MB_per_s"])
                 # projected wall time of the full phase-3 recipe
                 ext_rate = ext[name][4]["loop_images_per_s"]
-                val_rate = pre["val_samples_per_s"]
                 one_epoch = FULL_TRAIN / one["samples_per_s"] + FULL_VAL / (ext_rate * 1.0)
                 add("project", "phase 3 full recipe, one-stage", FULL_EPOCHS * one_epoch / 3600, "hours")
-                for k in (1, 4, 8):
-                    extraction = (FULL_TRAIN * k + FULL_VAL) / ext_rate
-                    training = FULL_EPOCHS * (FULL_TRAIN / pre["samples_per_s"] + FULL_VAL / val_rate)
-                    add("project", f"phase 3 full recipe, two-stage K={k} (extraction {extraction / 3600:.1f} h)",
-                        (extraction + training) / 3600, "hours")
+                for when, r in (("before", pre_before), ("after", pre)):
+                    for k in (1, 4, 8):
+                        extraction = (FULL_TRAIN * k + FULL_VAL) / ext_rate
+                        training = FULL_EPOCHS * (FULL_TRAIN / r["samples_per_s"] + FULL_VAL / r["val_samples_per_s"])
+                        add("project", f"phase 3 full recipe, two-stage K={k}, {when} (extraction "
+                            f"{extraction / 3600:.1f} h)", (extraction + training) / 3600, "hours")
 
     info = machine()
     print("\n| group | measurement | value | unit |\n|---|---|---|---|")

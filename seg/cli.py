@@ -177,7 +177,7 @@ def extract(**kw) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--preload", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Hold the cache on the device, or stream it from the shards.")
-@click.option("--workers", type=WORKERS, default=None, help="Reader processes when streaming.")
+@click.option("--workers", type=WORKERS, default=None, help="Reader processes when streaming [default: 0 on a CPU (reads in the training process), up to 4 on a GPU].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg run in --out (deletes its files; says which).")
 @click.option("--allow-mismatch", is_flag=True, help="Train on a cache whose backbone/size/layers differ from the phase's.")

@@ -96,7 +96,12 @@ class StreamedSplit:
 
     def __init__(self, split: CacheSplit, device: torch.device, workers: Optional[int] = None) -> None:
         self.split, self.device = split, device
-        self.workers = worker_count(4) if workers is None else workers
+        # On a CPU the training step owns every core, and a checked shard reads at page-cache speed
+        # (one pread per row): reading in this process beat a reader process (12.8 vs 11.2 samples/s at
+        # phase 3). A GPU leaves the cores idle, so reader processes overlap the reads with its steps.
+        if workers is None:
+            workers = worker_count(4) if device.type == "cuda" else 0
+        self.workers = workers
 
     def loader(self, batches: list[np.ndarray]) -> DataLoader:
         """Reader processes; for a GPU, batches land in pinned host memory so that the copies below
