@@ -263,48 +263,53 @@ def task_onestage(args: dict) -> dict:
 
 
 def task_read(args: dict) -> dict:
-    from seg.cache import FeatureCache
-    from seg.train_data import epoch_indices
+    """One training-order epoch of reads against a sequential read of the same files, cold (page
+    cache dropped before each timed read, when this process may) and warm (everything read once).
+    The sha256 check that training does first is done before the drop, so it does not warm the
+    timed reads."""
+    import torch
 
-    cache = Path(args["cache"])
+    from seg.cache import FeatureCache
+    from seg.train_data import StreamedSplit, batches_of, epoch_indices
+
+    cache, old = Path(args["cache"]), Path(args["old_cache"])
     files = sorted(cache.glob("train-*.h5"))
     total = sum(f.stat().st_size for f in files)
-    out = {"file_bytes": total}
-    old = Path(args["old_cache"])
-    if not drop_page_cache():  # every mode then reads from the page cache: warm it for all alike
-        for f in files + sorted(old.glob("train-*.h5")):
-            f.read_bytes()
-    for mode in ("sequential", "training_order_before", "training_order", "training_loader"):
-        dropped = drop_page_cache()
-        t = time.perf_counter()
-        if mode == "sequential":
-            for f in files:
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 22):
-                        pass
-        elif mode.startswith("training_order"):  # one process, as a reader in the training loop would
-            fc = FeatureCache(old if mode.endswith("before") else cache)
-            if not mode.endswith("before"):
-                fc.check_shards(["train"])  # what training does first; its reads then skip HDF5
-            split = fc.split("train")
-            t = time.perf_counter()  # the checksum pass is the integrity check, timed separately
-            idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
-            for i in range(0, len(idx), 4):
-                split.read_rows(idx[i:i + 4])
-        else:  # what streaming training really uses: the DataLoader's reader processes
-            import torch
+    buf = bytearray(1 << 22)
+    out: dict = {"file_bytes": total}
 
-            from seg.train_data import StreamedSplit, batches_of
+    def split_of(path: Path, checked: bool):
+        fc = FeatureCache(path)
+        if checked:
+            fc.check_shards(["train"])  # what training does first; its reads then skip HDF5
+        return fc.split("train")
 
-            fc = FeatureCache(cache)
-            fc.check_shards(["train"])
-            split = fc.split("train")
+    for temperature in ("cold", "warm"):
+        if temperature == "warm":
+            for f in files + sorted(old.glob("train-*.h5")):
+                f.read_bytes()
+        for mode in ("sequential", "training_order_before", "training_order", "training_loader"):
+            split = None if mode == "sequential" else split_of(old if mode.endswith("before") else cache,
+                                                               checked=not mode.endswith("before"))
+            if temperature == "cold" and not drop_page_cache():
+                out["cold_unavailable"] = True
+                break
             t = time.perf_counter()
-            idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
-            for _ in StreamedSplit(split, torch.device("cpu"), workers=1).batches(batches_of(idx, 4)):
-                pass
-        seconds = time.perf_counter() - t
-        out[mode] = {"MB_per_s": total / seconds / 1e6, "seconds": seconds, "cold": dropped}
+            if mode == "sequential":  # the fastest plain read: one reused 4 MB buffer
+                for f in files:
+                    with open(f, "rb", buffering=0) as fh:
+                        while fh.readinto(buf):
+                            pass
+            else:
+                idx = epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True)
+                if mode == "training_loader":  # a DataLoader reader process, as streaming on a GPU uses
+                    for _ in StreamedSplit(split, torch.device("cpu"), workers=1).batches(batches_of(idx, 4)):
+                        pass
+                else:  # in this process, as streaming on a CPU does
+                    for i in range(0, len(idx), 4):
+                        split.read_rows(idx[i:i + 4])
+            seconds = time.perf_counter() - t
+            out[f"{temperature}_{mode}"] = {"MB_per_s": total / seconds / 1e6, "seconds": seconds}
     return out
 
 
@@ -518,17 +523,19 @@ def main() -> None:
                 add("memory", f"{name} training peak RSS, streaming ({4 * train_n + 8} samples)",
                     stream_big["peak_rss_MB"], "MB")
                 io = run_child("read", cache=str(big), old_cache=str(with_lzf_masks(big, tmp / "t-big-lzf")))
-                add("io", f"{name} sequential read of the shards", io["sequential"]["MB_per_s"], "MB/s",
-                    cold_cache=io["sequential"]["cold"])
-                for mode, what in (("training_order_before", "before (lzf masks, HDF5 reads)"),
-                                   ("training_order", "after (checked once, pread per row)")):
-                    pct = 100 * io[mode]["MB_per_s"] / io["sequential"]["MB_per_s"]
-                    add("io", f"{name} reads in training order, one process, {what}", io[mode]["MB_per_s"],
-                        "MB/s", cold_cache=io[mode]["cold"], pct_of_sequential=pct)
-                    add("io", f"{name} reads in training order, {what}: share of sequential", pct, "%")
-                add("io", f"{name} reads in training order, a reader process", io["training_loader"]["MB_per_s"],
-                    "MB/s", cold_cache=io["training_loader"]["cold"],
-                    pct_of_sequential=100 * io["training_loader"]["MB_per_s"] / io["sequential"]["MB_per_s"])
+                for temp in ("cold", "warm"):
+                    if f"{temp}_sequential" not in io:
+                        continue
+                    seq = io[f"{temp}_sequential"]["MB_per_s"]
+                    add("io", f"{name} {temp} page cache: sequential read of the shards", seq, "MB/s")
+                    for mode, what in (("training_order_before", "before (lzf masks, HDF5 reads)"),
+                                       ("training_order", "after (checked once, pread per row)"),
+                                       ("training_loader", "after, through a reader process")):
+                        rate = io[f"{temp}_{mode}"]["MB_per_s"]
+                        add("io", f"{name} {temp}: reads in training order, {what}", rate, "MB/s",
+                            pct_of_sequential=100 * rate / seq)
+                        add("io", f"{name} {temp}: reads in training order, {what}: share of sequential",
+                            100 * rate / seq, "%")
                 # projected wall time of the full phase-3 recipe
                 ext_rate = ext[name][4]["loop_images_per_s"]
                 one_epoch = FULL_TRAIN / one["samples_per_s"] + FULL_VAL / (ext_rate * 1.0)
