@@ -86,6 +86,8 @@ class _BatchReads(Dataset):
         return len(self.batches)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if j + 1 < len(self.batches):  # the disk fetches the next batch while this one trains
+            self.split.advise(self.batches[j + 1])
         tokens, masks = self.split.read_rows(self.batches[j])
         return torch.from_numpy(tokens), torch.from_numpy(masks)
 

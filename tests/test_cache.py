@@ -1,6 +1,7 @@
 """The feature cache: manifest fields, byte layout of shards, round trip against the backbone."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,21 @@ def test_a_shard_changed_after_its_check_is_refused(small_cache, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SegError, match="train-00001.h5: changed after its sha256 was checked"):
         split.read_rows(np.array([5]))
+
+
+def test_read_ahead_advice_names_exactly_the_rows_chunks(small_cache, monkeypatch):
+    cache = FeatureCache(small_cache)
+    cache.check_shards(["train"])
+    split = cache.split("train")
+    calls = []
+    monkeypatch.setattr("os.posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    split.advise(np.array([5]))
+    j, row = split.locate(5)
+    with h5py.File(small_cache / split.shards[j].file, "r") as f:
+        tok = f["tokens"].id.get_chunk_info_by_coord((row, 0, 0, 0, 0))
+        mask = f["masks"].id.get_chunk_info_by_coord((row, 0, 0))
+    assert calls == [(tok.byte_offset, tok.size - 4, os.POSIX_FADV_WILLNEED),  # the data, not its checksum
+                     (mask.byte_offset, mask.size - 4, os.POSIX_FADV_WILLNEED)]
+    calls.clear()
+    FeatureCache(small_cache).split("train").advise(np.array([5]))  # unchecked shards: read through HDF5
+    assert calls == []
