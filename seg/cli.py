@@ -100,7 +100,7 @@ def main() -> None:
                    "a tap cache for `train-head --tune-blocks N-B`.")
 @click.option("--batch-size", default=8, show_default=True, type=COUNT, help="Images per backbone forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
-@click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8].")
+@click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8; none on a 2-core CPU].")
 @click.option("--shard-size", default=64, show_default=True, type=COUNT, help="Samples per HDF5 shard.")
 @click.option("--classes", default=None, type=click.Path(dir_okay=False), help="JSON class table (default: the published 10 classes, 600 -> Background).")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")

@@ -49,7 +49,7 @@ class RunOptions:
     progress: bool = True
     overwrite: bool = False         # replace a finished seg run in --out
     verify: bool = True             # sha256 of every shard against the manifest before use
-    weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded hub file)
+    weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded file or hub cache)
     checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
 
 
