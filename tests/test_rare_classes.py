@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seg import train_head as th
 from seg.cache import FeatureCache
 from seg.class_stats import class_counts
 from seg.cli import main
@@ -22,6 +21,7 @@ from seg.synthetic import write_dataset
 from seg.train_head import RunOptions, train
 from conftest import SMALL_SIZE
 from token_cache import learnable_split, write_token_cache
+from interrupt import train_interrupted_at
 
 EXTRACT = ["extract", "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init", "--workers", "0",
            "--batch-size", "2", "--shard-size", "4"]
@@ -124,17 +124,7 @@ def test_rare_class_training_records_draws_and_resumes_exactly(tmp_path, monkeyp
     hist_u = json.loads((tmp_path / "uni" / "history.json").read_text())
     assert all(h["drawn_Logs"] <= 2 for h in hist_u)  # uniform: each image once, Logs in 2 of 12
     assert sum(h["drawn_Logs"] for h in hist) > sum(h["drawn_Logs"] for h in hist_u)
-    real = th.Trainer.train_epoch
-
-    def stop_at_third(self, source, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, source, epoch)
-
-    monkeypatch.setattr(th.Trainer, "train_epoch", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(cache), str(tmp_path / "cut"), opts, log=lambda s: None)
-    monkeypatch.setattr(th.Trainer, "train_epoch", real)
+    train_interrupted_at(monkeypatch, 2, cfg, str(cache), str(tmp_path / "cut"), opts, log=lambda s: None)
     train(cfg, str(cache), str(tmp_path / "cut"), RunOptions(device="cpu", progress=False, allow_mismatch=True,
                                                             resume=True), log=lambda s: None)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)

@@ -16,6 +16,7 @@ from seg.presets import PRESETS, resolve
 from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, epoch_indices
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
+from interrupt import train_interrupted_at
 
 QUIET = dict(log=lambda s: None)
 
@@ -134,17 +135,7 @@ def test_resume_after_a_stop_gives_the_same_weights(learnable_cache, tmp_path, m
     cfg = resolve(3, {"epochs": 4})
     train(cfg, str(learnable_cache), str(tmp_path / "full"), opts(), **QUIET)
 
-    real = th.Trainer.train_epoch
-
-    def crash_on_third(self, source, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, source, epoch)
-
-    monkeypatch.setattr(th.Trainer, "train_epoch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
-    monkeypatch.setattr(th.Trainer, "train_epoch", real)
+    train_interrupted_at(monkeypatch, 2, cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(SegError, match="holds a seg run already; pass --resume to continue it, --overwrite"):
         train(cfg, str(learnable_cache), str(tmp_path / "cut"), opts(), **QUIET)

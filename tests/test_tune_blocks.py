@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seg import train_head as th
 from seg.backbones import load_backbone
 from seg.cache import FeatureCache, verify
 from seg.cli import main
@@ -19,6 +18,7 @@ from seg.extract_features import ExtractConfig, extract
 from seg.heads.resize import resize_bilinear
 from seg.presets import resolve
 from seg.train_head import RunOptions, Trainer, train
+from interrupt import train_interrupted_at
 
 QUIET = dict(log=lambda s: None)
 TAP = {"vits14_reg": ("224x126", 10), "dinov3_vits16": ("224x128", 9)}  # (size, tap block) of 12 blocks
@@ -181,17 +181,7 @@ def test_tuned_run_end_to_end_resumes_exactly_and_scores_images_like_the_cache(d
     cache = make_tap_cache(dataset, tmp_path / "c", splits=("train", "val"))
     cfg = resolve(3, {"tune_blocks": 2, "epochs": 3, "lr": 1e-3, "batch_size": 2, "accum": 1})
     train(cfg, str(cache), str(tmp_path / "full"), opts(), **QUIET)
-    real = th.Trainer.train_epoch
-
-    def crash_on_second(self, source, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, source, epoch)
-
-    monkeypatch.setattr(th.Trainer, "train_epoch", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, str(cache), str(tmp_path / "cut"), opts(), **QUIET)
-    monkeypatch.setattr(th.Trainer, "train_epoch", real)
+    train_interrupted_at(monkeypatch, 1, cfg, str(cache), str(tmp_path / "cut"), opts(), **QUIET)
     train(cfg, str(cache), str(tmp_path / "cut"), opts(resume=True), **QUIET)
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
