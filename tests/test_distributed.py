@@ -103,3 +103,30 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     assert np.array(ma["confusion_matrix"]).sum() == np.array(mb["confusion_matrix"]).sum() == 3 * (84 * 140 - 9)
     assert ma["miou"] == mb["miou"] or abs(ma["miou"] - mb["miou"]) < 1e-3
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_ddp_step_with_tuned_blocks_equals_single_process_step(tmp_path):
+    """--tune-blocks under DDP: the tail's gradients are averaged over ranks like the head's."""
+    from seg.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", {"train": 4, "val": 3})
+    cache = tmp_path / "tap"
+    r = CliRunner().invoke(main, ["extract", "--backbone", "vits14", "--size", "224x126", "--random-init",
+                                  "--tap-block", "11", "--workers", "0", "--data", str(data), "--out", str(cache)])
+    assert r.exit_code == 0, r.output
+    common = ["--cache", cache, "--phase", "3", "--allow-mismatch", "--epochs", "1", "--loss", "ce", "--accum", "1",
+              "--no-amp", "--device", "cpu", "--preload", "always", "--optimizer", "sgd", "--lr", "0.5",
+              "--momentum", "0", "--schedule", "none", "--tune-blocks", "1"]
+    single = CliRunner().invoke(main, ["train-head", *map(str, common), "--out", str(tmp_path / "one"),
+                                       "--batch-size", "4"])
+    assert single.exit_code == 0, single.output
+    p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["head"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["head"]
+    from seg.backbones import load_backbone
+
+    original = load_backbone("vits14", random_init=True)[0].blocks[11].state_dict()
+    assert not torch.allclose(a["tail.blocks.0.mlp.fc1.weight"], original["mlp.fc1.weight"])  # the block trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
