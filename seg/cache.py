@@ -51,10 +51,6 @@ class FeatureCache:
     def head_layers(self) -> int:
         return cf.head_input(self.manifest)[0]
 
-    @property
-    def tap_block(self) -> Optional[int]:
-        return cf.tap_block(self.manifest)
-
     def check_shards(self, splits: list[str], progress: Optional[Callable[[int], None]] = None) -> tuple[int, int]:
         """Every shard of these splits against the manifest's sha256, before anything reads it: HDF5
         reads damaged metadata as the fill value (zeros) without an error, so a checksum over the
@@ -110,7 +106,7 @@ class FeatureCache:
 class CacheSplit(Dataset):
     """Sample i -> (tokens float16 [L, C, Hp, Wp], mask uint8 [H, W], image name, aug seed).
 
-    HDF5 handles are opened lazily per process, so DataLoader workers each get their own. Tokens of a
+    HDF5 handles are opened lazily per process, so DataLoader workers each get their own. Rows of a
     shard whose sha256 was checked in this process (`verified`) are read as raw bytes at their chunk's
     file offset, without HDF5's per-chunk checksum work: the whole-file checksum covered them.
     """
@@ -119,7 +115,9 @@ class CacheSplit(Dataset):
                  verified: Optional[dict[str, tuple[int, int]]] = None) -> None:
         self.path, self.manifest, self.name = path, manifest, split
         self.verified = verified if verified is not None else {}
-        self._raw: dict[int, Optional[tuple[int, np.ndarray]]] = {}  # shard -> (fd, byte offset per row)
+        # shard -> (fd, byte offset of each row's tokens, of each row's mask or None), or None: HDF5 reads
+        self._raw: dict[int, Optional[tuple[int, np.ndarray, Optional[np.ndarray]]]] = {}
+        self._row_nbytes = (int(np.prod(manifest["token_shape"])) * 2, int(np.prod(manifest["mask_shape"])))
         s = manifest["splits"][split]
         self.images: list[str] = s["images"]
         self.seeds: list[int] = s["seeds"]
@@ -213,13 +211,9 @@ class CacheSplit(Dataset):
             if raw is None:
                 continue
             fd, tok_off, mask_off = raw
-            os.posix_fadvise(fd, int(tok_off[row]), self._row_bytes[0], os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, int(tok_off[row]), self._row_nbytes[0], os.POSIX_FADV_WILLNEED)
             if mask_off is not None:
-                os.posix_fadvise(fd, int(mask_off[row]), self._row_bytes[1], os.POSIX_FADV_WILLNEED)
-
-    @property
-    def _row_bytes(self) -> tuple[int, int]:
-        return (int(np.prod(self.manifest["token_shape"])) * 2, int(np.prod(self.manifest["mask_shape"])))
+                os.posix_fadvise(fd, int(mask_off[row]), self._row_nbytes[1], os.POSIX_FADV_WILLNEED)
 
     def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and masks of several samples, read shard by shard in sorted order."""
@@ -275,21 +269,23 @@ class CacheSplit(Dataset):
             parts.append(class_counts(masks, num_classes))
         return np.concatenate(parts)
 
-    def __del__(self) -> None:
+    def _close_raw(self) -> None:
         for raw in getattr(self, "_raw", {}).values():
             if raw is not None:
                 try:
                     os.close(raw[0])
                 except OSError:
                     pass
+        self._raw = {}
+
+    def __del__(self) -> None:
+        self._close_raw()
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        for raw in self._raw.values():
-            if raw is not None:
-                os.close(raw[0])
-        self._files, self._datasets, self._raw = {}, {}, {}
+        self._close_raw()
+        self._files, self._datasets = {}, {}
 
 
 def _plain_rows(ds: h5py.Dataset, dtype: str) -> bool:

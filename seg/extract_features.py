@@ -207,7 +207,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "weights_fingerprint": info.state_fingerprint,
         "size": {"width": w, "height": h},
         "patch_size": model.patch_size,
-        "patch_grid": {"width": w // model.patch_size, "height": h // model.patch_size},
+        "patch_grid": {"width": grid[1], "height": grid[0]},
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),
         "layers": layers if tap is None else [],
@@ -507,7 +507,8 @@ def _extract_split(model, device, layers, files, manifest, plans, augmenter, lut
         half = feats.to(torch.float16)
         if not torch.isfinite(half).all():
             _refuse_non_finite(feats, half, batch["k"], files, seeds)
-        max_abs = max(max_abs, half.abs().max().item())
+        if tap is not None:  # the range report of a tap cache; normed layers need none
+            max_abs = max(max_abs, half.abs().max().item())
         tokens = half.cpu().numpy()
         b = tokens.shape[0]
         buf_tokens[filled:filled + b] = tokens

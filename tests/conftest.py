@@ -10,6 +10,16 @@ COUNTS = {"train": 6, "val": 3, "test": 2}
 SMALL_SIZE = "224x126"  # 16x9 patches: keeps the ViT-S forward pass to a few tens of ms
 
 
+def golden_model(model_cls, fixture: str):
+    """(model with the fixture's config and weights, in eval mode; the fixture) of a golden file."""
+    import torch
+
+    gold = torch.load(DATA_DIR / fixture, weights_only=True)
+    model = model_cls(**gold["config"])
+    model.load_state_dict(gold["state_dict"], strict=True)
+    return model.eval(), gold
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("falcon"), COUNTS)

@@ -5,15 +5,12 @@ import pytest
 import torch
 
 from seg.backbones import DinoV3VisionTransformer
-from conftest import DATA_DIR
+from conftest import golden_model
 
 
 @pytest.mark.parametrize("fixture", ["dinov3_tiny_golden.pt", "dinov3_tiny_swiglu_golden.pt"])
 def test_reproduces_reference_outputs(fixture):
-    gold = torch.load(DATA_DIR / fixture, weights_only=True)
-    model = DinoV3VisionTransformer(**gold["config"])
-    model.load_state_dict(gold["state_dict"], strict=True)
-    model.eval()
+    model, gold = golden_model(DinoV3VisionTransformer, fixture)
     x, ref = gold["input"], gold["outputs"]
     depth = gold["config"]["depth"]
     h, w = x.shape[2] // 16, x.shape[3] // 16
@@ -50,9 +47,7 @@ def test_reproduces_reference_outputs(fixture):
 
 
 def test_the_key_bias_is_masked():
-    gold = torch.load(DATA_DIR / "dinov3_tiny_golden.pt", weights_only=True)
-    model = DinoV3VisionTransformer(**gold["config"])
-    model.load_state_dict(gold["state_dict"], strict=True)
+    model, gold = golden_model(DinoV3VisionTransformer, "dinov3_tiny_golden.pt")
     d = gold["config"]["embed_dim"]
     assert model.blocks[0].attn.qkv.bias[d:2 * d].abs().sum() > 0  # stored, nonzero ...
     assert model.blocks[0].attn.qkv.bias_mask[d:2 * d].sum() == 0  # ... and never used

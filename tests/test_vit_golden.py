@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seg.backbones.dinov2 import DinoVisionTransformer
-from conftest import DATA_DIR
+from conftest import DATA_DIR, golden_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -13,10 +13,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("fixture", ["dinov2_tiny_golden.pt", "dinov2_tiny_reg4_golden.pt"])
 def test_reproduces_reference_outputs(fixture):
-    gold = torch.load(DATA_DIR / fixture, weights_only=True)
-    model = DinoVisionTransformer(**gold["config"])
-    model.load_state_dict(gold["state_dict"], strict=True)
-    model.eval()
+    model, gold = golden_model(DinoVisionTransformer, fixture)
     x, ref = gold["input"], gold["outputs"]
     depth = gold["config"]["depth"]
     with torch.no_grad():

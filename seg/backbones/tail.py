@@ -21,7 +21,7 @@ class BackboneTail(nn.Module):
         depth = len(model.blocks)
         if not 0 <= start < depth:
             raise ValueError(f"the tail must start at a block in 0..{depth - 1}, got {start}")
-        self.start, self.depth = start, depth
+        self.start = start
         self.blocks = nn.ModuleList(model.blocks[start:])
         self.norm = model.norm
         self.rope_embed: Optional[nn.Module] = getattr(model, "rope_embed", None)  # DINOv3's RoPE
