@@ -111,10 +111,11 @@ def _before_head_step() -> None:
 
     import torch.nn.functional as F
 
-    import seg.train_head as th
-    from seg.device import autocast
+    import seg.train.epochs as epochs
+    import seg.train.model as model
+    from seg.runtime.device import autocast
     from seg.heads import tokens_to_input
-    from seg.losses import SegLoss
+    from seg.train.losses import SegLoss
 
     def old_head_logits(head, tokens, out_size, amp, grid=None):
         with autocast(tokens.device, amp):
@@ -122,8 +123,8 @@ def _before_head_step() -> None:
                                    align_corners=False)
         return logits.float()
 
-    th.head_logits = old_head_logits
-    th.SegLoss = functools.partial(SegLoss, fused=False)
+    epochs.head_logits = old_head_logits
+    model.SegLoss = functools.partial(SegLoss, fused=False)
 
 
 def head_step_flops(head, tokens_shape) -> float:
@@ -152,21 +153,22 @@ def task_head_step(args: dict) -> dict:
     shapes, before and after, with its analytic floor."""
     import torch
 
-    import seg.train_head as th
+    import seg.train.epochs as epochs
+    import seg.train.model as model
     from seg.heads import build_head
-    from seg.losses import SegLoss
+    from seg.train.losses import SegLoss
 
     if args["before"]:
         _before_head_step()
     grid, dim, mask, batch = (26, 46), 768, (364, 644), 2
     head = build_head("upernet", dim, 10)
-    crit = th.SegLoss("focal_dice", torch.ones(10)) if args["before"] else SegLoss("focal_dice", torch.ones(10))
+    crit = model.SegLoss("focal_dice", torch.ones(10)) if args["before"] else SegLoss("focal_dice", torch.ones(10))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
     tokens = torch.randn(batch, 1, dim, *grid).half()
     target = torch.randint(0, 10, (batch, *mask))
 
     def step() -> None:
-        crit(th.head_logits(head, tokens, mask, True), target).backward()
+        crit(epochs.head_logits(head, tokens, mask, True), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -202,7 +204,7 @@ def task_extract(args: dict) -> dict:
 
 
 def task_train(args: dict) -> dict:
-    from seg.presets import resolve
+    from seg.train.presets import resolve
     from seg.train_head import RunOptions, Trainer
 
     if args.get("before"):
@@ -213,12 +215,12 @@ def task_train(args: dict) -> dict:
                       log=lambda s: None)
     trainer._build()
     train_src, val_src = trainer._sources()
-    trainer.train_epoch(train_src, 0)  # warm-up epoch (allocator, kernels, page cache)
+    trainer.epochs.train_epoch(train_src, 0)  # warm-up epoch (allocator, kernels, page cache)
     t = time.perf_counter()
-    loss, sps = trainer.train_epoch(train_src, 1)
+    loss, sps = trainer.epochs.train_epoch(train_src, 1)
     seconds = time.perf_counter() - t
     t = time.perf_counter()
-    trainer.validate(val_src)
+    trainer.epochs.validate(val_src)
     val_seconds = time.perf_counter() - t
     n = len(trainer.train_split.images)
     return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds,
@@ -230,10 +232,10 @@ def task_onestage(args: dict) -> dict:
     import torch
 
     from seg.backbones import load_backbone
-    from seg.device import autocast
+    from seg.runtime.device import autocast
     from seg.heads import build_head, head_logits
-    from seg.losses import SegLoss
-    from seg.presets import PRESETS
+    from seg.train.losses import SegLoss
+    from seg.train.presets import PRESETS
 
     cfg = PRESETS[args["phase"]]
     w, h = (int(v) for v in args["size"].split("x"))
@@ -270,7 +272,7 @@ def task_read(args: dict) -> dict:
     import torch
 
     from seg.cache import FeatureCache
-    from seg.train_data import StreamedSplit, batches_of, epoch_indices
+    from seg.train.sources import StreamedSplit, batches_of, epoch_indices
 
     cache, old = Path(args["cache"]), Path(args["old_cache"])
     files = sorted(cache.glob("train-*.h5"))
@@ -352,10 +354,10 @@ def run_child(task: str, **args) -> dict:
 # ---------------------------------------------------------------------------------------------
 def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val: int) -> Path:
     """A cache with the real token shapes and random content (training speed does not depend on it)."""
-    from seg import cache_format as cf
+    from seg.cache import format as cf
     from seg.backbones import backbone_kwargs, file_sha256
-    from seg.classes import default_class_table
-    from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
+    from seg.data.classes import default_class_table
+    from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
     w, h = (int(v) for v in size.split("x"))
     d = backbone_kwargs(backbone)["embed_dim"]
@@ -434,7 +436,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Fewer images and steps (a smoke run, noisier numbers).")
     ap.add_argument("--workdir", help="Scratch folder [default: a temporary one].")
     args = ap.parse_args()
-    from seg.synthetic import write_dataset
+    from seg.data.synthetic import write_dataset
 
     q = args.quick
     n_images = 8 if q else 16

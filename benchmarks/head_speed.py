@@ -14,7 +14,7 @@ import torch
 
 def main() -> None:
     from seg.heads import build_head, head_logits
-    from seg.losses import SegLoss
+    from seg.train.losses import SegLoss
 
     torch.manual_seed(0)
     grid, dim, mask = (26, 46), 768, (364, 644)

@@ -30,8 +30,8 @@ def main() -> None:
 
     from seg.evaluate import EvalOptions, evaluate
     from seg.extract_features import ExtractConfig, extract
-    from seg.presets import resolve
-    from seg.synthetic import write_dataset
+    from seg.train.presets import resolve
+    from seg.data.synthetic import write_dataset
     from seg.train_head import RunOptions, train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="seg-rare-"))

@@ -32,10 +32,10 @@ def timed(fn: Callable[[], None], steps: int) -> float:
 def main() -> None:
     from seg.backbones import load_backbone
     from seg.backbones.tail import BackboneTail
-    from seg.device import autocast
+    from seg.runtime.device import autocast
     from seg.heads import TunedHead, build_head, head_logits
-    from seg.losses import SegLoss
-    from seg.normalize import normalize
+    from seg.train.losses import SegLoss
+    from seg.data.normalize import normalize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")

@@ -9,7 +9,7 @@ import sys
 import click
 
 from seg import __version__
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 
 
 def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
@@ -122,7 +122,7 @@ def extract(**kw) -> None:
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
     )
-    from seg import distributed
+    from seg.runtime import distributed
 
     d = distributed.init(cfg.device)
     try:
@@ -186,11 +186,11 @@ def extract(**kw) -> None:
 def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, allow_mismatch, no_verify,
                weights, checkpointing, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs)."""
-    from seg.metrics import format_table
-    from seg.presets import resolve
+    from seg.scoring.metrics import format_table
+    from seg.train.presets import resolve
     from seg.train_head import RunOptions, train
 
-    from seg import distributed
+    from seg.runtime import distributed
 
     cfg = resolve(phase, overrides)
     d = distributed.init(device)
@@ -298,7 +298,7 @@ def cache() -> None:
 def cache_info(cache_dir: str, as_json: bool) -> None:
     """Print a cache's manifest in human form."""
     from seg.cache import describe
-    from seg.cache_format import read_manifest
+    from seg.cache.format import read_manifest
 
     if as_json:
         click.echo(json.dumps(read_manifest(cache_dir), indent=2))
@@ -316,7 +316,7 @@ def cache_verify(cache_dir: str, sources: bool) -> None:
     from tqdm import tqdm
 
     from seg.cache import verify
-    from seg.cache_format import read_manifest
+    from seg.cache.format import read_manifest
 
     total = sum(s["num_samples"] for s in read_manifest(cache_dir)["splits"].values())
     with tqdm(total=total, unit="sample", desc="verify", dynamic_ncols=True) as bar:

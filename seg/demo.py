@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 from seg.backbones import load_backbone
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 from seg.evaluate import EvalOptions, evaluate
 from seg.extract_features import ExtractConfig, extract
 from seg.predict import PredictOptions, predict
-from seg.presets import resolve
-from seg.synthetic import LAYOUT, write_dataset
+from seg.train.presets import resolve
+from seg.data.synthetic import LAYOUT, write_dataset
 from seg.train_head import RunOptions, train
 
 

@@ -13,18 +13,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from seg import plots
-from seg.atomic import write_json, write_text
+from seg.scoring import plots
+from seg.runtime.atomic import write_json, write_text
 from seg.cache import FeatureCache
-from seg.data import list_split, map_mask, read_raw_mask, worker_count
-from seg.device import resolve_device
-from seg.errors import SegError
+from seg.data.falcon import list_split
+from seg.data.decode import map_mask, read_raw_mask
+from seg.runtime.device import worker_count
+from seg.runtime.device import resolve_device
+from seg.runtime.errors import SegError
 from seg.heads import head_logits
-from seg.inference import ImageFolderSamples, Segmenter, collate_samples
-from seg.metrics import confusion_matrix, format_table, jsonable, summarize
-from seg.cache_format import source_files
-from seg.run_dir import EVAL_FILES, check_owned_dir
-from seg.runs import check_cache_compatible, load_run
+from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
+from seg.scoring.metrics import confusion_matrix, format_table, jsonable, summarize
+from seg.cache.format import source_files
+from seg.runtime.run_dir import EVAL_FILES, check_owned_dir
+from seg.infer.runs import check_cache_compatible, load_run
 
 
 @dataclass

@@ -14,13 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from seg.atomic import write_atomic, write_json
-from seg.classes import ClassTable
-from seg.data import IMAGE_SUFFIXES, MASK_DIR, mask_name, worker_count
-from seg.device import resolve_device
-from seg.errors import SegError
-from seg.inference import ImageFolderSamples, Segmenter, collate_samples
-from seg.runs import load_run
+from seg.runtime.atomic import write_atomic, write_json
+from seg.data.classes import ClassTable
+from seg.data.falcon import IMAGE_SUFFIXES, MASK_DIR, mask_name
+from seg.runtime.device import worker_count
+from seg.runtime.device import resolve_device
+from seg.runtime.errors import SegError
+from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
+from seg.infer.runs import load_run
 
 
 @dataclass

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seg.synthetic import write_dataset
+from seg.data.synthetic import write_dataset
 
 DATA_DIR = Path(__file__).parent / "data"
 # Small but real: 960x540 RGB PNGs and uint16 raw masks in the Falcon layout.

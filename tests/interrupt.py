@@ -3,20 +3,21 @@
 import pytest
 
 from seg import train_head as th
+from seg.train.epochs import EpochRunner
 
 
 def train_interrupted_at(monkeypatch, epoch: int, *args, **kwargs) -> None:
     """train(*args, **kwargs), stopped by a KeyboardInterrupt as 0-based `epoch` starts."""
-    real = th.Trainer.train_epoch
+    real = EpochRunner.train_epoch
 
     def stop(self, source, e):
         if e == epoch:
             raise KeyboardInterrupt
         return real(self, source, e)
 
-    monkeypatch.setattr(th.Trainer, "train_epoch", stop)
+    monkeypatch.setattr(EpochRunner, "train_epoch", stop)
     try:
         with pytest.raises(KeyboardInterrupt):
             th.train(*args, **kwargs)
     finally:
-        monkeypatch.setattr(th.Trainer, "train_epoch", real)
+        monkeypatch.setattr(EpochRunner, "train_epoch", real)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from seg.augment import Augmenter, parse_size, policy_params, sample_seed
-from seg.errors import SegError
+from seg.data.augment import Augmenter, parse_size, policy_params, sample_seed
+from seg.runtime.errors import SegError
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from seg.backbones import named as bb
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 
 
 def test_named_architectures_match_reference_sizes():

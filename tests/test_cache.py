@@ -10,14 +10,15 @@ import pytest
 import numpy as np
 import torch
 
-from seg.augment import Augmenter
+from seg.data.augment import Augmenter
 from seg.backbones import file_sha256, load_backbone
 from seg.cache import FeatureCache, verify
-from seg.classes import default_class_table
-from seg.data import list_split, read_split_pair
-from seg.device import autocast
-from seg.errors import SegError
-from seg.normalize import normalize
+from seg.data.classes import default_class_table
+from seg.data.falcon import list_split
+from seg.data.decode import read_split_pair
+from seg.runtime.device import autocast
+from seg.runtime.errors import SegError
+from seg.data.normalize import normalize
 
 
 def test_manifest_has_every_agreed_field(small_cache):

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from seg.cli import main
-from seg.synthetic import write_dataset
+from seg.data.synthetic import write_dataset
 from conftest import SMALL_SIZE
 
 BASE = ["extract", "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init", "--workers", "0",
@@ -174,9 +174,10 @@ def test_policy_caches_hold_only_augmented_train_draws(dataset, tmp_path):
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["splits"]["train"]["seeds"] == [1] and m["splits"]["val"]["seeds"] == [0]
     # seed 1 is an augmented draw, not the plain resize: some train sample differs from seed 0
-    from seg.augment import Augmenter
-    from seg.classes import default_class_table
-    from seg.data import list_split, read_split_pair
+    from seg.data.augment import Augmenter
+    from seg.data.classes import default_class_table
+    from seg.data.falcon import list_split
+    from seg.data.decode import read_split_pair
 
     files = list_split(dataset, "train")
     lut = default_class_table().lut()

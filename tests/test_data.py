@@ -5,10 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from seg.classes import IGNORE_INDEX, default_class_table, load_class_table
-from seg.data import list_split, map_mask, read_split_pair
-from seg.errors import SegError
-from seg.synthetic import write_dataset
+from seg.data.classes import IGNORE_INDEX, default_class_table, load_class_table
+from seg.data.falcon import list_split
+from seg.data.decode import map_mask, read_split_pair
+from seg.runtime.errors import SegError
+from seg.data.synthetic import write_dataset
 
 
 def test_default_table_is_published_map_plus_flowers():

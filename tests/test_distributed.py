@@ -107,7 +107,7 @@ def test_ddp_step_equals_single_process_step(tmp_path):
 
 def test_ddp_step_with_tuned_blocks_equals_single_process_step(tmp_path):
     """--tune-blocks under DDP: the tail's gradients are averaged over ranks like the head's."""
-    from seg.synthetic import write_dataset
+    from seg.data.synthetic import write_dataset
 
     data = write_dataset(tmp_path / "data", {"train": 4, "val": 3})
     cache = tmp_path / "tap"

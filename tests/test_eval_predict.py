@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from seg.cli import main
-from seg.presets import resolve
+from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
@@ -132,8 +132,8 @@ def test_errors(run_dir, small_cache, dataset, tmp_path):
 def test_run_trained_on_official_weights_checks_sha256(run_dir, tmp_path, dataset):
     """A run whose cache used a weights file is only evaluated with that very file."""
     from seg.backbones import file_sha256, load_backbone
-    from seg.errors import SegError
-    from seg.runs import rebuild_backbone
+    from seg.runtime.errors import SegError
+    from seg.backbones.rebuild import rebuild_backbone
 
     model, info = load_backbone("vits14", random_init=True, seed=5)
     good = tmp_path / "good.pth"

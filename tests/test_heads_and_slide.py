@@ -10,9 +10,10 @@ from torch import nn
 
 from seg.cli import main
 from seg.heads import LinearHead, PyramidUPerNetHead, build_head
-from seg.presets import resolve
-from seg.sliding_window import default_stride, slide_logits, window_starts
-from seg.train_head import RunOptions, recommended_layers, train
+from seg.train.presets import resolve
+from seg.infer.sliding_window import default_stride, slide_logits, window_starts
+from seg.train.cache_checks import recommended_layers
+from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
 
@@ -116,8 +117,8 @@ def test_overlapping_windows_average_their_logits():
 
 
 def test_slide_equals_whole_image_when_one_window_covers_it(small_cache, tmp_path):
-    from seg.inference import Segmenter
-    from seg.runs import load_run
+    from seg.infer.segmenter import Segmenter
+    from seg.infer.runs import load_run
 
     run_dir = tmp_path / "r"
     train(resolve(3, {"epochs": 1}), str(small_cache), str(run_dir),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seg.losses import SegLoss, dice_loss, focal_loss, inverse_frequency_weights, lin_focal_loss
+from seg.train.losses import SegLoss, dice_loss, focal_loss, inverse_frequency_weights, lin_focal_loss
 
 LN3 = math.log(3.0)
 
@@ -132,7 +132,7 @@ def test_inverse_frequency_weights():
 @pytest.mark.parametrize("ignore", [False, True])
 def test_fused_focal_dice_equals_the_reference_formulas(gamma, ignore):
     """The fused phase-3 loss (hand-written gradient) against focal_loss + w x dice_loss and autograd."""
-    from seg.losses import focal_dice
+    from seg.train.losses import focal_dice
 
     g = torch.Generator().manual_seed(int(gamma * 10) + ignore)
     logits = (torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64) * 3).requires_grad_()
@@ -159,7 +159,7 @@ def test_phase3_step_loss_changes_only_by_bf16_rounding():
     (bf16 F.interpolate under autocast, then the reference formulas)."""
     import torch.nn.functional as F
 
-    from seg.device import autocast
+    from seg.runtime.device import autocast
     from seg.heads import build_head, head_logits, tokens_to_input
 
     torch.manual_seed(0)

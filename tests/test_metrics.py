@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg.metrics import confusion_matrix, format_table, jsonable, summarize
+from seg.scoring.metrics import confusion_matrix, format_table, jsonable, summarize
 
 NAMES = ["a", "b", "c", "d", "e"]
 # ground truth and prediction, 255 = ignore

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from seg import train_head as th
-from seg.augment import PublishedGaussianBlur, policy_params
+from seg.data.augment import PublishedGaussianBlur, policy_params
 from seg.backbones import load_backbone
-from seg.device import autocast
+from seg.runtime.device import autocast
 from seg.heads import ConvNeXtHead, UPerNetHead, build_head, head_logits
-from seg.losses import SegLoss
-from seg.normalize import normalize
-from seg.presets import PRESETS, resolve
-from seg.train_data import batches_of, epoch_indices
+from seg.train.losses import SegLoss
+from seg.data.normalize import normalize
+from seg.train.presets import PRESETS, resolve
+from seg.train.sources import batches_of, epoch_indices
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
@@ -212,8 +212,8 @@ def test_embeddings_are_added_in_float32_under_autocast():
 def test_image_evaluation_computes_in_the_caches_recorded_precision(small_cache):
     import copy
 
-    from seg.inference import Segmenter
-    from seg.runs import Run
+    from seg.infer.segmenter import Segmenter
+    from seg.infer.runs import Run
 
     rng = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1, 126, 224, 3), generator=rng, dtype=torch.uint8)
@@ -225,7 +225,7 @@ def test_image_evaluation_computes_in_the_caches_recorded_precision(small_cache)
             bf16 = model.get_intermediate_layers(x, n=[11], reshape=True)[0].to(torch.float16)
     assert not torch.equal(fp32, bf16)
     from seg.cache import FeatureCache
-    from seg.train_head import backbone_record
+    from seg.train.cache_checks import backbone_record
 
     record = {"backbone": backbone_record(FeatureCache(small_cache).manifest), "config": {"amp": True}}
     for dtype, expect in (("float32", fp32), ("bfloat16", bf16)):

@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 
 from seg.cache import FeatureCache
-from seg.class_stats import class_counts
+from seg.data.class_stats import class_counts
 from seg.cli import main
-from seg.copy_paste import CopyPasteConfig, copy_paste
-from seg.presets import resolve
-from seg.rare_class_sampling import RareClassSampler, default_min_pixels
-from seg.synthetic import write_dataset
+from seg.data.copy_paste import CopyPasteConfig, copy_paste
+from seg.train.presets import resolve
+from seg.train.sampling import RareClassSampler, default_min_pixels
+from seg.data.synthetic import write_dataset
 from seg.train_head import RunOptions, train
 from conftest import SMALL_SIZE
 from token_cache import learnable_split, write_token_cache

@@ -9,11 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from seg import train_head as th
+from seg.train.epochs import EpochRunner
 from seg.cache import FeatureCache
 from seg.cli import main
-from seg.errors import SegError
-from seg.presets import PRESETS, resolve
-from seg.train_data import PreloadedSplit, StreamedSplit, batches_of, epoch_indices
+from seg.runtime.errors import SegError
+from seg.train.presets import PRESETS, resolve
+from seg.train.sources import PreloadedSplit, StreamedSplit, batches_of, epoch_indices
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 from interrupt import train_interrupted_at
@@ -150,15 +151,15 @@ def test_resume_after_a_stop_gives_the_same_weights(learnable_cache, tmp_path, m
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(learnable_cache, tmp_path, monkeypatch):
     cfg = resolve(1, {"epochs": 3})
-    real = th.Trainer._forward_loss
+    real = EpochRunner.forward_loss
 
     def poisoned(self, tokens, masks):
         logits, loss = real(self, tokens, masks)
-        if self.head.training and self.sched.last_epoch == 1:
+        if self.model.training and self.sched.last_epoch == 1:
             loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(th.Trainer, "_forward_loss", poisoned)
+    monkeypatch.setattr(EpochRunner, "forward_loss", poisoned)
     with pytest.raises(SegError, match=r"train loss became nan at epoch 2, step 1; stopped\. The last good checkpoint is "
                                        r".*last\.pt \(epoch 1\)"):
         train(cfg, str(learnable_cache), str(tmp_path / "r"), opts(), **QUIET)
@@ -167,7 +168,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(learnable_cache, tmp_path
 
 def test_early_stopping(learnable_cache, tmp_path, monkeypatch):
     cfg = resolve(2, {"epochs": 10, "patience": 2})
-    from seg import metrics
+    from seg.scoring import metrics
 
     def flat(cm, names):
         s = metrics.summarize(cm, names)
@@ -216,7 +217,7 @@ class _SplitOfShape:
 
 
 def test_gpu_readiness_by_construction(small_cache):
-    from seg.train_data import choose_preload
+    from seg.train.sources import choose_preload
 
     split = FeatureCache(small_cache).split("train")
     batches = batches_of(np.arange(4), 2)

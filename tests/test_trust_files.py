@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from seg import train_head as th
+from seg.train import run_state
 from seg.cli import main
-from seg.errors import SegError
-from seg.presets import resolve
+from seg.runtime.errors import SegError
+from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
 from conftest import SMALL_SIZE
 from token_cache import learnable_split, write_token_cache
@@ -172,17 +172,17 @@ def test_resume_repairs_a_best_pt_whose_write_failed(token_cache, tmp_path, monk
     cfg = resolve(1, {"epochs": 3})
     opts = RunOptions(device="cpu", progress=False, allow_mismatch=True)
     train(cfg, str(token_cache), str(tmp_path / "full"), opts, **QUIET)
-    real = th.save_checkpoint
+    real = run_state.save_checkpoint
 
     def disk_full_on_second_best(path, payload):
         if path.name == "best.pt" and payload["epoch"] == 2:
             raise SegError(f"{path}: cannot write (No space left on device)")
         real(path, payload)
 
-    monkeypatch.setattr(th, "save_checkpoint", disk_full_on_second_best)
+    monkeypatch.setattr(run_state, "save_checkpoint", disk_full_on_second_best)
     with pytest.raises(SegError, match="No space left"):
         train(cfg, str(token_cache), str(tmp_path / "cut"), opts, **QUIET)
-    monkeypatch.setattr(th, "save_checkpoint", real)
+    monkeypatch.setattr(run_state, "save_checkpoint", real)
     assert torch.load(tmp_path / "cut" / "best.pt", weights_only=True)["epoch"] == 1  # lags last.pt
     logs = []
     train(cfg, str(token_cache), str(tmp_path / "cut"), RunOptions(device="cpu", progress=False, allow_mismatch=True,

@@ -15,11 +15,12 @@ import torch
 from click.testing import CliRunner
 
 from seg import train_head as th
+from seg.train.epochs import EpochRunner
 from seg.backbones import load_backbone
 from seg.cache import verify
 from seg.cli import main
-from seg.presets import resolve
-from seg.synthetic import write_dataset
+from seg.train.presets import resolve
+from seg.data.synthetic import write_dataset
 from seg.train_head import RunOptions, train
 from conftest import SMALL_SIZE
 from test_trust_files import EXTRACT, QUIET, finished_run, one_line_error, run, token_cache, train_args  # noqa: F401
@@ -103,7 +104,7 @@ def test_cache_verify_never_crashes_on_single_byte_flips(tmp_path):
 # -- NaN and inf are never checkpointed -------------------------------------------------------
 
 def test_non_finite_val_loss_writes_nothing_and_names_the_last_good_checkpoint(token_cache, tmp_path, monkeypatch):
-    real = th.Trainer.validate
+    real = EpochRunner.validate
 
     def nan_at(epoch_to_fail):
         def validate(self, source):
@@ -111,13 +112,13 @@ def test_non_finite_val_loss_writes_nothing_and_names_the_last_good_checkpoint(t
             return (float("nan") if self.sched.last_epoch == epoch_to_fail else loss), cm
         return validate
 
-    monkeypatch.setattr(th.Trainer, "validate", nan_at(1))
+    monkeypatch.setattr(EpochRunner, "validate", nan_at(1))
     r = run(*train_args(token_cache, tmp_path / "a", "--epochs", "3"))
     one_line_error(r, "epoch 2 ended with val loss nan; stopped without saving it. The last good checkpoint is",
                    "last.pt (epoch 1); --resume continues from it")
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 0
     assert torch.load(tmp_path / "a" / "best.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(th.Trainer, "validate", nan_at(0))
+    monkeypatch.setattr(EpochRunner, "validate", nan_at(0))
     one_line_error(run(*train_args(token_cache, tmp_path / "b")),
                    "epoch 1 ended with val loss nan; stopped without saving it. No checkpoint was written")
     assert not (tmp_path / "b" / "last.pt").exists() and not (tmp_path / "b" / "best.pt").exists()
@@ -198,7 +199,7 @@ def test_class_tables_are_validated_at_load(dataset, tmp_path, table, message):
 # -- predict ----------------------------------------------------------------------------------
 
 def test_predict_skips_bad_inputs_and_never_collides(finished_run, small_cache, tmp_path):
-    from seg.presets import resolve as _resolve
+    from seg.train.presets import resolve as _resolve
 
     run_dir = tmp_path / "run"
     train(_resolve(3, {"epochs": 1}), str(small_cache), str(run_dir),
@@ -256,7 +257,7 @@ def test_a_second_extraction_into_the_same_cache_is_refused(dataset, tmp_path):
     out = tmp_path / "c"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from seg.dirlock import DirLock; "
+        "import sys, time; from seg.runtime.dirlock import DirLock; "
         f"DirLock(sys.argv[1], '.seg-extract.lock', 'extraction').acquire(); print('held', flush=True); "
         "time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True)
     try:

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from seg.backbones import load_backbone
 from seg.cache import FeatureCache, verify
 from seg.cli import main
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 from seg.extract_features import ExtractConfig, extract
 from seg.heads.resize import resize_bilinear
-from seg.presets import resolve
+from seg.train.presets import resolve
 from seg.train_head import RunOptions, Trainer, train
 from interrupt import train_interrupted_at
 
@@ -134,7 +134,7 @@ def test_tuned_blocks_from_the_cache_equal_the_full_model_with_a_frozen_prefix(t
     for step in range(4):  # compare, then step both; after 3 steps compare once more
         trainer.opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-        _, loss = trainer._forward_loss(tokens, masks)
+        _, loss = trainer.epochs.forward_loss(tokens, masks)
         expected = ref_loss()
         loss.backward()
         expected.backward()
@@ -167,7 +167,7 @@ def test_checkpointing_and_layer_decay(tap_cache, tmp_path):
         runs, block = [], t.head.tail.blocks[0]
         real = block.forward  # forward hooks do not fire on checkpoint's recompute; a wrapper does
         block.forward = lambda *a, real=real: runs.append(1) or real(*a)
-        t._forward_loss(tokens, masks)[1].backward()
+        t.epochs.forward_loss(tokens, masks)[1].backward()
         grads.append([p.grad for p in t.head.tail.parameters()])
         calls.append(len(runs))
     assert calls == [1, 2]  # checkpointing recomputes each block in backward ...

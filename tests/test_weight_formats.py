@@ -7,7 +7,7 @@ import torch
 import transformers  # a test dependency (setup.cfg [test]): the oracle must run, never be skipped
 
 from seg.backbones import load_backbone
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 
 
 def hf_model(registers: bool, seed: int = 0):

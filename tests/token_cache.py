@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
-from seg import cache_format as cf
+from seg.cache import format as cf
 from seg.backbones import file_sha256
-from seg.classes import default_class_table
-from seg.normalize import IMAGENET_MEAN, IMAGENET_STD
+from seg.data.classes import default_class_table
+from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 def learnable_split(n: int, rng: np.random.Generator, channels: int = 16, grid=(6, 10), num_classes: int = 10):

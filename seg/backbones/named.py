@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from seg.backbones.weight_formats import architecture_of, read_state, to_official, weights_file
-from seg.errors import SegError
+from seg.runtime.errors import SegError
 from seg.backbones.dinov3 import DinoV3VisionTransformer
 from seg.backbones.dinov2 import DinoVisionTransformer
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from seg.checkpoint import load_torch_file
-from seg.errors import SegError
+from seg.runtime.checkpoint import load_torch_file
+from seg.runtime.errors import SegError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_PREFIXES = ("dinov2_with_registers.", "dinov2.", "model.", "backbone.")

@@ -41,7 +41,7 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
     """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
     The one path used by training, validation, evaluation and prediction. Tap tokens [B, T, C]
     go through the tuned blocks of a TunedHead first, on their patch grid (Hp, Wp)."""
-    from seg.device import autocast
+    from seg.runtime.device import autocast
 
     with autocast(tokens.device, amp):
         if tokens.dim() == 3:

@@ -1,0 +1,60 @@
+"""`seg cache info`: a cache's manifest in human form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seg.cache import format as cf
+from seg.cache.reader import FeatureCache
+from seg.data.class_stats import describe_counts
+
+
+def describe(path: str | Path, class_stats: bool = True) -> list[str]:
+    """`seg cache info`: the manifest in human form."""
+    cache = FeatureCache(path, require_complete=False)
+    m = cache.manifest
+    size, grid = m["size"], m["patch_grid"]
+    lines = [
+        f"cache        {path}  ({'complete' if m.get('complete') else 'INCOMPLETE: rerun the extract command'})",
+        f"format       {m['format']} v{m['format_version']} (seg {m.get('seg_version', '?')})",
+        f"backbone     {m['backbone']}  weights {m['weights_sha256'] if m['weights_sha256'] == 'random-init' else m['weights_sha256'][:16] + '...'}"
+        f"  ({m['weights_source']})",
+        f"input        {size['width']}x{size['height']}  -> patch grid {grid['width']}x{grid['height']} "
+        f"= {grid['width'] * grid['height']} tokens",
+        f"tokens       {m['token_dtype']} {m['token_shape']} per sample ("
+        + (f"layers {m['layers']}, normed" if cf.tap_block(m) is None else
+           f"tap: the un-normed stream entering block {m['tap_block']} of {m['depth']}, all tokens; "
+           f"largest |value| {_largest(m)}") + f"), computed in {m.get('compute_dtype')} on {m.get('device')}",
+        f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']}); "
+        f"{cf.augmented_views(m)} augmented view(s) per train image",
+        f"classes      {len(m['class_table']['classes'])}: "
+        + ", ".join(f"{c['id']}={c['name']}{c['values']}" for c in m["class_table"]["classes"]),
+    ]
+    total_bytes = 0
+    for name, s in m["splits"].items():
+        b = sum(sh.get("bytes") or 0 for sh in s["shards"])
+        total_bytes += b
+        lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
+                     f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB")
+    lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
+    cp = m["augmentation"].get("copy_paste")
+    if cp:
+        lines.append(f"copy-paste   {', '.join(cp['class_names'])} (scale {cp['scale'][0]}-{cp['scale'][1]}, "
+                     f"flip p {cp['flip_p']}, up to {cp['max_instances']} instances)")
+    if class_stats and m.get("complete"):
+        names = list(cache.class_table.names)
+        for name in m["splits"]:
+            lines.append(f"classes in {name} (after augmentation):")
+            lines += describe_counts(cache.class_counts(name), names)
+    return lines
+
+
+def _largest(manifest: dict) -> str:
+    values = [sh.get("max_abs") for s in manifest["splits"].values() for sh in s["shards"]]
+    return f"{max(values):.4g}" if values and None not in values else "?"
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ",".join(map(str, seeds))

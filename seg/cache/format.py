@@ -1,0 +1,260 @@
+"""The feature cache on disk (DESIGN.md section 4): manifest, sample order, shard files.
+
+A cache is a directory holding `manifest.json` and shards `<split>-NNNNN.h5`. The manifest is
+written first (with `"complete": false`) so that a rerun knows the plan, and rewritten with the
+shards' checksums when every shard exists. Sample order is seed-major: sample k of a split is
+image `k % n_images` with aug seed `seeds[k // n_images]`, and shard j holds samples
+`[j * shard_size, (j + 1) * shard_size)`. Everything about the layout derives from the manifest.
+
+Version 2 differs from version 1 in meaning, not only in fields, so version-1 caches are
+refused: with an augmentation policy every train seed (1..K) is an augmented draw (v1: seed 0 was
+the plain resize), the compute precision, device and batch size are settings compared on resume,
+`data_dir` is absolute, and each split records its source files' sizes and mtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+
+from seg.runtime.atomic import write_atomic, write_json
+from seg.data.falcon import IMAGE_DIR, MASK_DIR, mask_name
+from seg.runtime.errors import SegError
+
+FORMAT = "seg-feature-cache"
+FORMAT_VERSION = 3
+# Version 3 adds per-sample class pixel counts (a `class_counts` dataset in each shard, and per split
+# in the manifest) and the copy-paste record; a version-2 cache is still read, its counts computed
+# from the masks on first use and kept in CLASS_COUNTS_FILE.
+TAP_FORMAT_VERSION = 4
+# Version 4 is a tap cache: `tap_block` B, and tokens [T, C] per sample that are the un-normed
+# residual stream entering block B (all tokens), not normed patch maps. Layer caches are still
+# written as version 3, so older seg versions keep reading them and refuse tap caches by version.
+READABLE_VERSIONS = (2, 3, 4)
+MANIFEST = "manifest.json"
+LOCK = ".seg-extract.lock"
+CLASS_COUNTS_FILE = "class-counts.json"
+# Fields that describe results, not settings: a rerun with the same settings may differ in these.
+# Everything else (compute dtype and device included) changes the bytes and must match on resume.
+RESULT_FIELDS = ("complete", "seg_version", "torch_version")
+SHARD_RESULT_FIELDS = ("sha256", "bytes", "max_abs")
+# Per split: where the sources are and what they looked like; they may move or change without
+# changing the settings (a change is reported, see `source_changes`).
+SPLIT_RESULT_FIELDS = ("data_dir", "sources", "class_counts")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    start: int      # first sample of the split in this shard
+    count: int
+
+    @property
+    def file(self) -> str:
+        return shard_file(self.split, self.index)
+
+
+def shard_file(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.h5"
+
+
+def plan_shards(split: str, num_samples: int, shard_size: int) -> list[ShardPlan]:
+    return [
+        ShardPlan(split, j, start, min(shard_size, num_samples - start))
+        for j, start in enumerate(range(0, num_samples, shard_size))
+    ]
+
+
+def sample_of(k: int, num_images: int, seeds: list[int]) -> tuple[int, int]:
+    """(image index, aug seed) of sample k in seed-major order."""
+    return k % num_images, seeds[k // num_images]
+
+
+def split_shards(manifest: dict, split: str) -> list[ShardPlan]:
+    s = manifest["splits"][split]
+    return plan_shards(split, len(s["images"]) * len(s["seeds"]), manifest["shard_size"])
+
+
+def settings_of(manifest: dict) -> dict:
+    """The manifest minus results: two runs with equal settings must produce the same cache."""
+    out = {k: v for k, v in manifest.items() if k not in RESULT_FIELDS}
+    out["splits"] = {
+        name: {
+            **{k: v for k, v in s.items() if k not in ("shards", *SPLIT_RESULT_FIELDS)},
+            "shards": [{k: v for k, v in sh.items() if k not in SHARD_RESULT_FIELDS} for sh in s["shards"]],
+        }
+        for name, s in manifest["splits"].items()
+    }
+    return out
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two settings dicts differ."""
+    diffs = []
+    for key in sorted(set(a) | set(b), key=str):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += differing_fields(va, vb, name + ".")
+        elif va != vb:
+            diffs.append(name)
+    return diffs
+
+
+def format_version(tap_block: Optional[int]) -> int:
+    return FORMAT_VERSION if tap_block is None else TAP_FORMAT_VERSION
+
+
+def tap_block(manifest: dict) -> Optional[int]:
+    """The block whose input a tap cache stores, or None for a cache of normed layer outputs."""
+    return manifest.get("tap_block")
+
+
+def head_input(manifest: dict) -> tuple[int, int]:
+    """(layers, channels per layer) of what the head sees: the stored layers, or for a tap cache the
+    one normed last block the tuned tail produces."""
+    if tap_block(manifest) is not None:
+        return 1, manifest["embed_dim"]
+    return manifest["token_shape"][0], manifest["token_shape"][1]
+
+
+def augmented_views(manifest: dict) -> int:
+    """How many distinct augmented draws of each train image the cache holds (0: none)."""
+    if manifest["augmentation"]["policy"] == "none" or "train" not in manifest["splits"]:
+        return 0
+    return sum(1 for s in manifest["splits"]["train"]["seeds"] if s != 0)
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise SegError(f"{cache_dir}: not a feature cache (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SegError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise SegError(f"{path}: not a seg feature cache manifest")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise SegError(f"{path}: cache format version {manifest.get('format_version')}, "
+                       f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
+    if (manifest["format_version"] == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
+        raise SegError(f"{path}: format version {manifest['format_version']} with tap_block "
+                       f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
+    return manifest
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    write_json(Path(cache_dir) / MANIFEST, manifest)
+
+
+def write_shard(
+    path: Path,
+    tokens: np.ndarray,
+    masks: np.ndarray,
+    image_index: np.ndarray,
+    aug_seed: np.ndarray,
+    attrs: Optional[dict[str, Any]] = None,
+    class_counts: Optional[np.ndarray] = None,
+) -> None:
+    """One shard, written under <name>.tmp and renamed when complete.
+
+    Tokens and masks are stored uncompressed, one chunk per sample, fletcher32 on all: a reader
+    that checked the file's sha256 reads each row with one pread at its chunk's offset (masks would
+    compress 5-10x with lzf, but they are an eighth of a sample and decompressing them cost more
+    than reading all the tokens).
+    """
+    n = tokens.shape[0]
+    if not (masks.shape[0] == image_index.shape[0] == aug_seed.shape[0] == n):
+        raise ValueError("shard arrays disagree on the sample count")
+
+    # The HDF5 file is built in memory and written with one plain write: a full disk or a file-size
+    # limit is then one OSError naming the path, never an HDF5 error storm or a crash inside HDF5.
+    with h5py.File(f"{path}.image", "w", driver="core", backing_store=False) as f:
+        f.create_dataset("tokens", data=tokens.astype(np.float16, copy=False),
+                         chunks=(1, *tokens.shape[1:]), fletcher32=True)
+        f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
+                         fletcher32=True)
+        f.create_dataset("image_index", data=image_index.astype(np.int32, copy=False), chunks=(n,),
+                         fletcher32=True)
+        f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
+                         fletcher32=True)
+        if class_counts is not None:
+            f.create_dataset("class_counts", data=class_counts.astype(np.int64, copy=False), fletcher32=True)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+        f.flush()
+        image = f.id.get_file_image()
+
+    write_atomic(Path(path), lambda tmp: tmp.write_bytes(image))
+
+
+def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: list[int]) -> bool:
+    """Cheap check that a finished shard has the planned shapes (used when resuming)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (
+                f["tokens"].shape == (plan.count, *token_shape)
+                and f["masks"].shape == (plan.count, *mask_shape)
+                and f["image_index"].shape == (plan.count,)
+            )
+    except Exception:  # any damage means "redo this shard"
+        return False
+
+
+def owned_files(manifest: dict) -> set[str]:
+    """Every file name a seg cache with this manifest may hold: its shards, their temporaries,
+    the manifest and the extraction lock."""
+    names = {MANIFEST, MANIFEST + ".tmp", LOCK, CLASS_COUNTS_FILE, CLASS_COUNTS_FILE + ".tmp"}
+    for split in manifest.get("splits", {}).values():
+        for sh in split.get("shards", []):
+            names |= {sh["file"], sh["file"] + ".tmp"}
+    return names
+
+
+def foreign_files(cache_dir: Path, *manifests: dict) -> list[str]:
+    """Names in cache_dir that none of the manifests accounts for, sorted: never seg's to touch."""
+    owned = set().union(*(owned_files(m) for m in manifests)) if manifests else {LOCK}
+    return sorted(p.name for p in Path(cache_dir).iterdir() if p.name not in owned)
+
+
+def source_files(data_dir: str | Path, image_name: str) -> tuple[Path, Path]:
+    root = Path(data_dir)
+    return root / IMAGE_DIR / image_name, root / MASK_DIR / mask_name(image_name)
+
+
+def file_stat(path: Path) -> Optional[list[int]]:
+    """[size, mtime_ns], or None for a missing file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def source_record(data_dir: str | Path, images: list[str]) -> list[list]:
+    """Per image: [image [size, mtime_ns], mask [size, mtime_ns]] as they are now."""
+    return [[file_stat(p) for p in source_files(data_dir, name)] for name in images]
+
+
+def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[str]:
+    """'path: changed|missing' for every source file that differs from what extraction read."""
+    changes = []
+    for name, s in manifest["splits"].items():
+        if splits is not None and name not in splits:
+            continue
+        for image, then in zip(s["images"], s.get("sources", [])):
+            for path, before in zip(source_files(s["data_dir"], image), then):
+                now = file_stat(path)
+                if now is None:
+                    changes.append(f"{path}: missing")
+                elif now != before:
+                    changes.append(f"{path}: changed since extraction (size/mtime {before} -> {now})")
+    return changes

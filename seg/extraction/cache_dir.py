@@ -1,0 +1,109 @@
+"""The cache directory an extraction owns: refusing foreign files, resuming or replacing an old
+cache, finding the shards still to do, and the final manifest with checksums and class counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import h5py
+
+from seg.backbones import file_sha256
+from seg.cache import format as cf
+from seg.runtime.atomic import tmp_name
+from seg.runtime.errors import SegError
+
+
+def _seg_manifest(out: Path) -> Optional[dict]:
+    """The manifest in out when it is a seg cache's (any format version); None when there is none."""
+    path = out / cf.MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SegError(f"{path}: unreadable, so not a seg cache seg may touch ({exc}); choose another --out") from None
+    if not isinstance(data, dict) or data.get("format") != cf.FORMAT:
+        raise SegError(f"{path}: not a seg feature cache manifest; seg will not touch {out}: choose another --out")
+    return data
+
+
+def check_cache_dir(out: Path, manifest: dict) -> Optional[dict]:
+    """Refuse an --out that holds anything seg did not write; returns the old manifest, if any."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise SegError(f"{out}: exists and is not a directory")
+    old = _seg_manifest(out)
+    foreign = cf.foreign_files(out, *([old, manifest] if old else []))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        what = "is not part of the cache there" if old else "is there, and the directory is not a feature cache"
+        raise SegError(f"{out / foreign[0]}: {what}{more}; seg writes only into a new or empty directory "
+                       "or its own cache: choose another --out")
+    return old
+
+
+def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite: bool,
+                      log: Callable[[str], None]) -> None:
+    """Refuse to mix settings in one cache; a rerun with the same settings keeps finished shards.
+    `old` is the manifest check_cache_dir found; --overwrite deletes only the files it lists."""
+    if old is None:
+        return
+    if overwrite:
+        doomed = sorted(n for n in cf.owned_files(old) - {cf.LOCK} if (out / n).exists())
+        log(f"--overwrite: deleting the old cache's {len(doomed)} file(s) in {out}: "
+            + ", ".join(doomed[:4]) + (" ..." if len(doomed) > 4 else ""))
+        for n in doomed:
+            (out / n).unlink()
+        return
+    if old.get("format_version") != cf.FORMAT_VERSION:
+        raise SegError(f"{out}: holds a cache in format version {old.get('format_version')} (this seg writes "
+                       f"{cf.FORMAT_VERSION}); pass --overwrite to replace it or choose another --out")
+    diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
+    if diffs:
+        raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
+                       + (" ..." if len(diffs) > 6 else "") + "); a resume computes with exactly the recorded "
+                       "settings: use another --out, or pass --overwrite to replace it")
+    for name, split in manifest["splits"].items():  # the record of what the finished shards were made from
+        split["sources"] = old["splits"][name].get("sources", split["sources"])
+    changed = cf.source_changes(old)
+    if changed:
+        log(f"WARNING: {len(changed)} source file(s) differ from what this cache was extracted from "
+            f"(first: {changed[0]}); finished shards keep the old content. `seg cache verify --sources` "
+            "lists them; --overwrite re-extracts")
+
+
+def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> list[cf.ShardPlan]:
+    missing = []
+    for plan in shards:
+        path = out / plan.file
+        tmp_name(path).unlink(missing_ok=True)  # an interrupted write; it is redone
+        if not cf.shard_ok(path, plan, manifest["token_shape"], manifest["mask_shape"]):
+            path.unlink(missing_ok=True)
+            missing.append(plan)
+    return missing
+
+
+def finalize_manifest(out: Path, manifest: dict) -> int:
+    """Record every shard's sha256 and size and every sample's class counts (from the shards, which
+    other ranks may have written), mark the cache complete; returns total bytes."""
+    total = 0
+    for split in manifest["splits"].values():
+        counts = []
+        for sh in split["shards"]:
+            path = out / sh["file"]
+            if not path.is_file():
+                raise SegError(f"{path}: shard missing at the end of extraction")
+            sh["sha256"] = file_sha256(path)
+            sh["bytes"] = path.stat().st_size
+            total += sh["bytes"]
+            with h5py.File(path, "r") as f:
+                counts += f["class_counts"][()].tolist()
+                if cf.tap_block(manifest) is not None:
+                    sh["max_abs"] = float(f.attrs["max_abs"])
+        split["class_counts"] = counts
+    manifest["complete"] = True
+    cf.write_manifest(out, manifest)
+    return total

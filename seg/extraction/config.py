@@ -1,0 +1,40 @@
+"""What `seg extract` is asked to do: one dataclass, the command line's flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from seg.data.copy_paste import copy_paste_requested
+
+DEFAULT_SHARD_SIZE = 64
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    out: str
+    backbone: str = "vitb14_reg"
+    size: str = "644x364"
+    weights: Optional[str] = None
+    random_init: bool = False
+    random_init_seed: int = 0
+    aug_policy: str = "none"
+    aug_seeds: int = 1
+    splits: tuple[str, ...] = ("train", "val")
+    layers: str = "1"
+    tap_block: Optional[int] = None         # store the un-normed stream entering this block instead
+    batch_size: int = 8
+    device: str = "auto"
+    workers: Optional[int] = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    classes: Optional[str] = None
+    overwrite: bool = False
+    half: bool = True
+    progress: bool = True
+    copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
+    copy_paste_scale: tuple[float, float] = (0.5, 1.5)
+
+    @property
+    def copy_paste_enabled(self) -> bool:
+        return copy_paste_requested(self.copy_paste)

@@ -1,0 +1,97 @@
+"""The extraction loop: batches through the frozen backbone, float16 tokens checked and written
+shard by shard."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from seg.backbones.features import backbone_features
+from seg.cache import format as cf
+from seg.data.class_stats import class_counts
+from seg.data.copy_paste import CopyPasteConfig
+from seg.data.falcon import SplitFiles
+from seg.data.normalize import normalize
+from seg.extraction.samples import ExtractionSamples, collate
+from seg.runtime.device import recorded_dtype
+from seg.runtime.errors import SegError
+
+
+def f16_step(value: float) -> float:
+    """The spacing of float16 numbers near value: what storing the stream costs in precision."""
+    return float(np.spacing(np.float16(min(value, 65504.0))))
+
+
+def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor, files: SplitFiles,
+                      seeds: list[int]) -> None:
+    """Stop at the first sample whose tokens are not finite float16 numbers: a cache of NaNs is not a cache."""
+    bad = int((~torch.isfinite(half)).flatten(1).any(1).nonzero()[0, 0])
+    i, seed = cf.sample_of(int(ks[bad]), len(files.names), seeds)
+    sample = feats[bad].float()
+    if torch.isfinite(sample).all():
+        why = (f"values beyond the float16 range (max |value| {sample.abs().max().item():.4g} > 65504), "
+               "which the cache cannot store")
+    else:
+        why = "NaN or infinite tokens"
+    raise SegError(f"{files.image_path(i)} (aug seed {seed}): the backbone produced {why}; check the weights "
+                   "(--weights) and the precision (--fp32)")
+
+
+@torch.inference_mode()
+def extract_shards(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar,
+                   paste: Optional[CopyPasteConfig], num_classes: int) -> int:
+    seeds = manifest["splits"][files.split]["seeds"]
+    # One OpenCV thread per decoding process: the backbone owns the cores. Set here, before the
+    # workers fork, because calling it inside a forked child hangs if the parent used OpenCV's pool.
+    cv2.setNumThreads(1)
+    dataset = ExtractionSamples(files, seeds, augmenter, lut, paste if files.split == "train" else None)
+    # Batches never cross a shard boundary: a resumed shard is computed in exactly the same batches.
+    batches = [list(range(s, min(s + cfg.batch_size, p.start + p.count)))
+               for p in plans for s in range(p.start, p.start + p.count, cfg.batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    token_shape, mask_shape = manifest["token_shape"], manifest["mask_shape"]
+    plan_iter = iter(plans)
+    plan = next(plan_iter)
+    buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+    buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
+    filled, written, max_abs = 0, 0, 0.0
+    tap = cf.tap_block(manifest)
+    dtype = recorded_dtype(manifest["compute_dtype"], device)
+    for batch in loader:
+        if "error" in batch:
+            raise SegError(batch["error"])
+        x = normalize(batch["image"].to(device, non_blocking=True))
+        feats = backbone_features(model, x, layers, tap, device, dtype)
+        half = feats.to(torch.float16)
+        if not torch.isfinite(half).all():
+            _refuse_non_finite(feats, half, batch["k"], files, seeds)
+        if tap is not None:  # the range report of a tap cache; normed layers need none
+            max_abs = max(max_abs, half.abs().max().item())
+        tokens = half.cpu().numpy()
+        b = tokens.shape[0]
+        buf_tokens[filled:filled + b] = tokens
+        buf_masks[filled:filled + b] = batch["mask"].numpy()
+        filled += b
+        bar.update(b)
+        if filled == plan.count:
+            ks = np.arange(plan.start, plan.start + plan.count)
+            attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
+            if tap is not None:
+                attrs["max_abs"] = max_abs
+            cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
+                           np.asarray(seeds)[ks // len(files.names)], attrs=attrs,
+                           class_counts=class_counts(buf_masks, num_classes))
+            written += plan.count
+            plan = next(plan_iter, None)
+            if plan is None:
+                break
+            buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+            buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
+            filled, max_abs = 0, 0.0
+    return written

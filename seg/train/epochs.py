@@ -1,0 +1,119 @@
+"""One epoch of training and one pass of validation over cached tokens, identical on every rank."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from seg.cache import CacheSplit
+from seg.heads import head_logits
+from seg.runtime.distributed import Dist, all_reduce_sum
+from seg.runtime.errors import SegError
+from seg.scoring.metrics import confusion_matrix
+from seg.train.presets import TrainConfig
+from seg.train.sampling import RareClassSampler
+from seg.train.sources import batches_of, epoch_indices
+
+VAL_BATCH = 8
+
+
+@dataclass
+class EpochRunner:
+    cfg: TrainConfig
+    model: nn.Module                    # the head, or its DDP wrapper
+    criterion: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    grid: Optional[tuple[int, int]]     # the patch grid of tap tokens; None for layer caches
+    train_split: CacheSplit
+    val_split: CacheSplit
+    num_classes: int
+    d: Dist
+    sampler: Optional[RareClassSampler] = None
+    progress: bool = True
+    last_good: Callable[[], str] = lambda: ""  # names the last good checkpoint in a refusal
+
+    def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None, self.grid)
+        return logits, self.criterion(logits, masks)
+
+    def epoch_draw(self, epoch: int) -> np.ndarray:
+        """The epoch's samples, in order: a pure function of (seed, epoch), the same on every rank."""
+        cfg = self.cfg
+        if self.sampler is not None:
+            return self.sampler.draw(len(self.train_split.images), epoch, cfg.seed)[0]
+        return epoch_indices(len(self.train_split.images), len(self.train_split.seeds), epoch, cfg.seed, cfg.all_seeds)
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of the epoch. Under DDP the epoch's draw is the one-process draw,
+        padded by wrap-around to whole global batches, and each global batch of batch_size x world
+        is cut into one slice per rank."""
+        cfg, d = self.cfg, self.d
+        idx = self.epoch_draw(epoch)
+        if not d.active:
+            return batches_of(idx, cfg.batch_size)
+        global_batch = cfg.batch_size * d.world
+        pad = (-len(idx)) % global_batch
+        idx = np.concatenate([idx, np.resize(idx, pad)]) if pad else idx
+        return [g[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size] for g in batches_of(idx, global_batch)]
+
+    def train_epoch(self, source, epoch: int) -> tuple[float, float]:
+        """(mean train loss over all ranks, samples per second)."""
+        cfg = self.cfg
+        self.model.train()
+        batches = self.rank_batches(epoch)
+        n_samples = sum(len(b) for b in batches)
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        bar = tqdm(total=n_samples, unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (self.progress and self.d.is_main), dynamic_ncols=True)
+        for step, (tokens, masks) in enumerate(source.batches(batches)):
+            _, loss = self.forward_loss(tokens, masks)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+            if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
+                bar.close()
+                raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                               f"{self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
+            self.scaler.scale(loss / cfg.accum).backward()
+            # As published: step on every accum-th batch only. A last group of fewer than accum
+            # batches adds its gradients, but zero_grad at the next epoch's start discards them.
+            if (step + 1) % cfg.accum == 0:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(tokens)
+            count += len(tokens)
+            bar.update(len(tokens))
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        total, count = sums.tolist()
+        return total / max(count, 1), count / seconds if seconds > 0 else 0.0
+
+    @torch.no_grad()
+    def validate(self, source) -> tuple[float, torch.Tensor]:
+        """(mean val loss, one confusion matrix over the whole split, summed over ranks)."""
+        self.model.eval()
+        k = self.num_classes
+        cm = torch.zeros(k, k, dtype=torch.int64, device=self.device)
+        total, count = 0.0, 0
+        mine = np.array_split(np.arange(len(self.val_split)), self.d.world)[self.d.rank]
+        for tokens, masks in source.batches(batches_of(mine, VAL_BATCH)):
+            logits, loss = self.forward_loss(tokens, masks)
+            total += loss.item() * len(tokens)
+            count += len(tokens)
+            cm += confusion_matrix(logits.argmax(1), masks, k)
+        all_reduce_sum(self.d, cm)  # one confusion matrix over the whole split, never per rank
+        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        return sums[0].item() / max(sums[1].item(), 1), cm
+
