@@ -1,4 +1,4 @@
-"""Measure the seg pipeline on this machine, side by side, in one run (issues 5 and 14).
+"""Measure the seg pipeline on this machine, side by side, in one run.
 
     python benchmarks/bench_pipeline.py --json bench.json [--quick]
 
@@ -11,7 +11,7 @@
 4. cache I/O: MB/s reading shards in training order vs a plain sequential read of the same files (cold
    page cache when this process may drop it), bytes per sample vs raw token size;
 5. peak resident memory of extraction and of training in both preload modes, streaming at two cache sizes;
-6. issue 14's before/after rows, each pair measured in this run: the phase-3 head step against its analytic
+6. the performance round's before/after rows, each pair measured in this run: the phase-3 head step against its analytic
    floor, extraction with 0 and 1 decode workers, reads in training order.
 
 "Before" rows run the code paths this round replaced, restored in the child process: bf16 upsampling
@@ -90,7 +90,7 @@ def task_matmul(_: dict) -> dict:
 
 
 def _before_extraction() -> None:
-    """Restore extraction as it was before issue 14: weights cast by autocast on every forward, class
+    """Restore extraction as it was before the performance round: weights cast by autocast on every forward, class
     counts by one bincount over (sample, class) pairs."""
     import seg.extract_features as ef
 
@@ -105,7 +105,7 @@ def _before_extraction() -> None:
 
 
 def _before_head_step() -> None:
-    """Restore the head step as it was before issue 14: logits upsampled in bf16 under autocast by
+    """Restore the head step as it was before the performance round: logits upsampled in bf16 under autocast by
     F.interpolate, then a float32 copy, then the reference focal and Dice formulas."""
     import functools
 
@@ -392,7 +392,7 @@ def random_token_cache(path: Path, backbone: str, size: str, n_train: int, n_val
 
 
 def with_lzf_masks(cache: Path, out: Path) -> Path:
-    """A copy of a cache whose masks are lzf-compressed, as seg wrote them before issue 14."""
+    """A copy of a cache whose masks are lzf-compressed, as seg wrote them before the performance round."""
     import shutil
 
     import h5py

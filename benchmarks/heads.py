@@ -1,4 +1,4 @@
-"""Evidence for issue 11: per-class IoU (Logs and Rocks above all) of the published UPerNet head
+"""Per-class IoU (Logs and Rocks above all) of the published UPerNet head
 against DINOv2's linear head (1 and 4 layers) and the multi-level upernet-ms head, at equal epochs,
 3 head seeds each, with head training speed, on the procedural dataset.
 

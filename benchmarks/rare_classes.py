@@ -1,4 +1,4 @@
-"""Evidence for issue 13: Logs and Rocks IoU with uniform vs rare-class sampling, without and with
+"""Logs and Rocks IoU with uniform vs rare-class sampling, without and with
 copy-paste, at equal epochs, 3 head seeds each, on the procedural dataset.
 
     python benchmarks/rare_classes.py --json benchmarks/rare-classes-2core-cpu.json

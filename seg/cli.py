@@ -9,6 +9,7 @@ import sys
 import click
 
 from seg import __version__
+from seg.data.file_names import printable
 from seg.runtime.errors import SegError
 
 
@@ -23,10 +24,10 @@ def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
         try:
             return fn(*args, **kwargs)
         except SegError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
         except OSError as exc:
             where = exc.filename if exc.filename is not None else "seg"
-            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
+            raise click.ClickException(printable(f"{where}: {exc.strerror or exc}")) from None
         except KeyboardInterrupt:
             click.echo(on_interrupt, err=True)
             sys.exit(130)
@@ -91,8 +92,12 @@ def main() -> None:
 @click.option("--random-init", is_flag=True, help="Seeded random weights instead of DINOv2's (tests, offline trials).")
 @click.option("--random-init-seed", default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--aug-policy", type=click.Choice(["none", "phase2", "phase3"]), default="none", show_default=True, help="Augmentation policy for train seeds > 0.")
-@click.option("--aug-seeds", default=1, show_default=True, type=COUNT,
-              help="K >= 1: with a policy, each train image is cached as K augmented draws (seeds 1..K; 4+ recommended).")
+@click.option("--aug-seeds", default=None, type=COUNT,
+              help="K >= 1: with a policy, each train image is cached as K augmented draws (seeds 1..K) "
+                   "[default: 4 with a policy or --copy-paste, else 1].")
+@click.option("--border-fill", type=click.Choice(["ignore", "background"]), default="ignore", show_default=True,
+              help="Mask value where a rotation/shift leaves the frame: ignore (not scored) or background "
+                   "(class 0, as the published scripts did).")
 @click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to extract.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
 @click.option("--tap-block", type=click.IntRange(min=0), default=None,
@@ -116,7 +121,7 @@ def extract(**kw) -> None:
 
     cfg = ExtractConfig(
         data=kw["data"], out=kw["out"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
-        random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"],
+        random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"], border_fill=kw["border_fill"],
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
@@ -313,13 +318,14 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @user_errors
 def cache_verify(cache_dir: str, sources: bool) -> None:
     """Re-read every shard; check checksums, shapes and order. Exit 1 on any problem."""
-    from tqdm import tqdm
-
+    from seg.runtime.progress import progress_bar
     from seg.cache import verify
     from seg.cache.format import read_manifest
 
-    total = sum(s["num_samples"] for s in read_manifest(cache_dir)["splits"].values())
-    with tqdm(total=total, unit="sample", desc="verify", dynamic_ncols=True) as bar:
+    splits = read_manifest(cache_dir, check=False).get("splits")  # its inconsistencies are verify's to list
+    total = sum(len(s.get("images") or []) * len(s.get("seeds") or []) for s in splits.values()
+                if isinstance(s, dict)) if isinstance(splits, dict) else 0
+    with progress_bar(total=total, unit="sample", desc="verify") as bar:
         problems = verify(cache_dir, progress=bar.update, sources=sources)
     for p in problems:
         click.echo(p, err=True)

@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from seg.scoring import plots
 from seg.runtime.atomic import write_json, write_text
@@ -27,6 +26,7 @@ from seg.scoring.metrics import confusion_matrix, format_table, jsonable, summar
 from seg.cache.format import source_files
 from seg.runtime.run_dir import EVAL_FILES, check_owned_dir
 from seg.infer.runs import check_cache_compatible, load_run
+from seg.runtime.progress import progress_bar
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
             raise SegError(f"--full-res reads the original masks from {mask_dir}, which is not there")
     lut = run.class_table.lut()
     h, w = split.manifest["mask_shape"]
-    bar = tqdm(total=n, unit="img", desc=f"eval {opts.split}", disable=not opts.progress, dynamic_ncols=True)
+    bar = progress_bar(enabled=opts.progress, total=n, unit="img", desc=f"eval {opts.split}")
     for b0 in range(start, start + n, opts.batch_size):
         rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
         tokens, masks = split.read_rows(rows)
@@ -136,7 +136,7 @@ def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     cv2.setNumThreads(1)  # before the workers fork (see extract_features)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)
     w, h = run.size
-    bar = tqdm(total=len(dataset), unit="img", desc=f"eval {opts.split}", disable=not opts.progress, dynamic_ncols=True)
+    bar = progress_bar(enabled=opts.progress, total=len(dataset), unit="img", desc=f"eval {opts.split}")
     for batch in loader:
         if batch["errors"]:
             raise SegError(batch["errors"][0][1])

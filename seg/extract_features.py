@@ -6,11 +6,10 @@ the cache directory it owns and resumes (`cache_dir`), and the loop that fills t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from tqdm import tqdm
 
 from seg.backbones import backbone_kwargs, load_backbone
 from seg.backbones.features import cast_matmul_weights_
@@ -20,7 +19,7 @@ from seg.data.classes import load_class_table
 from seg.data.copy_paste import build_config, parse_copy_paste
 from seg.data.falcon import list_split
 from seg.extraction.cache_dir import check_cache_dir, finalize_manifest, missing_shards, prepare_cache_dir
-from seg.extraction.config import DEFAULT_SHARD_SIZE, ExtractConfig
+from seg.extraction.config import DEFAULT_AUG_SEEDS, DEFAULT_SHARD_SIZE, ExtractConfig
 from seg.extraction.loop import extract_shards, f16_step
 from seg.extraction.manifest import build_manifest, parse_layers
 from seg.extraction.samples import extraction_workers, scan_class_counts
@@ -28,6 +27,7 @@ from seg.runtime.device import recorded_dtype, resolve_device
 from seg.runtime.dirlock import DirLock
 from seg.runtime.distributed import Dist, barrier, on_main, rank_device
 from seg.runtime.errors import SegError
+from seg.runtime.progress import progress_bar
 
 __all__ = ["DEFAULT_SHARD_SIZE", "ExtractConfig", "ExtractSummary", "extract"]
 
@@ -54,6 +54,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     say = log if d.is_main else (lambda s: None)
     t0 = time.perf_counter()
     size = parse_size(cfg.size, backbone_kwargs(cfg.backbone)["patch_size"])
+    cfg = replace(cfg, aug_seeds=cfg.seeds_k())
     if cfg.aug_seeds < 1:
         raise SegError(f"--aug-seeds must be at least 1, got {cfg.aug_seeds}")
     if cfg.aug_policy == "none" and cfg.aug_seeds > 1 and not cfg.copy_paste_enabled:
@@ -65,10 +66,10 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     twice = sorted({s for s in cfg.splits if cfg.splits.count(s) > 1})
     if twice:
         raise SegError(f"--splits names {twice[0]!r} twice")
-    if (cfg.aug_policy != "none" or cfg.copy_paste_enabled) and cfg.aug_seeds < 4 and "train" in cfg.splits:
+    if cfg.augmented and cfg.aug_seeds < DEFAULT_AUG_SEEDS and "train" in cfg.splits:
         say(f"WARNING: --aug-seeds {cfg.aug_seeds} with policy {cfg.aug_policy}: each train image gets only "
             f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
-            "published runs); 4 or more is recommended")
+            f"published runs); {DEFAULT_AUG_SEEDS} or more is recommended")
     device = resolve_device(rank_device(d, cfg.device))
     table = load_class_table(cfg.classes)
     split_files = {s: list_split(cfg.data, s) for s in cfg.splits}
@@ -111,7 +112,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     try:
         on_main(d, prepare)
         cast_matmul_weights_(model, recorded_dtype(manifest["compute_dtype"], device)).to(device)
-        augmenter = Augmenter(cfg.aug_policy, size)
+        augmenter = Augmenter(cfg.aug_policy, size, cfg.border_fill)
         lut = table.lut()
         workers = extraction_workers(device) if cfg.workers is None else cfg.workers
         all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
@@ -126,8 +127,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
 
         written = 0
         t_loop = time.perf_counter()
-        with tqdm(total=n_todo, unit="img", desc="extract", disable=not (cfg.progress and d.is_main),
-                  dynamic_ncols=True) as bar:
+        with progress_bar(enabled=cfg.progress and d.is_main, total=n_todo, unit="img", desc="extract") as bar:
             for split in split_files:
                 plans = [p for p in todo if p.split == split]
                 if plans:

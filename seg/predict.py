@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from seg.runtime.atomic import write_atomic, write_json
 from seg.data.classes import ClassTable
@@ -22,6 +21,7 @@ from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.runs import load_run
+from seg.runtime.progress import progress_bar
 
 
 @dataclass
@@ -159,7 +159,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
         written.append(f"{sub}/{name}")
 
     try:
-        with tqdm(total=len(images), unit="img", desc="predict", disable=not opts.progress, dynamic_ncols=True) as bar:
+        with progress_bar(enabled=opts.progress, total=len(images), unit="img", desc="predict") as bar:
             for batch in loader:
                 for _, error in batch["errors"]:
                     if opts.strict:
@@ -195,6 +195,9 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     rate = done / seconds if seconds else float("nan")
     log(f"predicted {done} images in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}"
         + (f"; skipped {len(skipped)} unreadable image(s) (see warnings above)" if skipped else ""))
+    if not done:
+        raise SegError(f"predicted nothing: all {len(images)} input image(s) were skipped as unreadable "
+                       "(see the warnings above)")
     return {"images": done, "skipped": len(skipped), "seconds": seconds, "images_per_s": rate, "out": str(out),
             "folders": folders}
 

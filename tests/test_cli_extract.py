@@ -168,7 +168,8 @@ def test_resume_after_sigkill_gives_identical_bytes(dataset, tmp_path):
 
 
 def test_policy_caches_hold_only_augmented_train_draws(dataset, tmp_path):
-    r = run(*BASE, "--data", dataset, "--out", tmp_path / "c", "--aug-policy", "phase2", "--splits", "train,val")
+    r = run(*BASE, "--data", dataset, "--out", tmp_path / "c", "--aug-policy", "phase2", "--aug-seeds", "1",
+            "--splits", "train,val")
     assert r.exit_code == 0, r.output
     assert "WARNING: --aug-seeds 1 with policy phase2: each train image gets only 1 augmented view(s)" in r.output
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())

@@ -14,7 +14,6 @@ the plain resize), the compute precision, device and batch size are settings com
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import h5py
 import numpy as np
 
 from seg.runtime.atomic import write_atomic, write_json
-from seg.data.falcon import IMAGE_DIR, MASK_DIR, mask_name
+from seg.data.falcon import IMAGE_DIR, MASK_DIR, SPLITS as SPLIT_NAMES, mask_name
 from seg.runtime.errors import SegError
+from seg.runtime.json_file import read_json
 
 FORMAT = "seg-feature-cache"
 FORMAT_VERSION = 3
@@ -132,23 +132,76 @@ def augmented_views(manifest: dict) -> int:
     return sum(1 for s in manifest["splits"]["train"]["seeds"] if s != 0)
 
 
-def read_manifest(cache_dir: Path) -> dict:
+def read_manifest(cache_dir: Path, check: bool = True) -> dict:
+    """The manifest of a cache, refused in one line when it is not a readable seg manifest of a
+    version this seg reads; with `check`, also when its stated layout is inconsistent
+    (`manifest_problems`), so that no stage acts on counts or names the shards do not bear out."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise SegError(f"{cache_dir}: not a feature cache (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SegError(f"{path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != FORMAT:
+    manifest = read_json(path, "cache manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SegError(f"{path}: not a seg feature cache manifest")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise SegError(f"{path}: cache format version {manifest.get('format_version')}, "
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SegError(f"{path}: format_version is {version!r}, a {type(version).__name__}; seg writes it as a "
+                       f"whole number ({', '.join(map(str, READABLE_VERSIONS))}), so the manifest was damaged or "
+                       "hand-edited; re-extract it")
+    if version not in READABLE_VERSIONS:
+        raise SegError(f"{path}: cache format version {version}, "
                        f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
-    if (manifest["format_version"] == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
-        raise SegError(f"{path}: format version {manifest['format_version']} with tap_block "
+    if (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
+        raise SegError(f"{path}: format version {version} with tap_block "
                        f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
+    if check:
+        problems = manifest_problems(manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SegError(f"{path}: {problems[0]}{more}; a damaged or hand-edited manifest: "
+                           f"`seg cache verify {cache_dir}` lists every problem; re-extract it")
     return manifest
+
+
+def plain_name(name) -> bool:
+    """A bare file name: no folder part, not '.' or '..', nothing that could point outside its folder."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def manifest_problems(manifest: dict) -> list[str]:
+    """What the manifest states about its layout that does not hold together: split names, image
+    names, sample counts, the shard plan, per-sample class counts. Cheap (no file is read)."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return ["no splits"]
+    return [p for name, s in splits.items() for p in split_problems(manifest, name, s)]
+
+
+def split_problems(manifest: dict, name: str, s: dict) -> list[str]:
+    if name not in SPLIT_NAMES:
+        return [f"split {name!r} is not one of {', '.join(SPLIT_NAMES)}"]
+    images, seeds = s.get("images"), s.get("seeds")
+    if not isinstance(images, list) or not isinstance(seeds, list) or not seeds:
+        return [f"{name}: images or seeds missing"]
+    problems = []
+    bad = [n for n in images if not plain_name(n)]
+    if bad:
+        problems.append(f"{name}: image name {bad[0]!r} is not a plain file name (no folders, no '..')")
+    n = len(images) * len(seeds)
+    if s.get("num_samples") != n:
+        problems.append(f"{name}: num_samples is {s.get('num_samples')!r}, but {len(images)} images x "
+                        f"{len(seeds)} seeds make {n}")
+    plan = [(p.file, p.start, p.count) for p in plan_shards(name, n, manifest.get("shard_size") or 1)]
+    stated = [(sh.get("file"), sh.get("start"), sh.get("samples")) if isinstance(sh, dict) else sh
+              for sh in s.get("shards", [])]
+    if stated != plan:
+        problems.append(f"{name}: the shard list (files, starts, sample counts) does not match the planned "
+                        f"layout of {n} samples in shards of {manifest.get('shard_size')}")
+    counts = s.get("class_counts")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != n):
+        problems.append(f"{name}: class_counts has {len(counts) if isinstance(counts, list) else counts!r} "
+                        f"rows for {n} samples")
+    return problems
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
@@ -213,9 +266,11 @@ def owned_files(manifest: dict) -> set[str]:
     """Every file name a seg cache with this manifest may hold: its shards, their temporaries,
     the manifest and the extraction lock."""
     names = {MANIFEST, MANIFEST + ".tmp", LOCK, CLASS_COUNTS_FILE, CLASS_COUNTS_FILE + ".tmp"}
-    for split in manifest.get("splits", {}).values():
-        for sh in split.get("shards", []):
-            names |= {sh["file"], sh["file"] + ".tmp"}
+    for name, split in manifest.get("splits", {}).items():
+        for j, sh in enumerate(split.get("shards", [])):
+            # Only the names seg itself gives shards: whatever else a manifest says is never seg's to touch.
+            if isinstance(sh, dict) and sh.get("file") == shard_file(name, j) and plain_name(sh["file"]):
+                names |= {sh["file"], sh["file"] + ".tmp"}
     return names
 
 
@@ -251,6 +306,8 @@ def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[s
         if splits is not None and name not in splits:
             continue
         for image, then in zip(s["images"], s.get("sources", [])):
+            if not plain_name(image):  # never look outside the data root (manifest_problems names it)
+                continue
             for path, before in zip(source_files(s["data_dir"], image), then):
                 now = file_stat(path)
                 if now is None:

@@ -17,6 +17,7 @@ from seg.cache import format as cf
 from seg.runtime.atomic import write_json
 from seg.backbones import file_sha256
 from seg.cache.raw_rows import plain_rows, pread_into, row_offsets
+from seg.cache.row_checks import bad_row
 from seg.data.class_stats import class_counts
 from seg.data.classes import ClassTable
 from seg.runtime.errors import SegError
@@ -120,6 +121,7 @@ class CacheSplit(Dataset):
         self._raw: dict[int, Optional[tuple[int, np.ndarray, Optional[np.ndarray]]]] = {}
         self._row_nbytes = (int(np.prod(manifest["token_shape"])) * 2, int(np.prod(manifest["mask_shape"])))
         s = manifest["splits"][split]
+        self.num_classes = len(manifest["class_table"]["classes"])
         self.images: list[str] = s["images"]
         self.seeds: list[int] = s["seeds"]
         self.shards = cf.split_shards(manifest, split)
@@ -200,8 +202,19 @@ class CacheSplit(Dataset):
             mask = f["masks"][row]
         except Exception as exc:  # fletcher32 mismatch, truncated or damaged file
             raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
+        self._check(tokens[None], mask[None], [k])
         name, seed = self.sample_info(k)
         return torch.from_numpy(tokens), torch.from_numpy(mask), name, seed
+
+    def _check(self, tokens: np.ndarray, masks: np.ndarray, samples) -> None:
+        found = bad_row(tokens, masks, self.num_classes)
+        if found is not None:
+            row, why = found
+            k = int(samples[row])
+            j, _ = self.locate(k)
+            name, seed = self.sample_info(k)
+            raise SegError(f"{self.path / self.shards[j].file}: sample {k} ({name}, aug seed {seed}) holds {why}; "
+                           f"the cache is damaged: run `seg cache verify {self.path}` and re-extract")
 
     def advise(self, indices: np.ndarray) -> None:
         """Ask the kernel to start reading these samples' rows (checked shards only): from a cold page
@@ -239,6 +252,7 @@ class CacheSplit(Dataset):
                     mask_ds.read_direct(masks, np.s_[row], np.s_[pos])
             except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
+        self._check(tokens, masks, indices)
         return tokens, masks
 
     def load(self, device: torch.device | str = "cpu", progress: Optional[Callable[[int], None]] = None
@@ -253,6 +267,7 @@ class CacheSplit(Dataset):
                 t, m = f["tokens"][()], f["masks"][()]
             except Exception as exc:  # damaged HDF5 fails in many ways
                 raise SegError(f"{self.path / plan.file}: corrupt shard ({exc}); run `seg cache verify`") from None
+            self._check(t, m, range(plan.start, plan.start + plan.count))
             tokens[plan.start:plan.start + plan.count] = torch.from_numpy(t)
             masks[plan.start:plan.start + plan.count] = torch.from_numpy(m)
             if progress:

@@ -21,15 +21,20 @@ def verify(path: str | Path, progress: Optional[Callable[[int], None]] = None, s
     raises for damage: whatever a corrupt file does to the reader is reported as that file's line.
     """
     path = Path(path)
-    m = cf.read_manifest(path)
+    m = cf.read_manifest(path, check=False)  # its inconsistencies are listed here, not raised
     problems = []
     if not m.get("complete"):
         problems.append(f"{path / cf.MANIFEST}: cache is incomplete (extraction did not finish)")
+    if not isinstance(m.get("splits"), dict):
+        return problems + [f"{path / cf.MANIFEST}: no splits"]
     for split, s in m["splits"].items():
+        stated = cf.split_problems(m, split, s)
+        problems += [f"{path / cf.MANIFEST}: {p}" for p in stated]
+        if stated and (split not in cf.SPLIT_NAMES or "images" not in s or
+                       [sh.get("file") if isinstance(sh, dict) else sh for sh in s.get("shards", [])]
+                       != [p.file for p in cf.split_shards(m, split)]):
+            continue  # the shards cannot be matched to a plan: their checks would say nothing more
         plans = cf.split_shards(m, split)
-        if [sh["file"] for sh in s["shards"]] != [p.file for p in plans]:
-            problems.append(f"{path / cf.MANIFEST}: {split} shard list does not match the planned layout")
-            continue
         for plan, sh in zip(plans, s["shards"]):
             found = _verify_shard(path / plan.file, plan, sh, s, m)
             if found:
@@ -48,6 +53,8 @@ def _verify_shard(f_path: Path, plan: cf.ShardPlan, sh: dict, split: dict, m: di
     problems = []
     if sh.get("sha256") and file_sha256(f_path) != sh["sha256"]:
         problems.append("sha256 differs from the manifest (file changed or corrupt)")
+    if sh.get("bytes") is not None and f_path.stat().st_size != sh["bytes"]:
+        problems.append(f"{f_path.stat().st_size} bytes, the manifest states {sh['bytes']}")
     try:
         problems += _check_contents(f_path, plan, split, m)
     except Exception as exc:  # a damaged HDF5 file fails in many ways; each is this shard's problem

@@ -55,21 +55,28 @@ class PublishedGaussianBlur(A.ImageOnlyTransform):
         return ("blur_limit",)
 
 
-def policy_params(name: str) -> list[dict]:
+BORDER_FILLS = {"ignore": IGNORE_INDEX, "background": 0}
+
+
+def policy_params(name: str, border_fill: str = "ignore") -> list[dict]:
     """The policy as plain data, recorded in the cache manifest."""
-    return [t.to_dict()["transform"] for t in _transforms(name)]
+    return [t.to_dict()["transform"] for t in _transforms(name, border_fill)]
 
 
-def _transforms(name: str) -> list[A.BasicTransform]:
+def _transforms(name: str, border_fill: str = "ignore") -> list[A.BasicTransform]:
+    """border_fill: what the mask gets where a geometric transform moves the image out of frame:
+    ignore (ours: not scored, not learned) or background (class 0, as the published scripts did)."""
     if name not in POLICIES:
         raise SegError(f"unknown augmentation policy {name!r}; choose from {', '.join(POLICIES)}")
+    if border_fill not in BORDER_FILLS:
+        raise SegError(f"unknown border fill {border_fill!r}; choose from {', '.join(BORDER_FILLS)}")
     if name == "none":
         return []
     ops: list[A.BasicTransform] = [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.1),
         A.Affine(scale=(0.85, 1.15), translate_percent=(-0.08, 0.08), rotate=(-20, 20), keep_ratio=True,
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX, p=0.4),
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=BORDER_FILLS[border_fill], p=0.4),
         A.OneOf([PublishedGaussianBlur(blur_limit=(3, 5)), A.MedianBlur(blur_limit=5)], p=0.2),
         A.OneOf([A.RandomBrightnessContrast(), A.HueSaturationValue()], p=0.4),
     ]
@@ -80,8 +87,14 @@ def _transforms(name: str) -> list[A.BasicTransform]:
 
 def sample_seed(image_name: str, aug_seed: int) -> int:
     """A stable 64-bit seed per (image, aug seed): same in every process, unlike hash()."""
-    digest = hashlib.sha256(f"{image_name}\0{aug_seed}".encode()).digest()
+    # surrogateescape: a name that is not UTF-8 still hashes (to its own bytes); others are unchanged
+    digest = hashlib.sha256(f"{image_name}\0{aug_seed}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+# Patch tokens per image: far above every published setting (Cityscapes at full width, 2044x1022 at
+# patch 14, is 10,658), low enough that a mistyped size fails here, not in a 100 GiB allocation.
+MAX_TOKENS = 16384
 
 
 def parse_size(text: str, patch_size: int = 14) -> tuple[int, int]:
@@ -93,6 +106,13 @@ def parse_size(text: str, patch_size: int = 14) -> tuple[int, int]:
     if w <= 0 or h <= 0 or w % patch_size or h % patch_size:
         raise SegError(f"--size {text}: both sides must be positive multiples of {patch_size} "
                        f"(e.g. {max(1, round(w / patch_size)) * patch_size}x{max(1, round(h / patch_size)) * patch_size})")
+    tokens = (w // patch_size) * (h // patch_size)
+    if tokens > MAX_TOKENS:
+        # Checked before anything is allocated or written: attention memory grows with tokens squared.
+        scale = (MAX_TOKENS / tokens) ** 0.5
+        raise SegError(f"--size {text}: {w // patch_size}x{h // patch_size} = {tokens} patch tokens per image, more "
+                       f"than seg's limit of {MAX_TOKENS} (e.g. {int(w * scale) // patch_size * patch_size}x"
+                       f"{int(h * scale) // patch_size * patch_size}); score larger images with `seg eval --mode slide`")
     return w, h
 
 
@@ -100,12 +120,12 @@ class Augmenter:
     """Resize to the input size, then the policy; seed 0 means resize only (the cache gives it to
     val/test, and to train only without a policy)."""
 
-    def __init__(self, policy: str, size: tuple[int, int]) -> None:
+    def __init__(self, policy: str, size: tuple[int, int], border_fill: str = "ignore") -> None:
         w, h = size
         self.policy = policy
         self.resize = A.Compose([A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR,
                                           mask_interpolation=cv2.INTER_NEAREST)], strict=True)
-        ops = _transforms(policy)
+        ops = _transforms(policy, border_fill)
         self.augment = A.Compose(ops, strict=True) if ops else None
 
     def __call__(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from seg.runtime.errors import SegError
+from seg.runtime.json_file import read_json
 
 IGNORE_INDEX = 255
 
@@ -151,11 +150,4 @@ def default_class_table() -> ClassTable:
 def load_class_table(path: Optional[str]) -> ClassTable:
     if path is None:
         return default_class_table()
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SegError(f"{p}: class table file not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SegError(f"{p}: not a readable JSON class table ({exc})") from None
-    return ClassTable.from_json(data, source=str(p))
+    return ClassTable.from_json(read_json(path, "class table"), source=str(path))

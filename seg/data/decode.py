@@ -9,11 +9,13 @@ import cv2
 import numpy as np
 
 from seg.data.falcon import SplitFiles
+from seg.data.file_names import check_utf8_name
 from seg.runtime.errors import SegError
 
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3."""
+    check_utf8_name(path)
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise SegError(f"{path}: cannot read image (missing, corrupt or not an image)")
@@ -22,6 +24,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_raw_mask(path: Path) -> np.ndarray:
     # IMREAD_UNCHANGED keeps the uint16 values; IMREAD_GRAYSCALE would truncate 7100 and 10000.
+    check_utf8_name(path)
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise SegError(f"{path}: cannot read mask (missing, corrupt or not an image)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from seg.data.file_names import check_utf8_name
 from seg.runtime.errors import SegError
 
 SPLITS = ("train", "val", "test")
@@ -52,6 +53,8 @@ def split_dir(data_root: Path, split: str) -> Path:
 def list_split(data_root: str | Path, split: str, require_masks: bool = True) -> SplitFiles:
     root = split_dir(Path(data_root), split)
     images = sorted(p.name for p in (root / IMAGE_DIR).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for name in images:  # before anything is written: the manifest records every name as text
+        check_utf8_name(root / IMAGE_DIR / name)
     if not images:
         raise SegError(f"{root / IMAGE_DIR}: no images")
     mask_dir = root / MASK_DIR

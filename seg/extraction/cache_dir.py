@@ -3,7 +3,6 @@ cache, finding the shards still to do, and the final manifest with checksums and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -13,6 +12,7 @@ from seg.backbones import file_sha256
 from seg.cache import format as cf
 from seg.runtime.atomic import tmp_name
 from seg.runtime.errors import SegError
+from seg.runtime.json_file import read_json
 
 
 def _seg_manifest(out: Path) -> Optional[dict]:
@@ -21,9 +21,9 @@ def _seg_manifest(out: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SegError(f"{path}: unreadable, so not a seg cache seg may touch ({exc}); choose another --out") from None
+        data = read_json(path, "cache manifest")
+    except SegError as exc:
+        raise SegError(f"{exc}; so not a seg cache seg may touch: choose another --out") from None
     if not isinstance(data, dict) or data.get("format") != cf.FORMAT:
         raise SegError(f"{path}: not a seg feature cache manifest; seg will not touch {out}: choose another --out")
     return data
@@ -52,15 +52,19 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
     if old is None:
         return
     if overwrite:
-        doomed = sorted(n for n in cf.owned_files(old) - {cf.LOCK} if (out / n).exists())
+        inside = out.resolve()
+        # owned_files names only seg's own shard names; resolving each again keeps every deletion
+        # inside --out, whatever the old manifest says
+        doomed = sorted(n for n in cf.owned_files(old) - {cf.LOCK}
+                        if (out / n).exists() and (out / n).resolve().parent == inside)
         log(f"--overwrite: deleting the old cache's {len(doomed)} file(s) in {out}: "
             + ", ".join(doomed[:4]) + (" ..." if len(doomed) > 4 else ""))
         for n in doomed:
             (out / n).unlink()
         return
-    if old.get("format_version") != cf.FORMAT_VERSION:
-        raise SegError(f"{out}: holds a cache in format version {old.get('format_version')} (this seg writes "
-                       f"{cf.FORMAT_VERSION}); pass --overwrite to replace it or choose another --out")
+    if old.get("format_version") != manifest["format_version"]:
+        raise SegError(f"{out}: holds a cache in format version {old.get('format_version')!r} (this seg writes "
+                       f"{manifest['format_version']} for it); pass --overwrite to replace it or choose another --out")
     diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
     if diffs:
         raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"

@@ -8,6 +8,10 @@ from typing import Optional
 from seg.data.copy_paste import copy_paste_requested
 
 DEFAULT_SHARD_SIZE = 64
+# The published runs drew a fresh augmentation every epoch (30-40 draws per image); K cached views
+# stand in for them. 4 is where val mIoU on the synthetic set stopped rising (BENCHMARKS.md,
+# "Augmented views per image") at 4x the extraction time and cache size of K = 1.
+DEFAULT_AUG_SEEDS = 4
 
 
 @dataclass
@@ -20,7 +24,8 @@ class ExtractConfig:
     random_init: bool = False
     random_init_seed: int = 0
     aug_policy: str = "none"
-    aug_seeds: int = 1
+    border_fill: str = "ignore"             # mask fill of geometric transforms: ignore | background (published)
+    aug_seeds: Optional[int] = None         # None: DEFAULT_AUG_SEEDS with a policy or copy-paste, else 1
     splits: tuple[str, ...] = ("train", "val")
     layers: str = "1"
     tap_block: Optional[int] = None         # store the un-normed stream entering this block instead
@@ -38,3 +43,13 @@ class ExtractConfig:
     @property
     def copy_paste_enabled(self) -> bool:
         return copy_paste_requested(self.copy_paste)
+
+    @property
+    def augmented(self) -> bool:
+        return self.aug_policy != "none" or self.copy_paste_enabled
+
+    def seeds_k(self) -> int:
+        """K, the augmented views cached per train image: as given, else the default for the policy."""
+        if self.aug_seeds is not None:
+            return self.aug_seeds
+        return DEFAULT_AUG_SEEDS if self.augmented else 1

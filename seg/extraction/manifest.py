@@ -113,7 +113,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "ignore_index": IGNORE_INDEX,
         "augmentation": {
             "policy": cfg.aug_policy,
-            "transforms": policy_params(cfg.aug_policy),
+            "transforms": policy_params(cfg.aug_policy, cfg.border_fill),
             "albumentations": _albumentations_version(),
             "copy_paste": paste.record(list(table.names)) if paste is not None else None,
             "seeding": "per sample: sha256(image name, aug seed) -> numpy Generator + random.Random; "

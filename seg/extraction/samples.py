@@ -8,7 +8,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from seg.cache import format as cf
 from seg.data.augment import Augmenter
@@ -19,6 +18,7 @@ from seg.data.decode import map_mask, read_raw_mask, read_split_pair
 from seg.data.falcon import SplitFiles
 from seg.runtime.device import worker_count
 from seg.runtime.errors import SegError
+from seg.runtime.progress import progress_bar
 
 
 class ExtractionSamples(Dataset):
@@ -70,8 +70,7 @@ def scan_class_counts(files: SplitFiles, table: ClassTable, progress: bool) -> n
     """int64 [n_images, K] class pixels of every train mask at its original size (for copy-paste)."""
     lut = table.lut()
     counts = np.zeros((len(files.names), table.num_classes), np.int64)
-    for i in tqdm(range(len(files.names)), desc="scan train masks", unit="mask", disable=not progress,
-                  dynamic_ncols=True, leave=False):
+    for i in progress_bar(range(len(files.names)), progress, desc="scan train masks", unit="mask", leave=False):
         path = files.mask_path(i)
         counts[i] = class_counts(map_mask(read_raw_mask(path), lut, path)[None], table.num_classes)[0]
     return counts

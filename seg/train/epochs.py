@@ -9,7 +9,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from seg.cache import CacheSplit
 from seg.heads import head_logits
@@ -19,6 +18,7 @@ from seg.scoring.metrics import confusion_matrix
 from seg.train.presets import TrainConfig
 from seg.train.sampling import RareClassSampler
 from seg.train.sources import batches_of, epoch_indices
+from seg.runtime.progress import progress_bar
 
 VAL_BATCH = 8
 
@@ -74,8 +74,8 @@ class EpochRunner:
         n_samples = sum(len(b) for b in batches)
         total, count, t0 = 0.0, 0, time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        bar = tqdm(total=n_samples, unit="sample", desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (self.progress and self.d.is_main), dynamic_ncols=True)
+        bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (tokens, masks) in enumerate(source.batches(batches)):
             _, loss = self.forward_loss(tokens, masks)
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
