@@ -15,15 +15,15 @@ from torch.utils.data import DataLoader
 from seg.scoring import plots
 from seg.runtime.atomic import write_json, write_text
 from seg.cache import FeatureCache
-from seg.data.falcon import list_split
-from seg.data.decode import map_mask, read_raw_mask
+from seg.data.layouts import list_split
+from seg.data.public_tables import decoder_for
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.heads import head_logits
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.scoring.metrics import confusion_matrix, format_table, jsonable, summarize
-from seg.cache.format import source_files
+from seg.cache import format as cf
 from seg.runtime.run_dir import EVAL_FILES, check_owned_dir
 from seg.infer.runs import check_cache_compatible, load_run
 from seg.runtime.progress import progress_bar
@@ -35,6 +35,7 @@ class EvalOptions:
     split: str = "val"
     cache: Optional[str] = None
     data: Optional[str] = None
+    layout: str = "auto"        # of --data: auto | falcon | folders | cityscapes | ade20k | voc
     weights: Optional[str] = None
     tta: str = "none"
     full_res: bool = False
@@ -102,10 +103,11 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     data_dir = None
     if opts.full_res:
         data_dir = split.manifest["splits"][opts.split]["data_dir"]
-        mask_dir = source_files(data_dir, split.images[0])[1].parent
+        layout = cf.layout_of(split.manifest)
+        mask_dir = cf.source_files(layout, data_dir, opts.split, split.images[0])[1].parent
         if not mask_dir.is_dir():
             raise SegError(f"--full-res reads the original masks from {mask_dir}, which is not there")
-    lut = run.class_table.lut()
+    decoder = decoder_for(cf.layout_of(split.manifest), run.class_table)
     h, w = split.manifest["mask_shape"]
     bar = progress_bar(enabled=opts.progress, total=n, unit="img", desc=f"eval {opts.split}")
     for b0 in range(start, start + n, opts.batch_size):
@@ -117,8 +119,8 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
             cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
         else:
             for i, row in enumerate(rows):
-                path = source_files(data_dir, split.images[int(row) % n])[1]
-                full = torch.from_numpy(map_mask(read_raw_mask(path), lut, path)).to(device)
+                path = cf.source_files(layout, data_dir, opts.split, split.images[int(row) % n])[1]
+                full = torch.from_numpy(decoder.read(path)).to(device)
                 logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"], run.grid)
                 cm += confusion_matrix(logits.argmax(1)[0], full, cm.shape[0])
         bar.update(len(rows))
@@ -127,11 +129,12 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
 
 
 def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
-    files = list_split(opts.data, opts.split)
+    files = list_split(opts.data, opts.split, layout=opts.layout)
     segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
                                  [files.mask_path(i) for i in range(len(files.names))],
-                                 run.size, run.class_table.lut(), full_res_masks=opts.full_res or opts.mode == "slide")
+                                 run.size, decoder_for(files.layout, run.class_table),
+                                 full_res_masks=opts.full_res or opts.mode == "slide")
     workers = worker_count(4) if opts.workers is None else opts.workers
     cv2.setNumThreads(1)  # before the workers fork (see extract_features)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_samples)

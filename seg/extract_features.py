@@ -15,9 +15,9 @@ from seg.backbones import backbone_kwargs, load_backbone
 from seg.backbones.features import cast_matmul_weights_
 from seg.cache import format as cf
 from seg.data.augment import Augmenter, parse_size
-from seg.data.classes import load_class_table
 from seg.data.copy_paste import build_config, parse_copy_paste
-from seg.data.falcon import list_split
+from seg.data.layouts import list_split, resolve_layout
+from seg.data.public_tables import decoder_for, table_for
 from seg.extraction.cache_dir import check_cache_dir, finalize_manifest, missing_shards, prepare_cache_dir
 from seg.extraction.config import DEFAULT_AUG_SEEDS, DEFAULT_SHARD_SIZE, ExtractConfig
 from seg.extraction.loop import extract_shards, f16_step
@@ -71,8 +71,10 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
             f"published runs); {DEFAULT_AUG_SEEDS} or more is recommended")
     device = resolve_device(rank_device(d, cfg.device))
-    table = load_class_table(cfg.classes)
-    split_files = {s: list_split(cfg.data, s) for s in cfg.splits}
+    layout = resolve_layout(cfg.data, cfg.layout)
+    table = table_for(layout, cfg.classes)
+    decoder = decoder_for(layout, table)
+    split_files = {s: list_split(cfg.data, s, layout=layout) for s in cfg.splits}
     model, info = load_backbone(cfg.backbone, cfg.weights, cfg.random_init, cfg.random_init_seed)
     if cfg.random_init:
         say(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")
@@ -93,11 +95,12 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     if choice is not None:
         if "train" not in split_files:
             raise SegError("--copy-paste pastes into train samples; add train to --splits")
-        paste = build_config(choice, scan_class_counts(split_files["train"], table, cfg.progress and d.is_main),
+        paste = build_config(choice, scan_class_counts(split_files["train"], decoder, table.num_classes,
+                                                     cfg.progress and d.is_main),
                              list(table.names), cfg.copy_paste_scale)
         say(f"copy-paste: {', '.join(table.names[c] for c in paste.classes)} from "
             + ", ".join(f"{len(paste.sources[c])} images" for c in paste.classes))
-    manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device, paste)
+    manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device, layout, paste)
     out = Path(cfg.out)
     lock = DirLock(out, cf.LOCK, "extraction")
 
@@ -113,14 +116,13 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         on_main(d, prepare)
         cast_matmul_weights_(model, recorded_dtype(manifest["compute_dtype"], device)).to(device)
         augmenter = Augmenter(cfg.aug_policy, size, cfg.border_fill)
-        lut = table.lut()
         workers = extraction_workers(device) if cfg.workers is None else cfg.workers
         all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
         mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
         todo = missing_shards(out, manifest, mine)
         n_todo = sum(p.count for p in todo)
         what = f"layers {layers}" if cfg.tap_block is None else f"the stream entering block {cfg.tap_block}"
-        say(f"extract: {cfg.backbone} @ {size[0]}x{size[1]}, {what}, policy {cfg.aug_policy}, "
+        say(f"extract: {layout} dataset, {cfg.backbone} @ {size[0]}x{size[1]}, {what}, policy {cfg.aug_policy}, "
             f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
             f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
             + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
@@ -132,7 +134,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
                 plans = [p for p in todo if p.split == split]
                 if plans:
                     written += extract_shards(model, device, layers, split_files[split], manifest, plans,
-                                              augmenter, lut, cfg, workers, out, bar, paste, table.num_classes)
+                                              augmenter, decoder, cfg, workers, out, bar, paste, table.num_classes)
         loop_seconds = time.perf_counter() - t_loop
         barrier(d)
         total_bytes = on_main(d, lambda: finalize_manifest(out, manifest)) or 0

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from seg.runtime.atomic import write_atomic, write_json
 from seg.data.classes import ClassTable
-from seg.data.falcon import IMAGE_SUFFIXES, MASK_DIR, mask_name
+from seg.data.decode import MaskDecoder
+from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, mask_name
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
@@ -62,12 +63,24 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def mask_beside(image: Path) -> Optional[Path]:
-    """The ground truth of a Falcon-layout image: ../Segmentation/<stem>.png."""
-    if image.parent.name == "Color_Images":
-        candidate = image.parent.parent / MASK_DIR / mask_name(image.name)
-        if candidate.is_file():
-            return candidate
-    return None
+    """The ground truth of an image that lies in a dataset tree, where its layout puts it (README: Your
+    own dataset), for the image | truth | prediction panel; None when there is none."""
+    parent, name = image.parent, image.name
+    candidates = {
+        "Color_Images": parent.parent / "Segmentation" / mask_name(name),           # falcon
+        "images": parent.parent / "masks" / mask_name(name),                          # folders
+        "JPEGImages": parent.parent / "SegmentationClass" / mask_name(name),          # voc
+    }
+    if parent.name in candidates:
+        found = candidates[parent.name]
+    elif parent.parent.name == "images":                                              # ade20k
+        found = parent.parent.parent / "annotations" / parent.name / mask_name(name)
+    elif parent.parent.parent.name == "leftImg8bit" and name.endswith(CITYSCAPES_IMAGE):  # cityscapes
+        found = (parent.parents[2] / "gtFine" / parent.parent.name / parent.name
+                 / (name[: -len(CITYSCAPES_IMAGE)] + CITYSCAPES_MASK))
+    else:
+        return None
+    return found if found.is_file() else None
 
 
 def output_names(images: list[Path]) -> list[str]:
@@ -142,7 +155,8 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     table = run.class_table
     masks = [mask_beside(p) for p in images]
-    dataset = ImageFolderSamples(images, masks, run.size, table.lut(), full_res_masks=True, optional_masks=True)
+    dataset = ImageFolderSamples(images, masks, run.size, MaskDecoder.of(table), full_res_masks=True,
+                                 optional_masks=True)
     folders = ["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else [])
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)

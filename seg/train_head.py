@@ -42,9 +42,10 @@ class RunOptions:
     preload: str = "auto"           # auto | always | never
     workers: Optional[int] = None   # streaming readers
     resume: bool = False
-    allow_mismatch: bool = False
+    allow_mismatch: bool = False    # accepted for old scripts; a mismatch is a note unless strict_preset
     progress: bool = True
     overwrite: bool = False         # replace a finished seg run in --out
+    strict_preset: bool = False     # refuse a cache whose backbone/size/layers differ from the phase's
     verify: bool = True             # sha256 of every shard against the manifest before use
     weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded file or hub cache)
     checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
@@ -60,7 +61,7 @@ class Trainer:
         self.cache = FeatureCache(cache_dir)
         m, where = self.cache.manifest, Path(cache_dir)
         check_splits(m, where)
-        check_cache_matches(cfg, m, where, opts.allow_mismatch, self.log)
+        check_cache_matches(cfg, m, where, opts.strict_preset and not opts.allow_mismatch, self.log)
         check_tuning(cfg, m, where)
         self.tap = cf.tap_block(m)
         self._describe_input()
@@ -183,7 +184,7 @@ class Trainer:
         cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         self._start(resume)
         train_src, val_src = self._sources()
-        stopped_early = False
+        stopped_early, spent = False, []
         for epoch in range(st.start_epoch, cfg.epochs):
             if st.patience_exhausted(cfg.patience, cfg.select, epoch):
                 stopped_early = True
@@ -204,9 +205,11 @@ class Trainer:
             if main:
                 st.save(epoch, self.head, self.opt, self.sched, self.scaler, improved)
                 write_history(out, st.history)
+            spent.append(row["seconds"])
+            left = (cfg.epochs - epoch - 1) * sum(spent) / len(spent)  # at most: early stopping ends sooner
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                      f"val mIoU {summary['miou']:.4f}{' *' if improved else ''}  lr {lr:.3g}  "
-                     f"{sps:.1f} samples/s  {row['seconds']:.1f} s")
+                     f"{sps:.1f} samples/s  {row['seconds']:.1f} s  run ETA {_duration(left)}")
         if stopped_early:
             self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs "
                      f"(best {st.best['miou']:.4f} at epoch {st.best['epoch']})")
@@ -227,6 +230,11 @@ class Trainer:
         if bad:
             raise SegError(f"epoch {epoch + 1} ended with {' and '.join(bad)}; stopped without saving it. "
                            f"{self.state.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train(cfg: TrainConfig, cache_dir: str, out_dir: str, opts: Optional[RunOptions] = None,

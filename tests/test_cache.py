@@ -14,8 +14,8 @@ from seg.data.augment import Augmenter
 from seg.backbones import file_sha256, load_backbone
 from seg.cache import FeatureCache, verify
 from seg.data.classes import default_class_table
-from seg.data.falcon import list_split
-from seg.data.decode import read_split_pair
+from seg.data.layouts import list_split
+from seg.data.decode import MaskDecoder, read_split_pair
 from seg.runtime.device import autocast
 from seg.runtime.errors import SegError
 from seg.data.normalize import normalize
@@ -66,7 +66,7 @@ def test_tokens_equal_backbone_output_for_seed0(small_cache, dataset):
     """Round trip: what the cache returns is the backbone's output on the resized image."""
     model, _ = load_backbone("vits14", random_init=True)
     files = list_split(dataset, "val")
-    aug, lut = Augmenter("none", (224, 126)), default_class_table().lut()
+    aug, lut = Augmenter("none", (224, 126)), MaskDecoder.of(default_class_table())
     pairs = [aug(*read_split_pair(files, i, lut), files.names[i], 0) for i in range(3)]
     x = normalize(torch.from_numpy(np.stack([p[0] for p in pairs])))
     with torch.inference_mode(), autocast(torch.device("cpu")):

@@ -119,7 +119,7 @@ def test_bad_flags(dataset, tmp_path):
     _one_line_error(run(*BASE, "--data", dataset, "--out", tmp_path / "b", "--layers", "13"), "--layers")
     _one_line_error(run(*BASE, "--data", dataset, "--out", tmp_path / "c", "--aug-seeds", "3"),
                     "--aug-seeds > 1 needs an augmentation policy")
-    _one_line_error(run(*BASE, "--data", tmp_path / "nowhere", "--out", tmp_path / "d"), "no train split found")
+    _one_line_error(run(*BASE, "--data", tmp_path / "nowhere", "--out", tmp_path / "d"), "nowhere: no such dataset folder")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "precious.txt").write_text("keep me")
     _one_line_error(run(*BASE, "--data", dataset, "--out", tmp_path / "e"), "is not a feature cache")
@@ -177,11 +177,11 @@ def test_policy_caches_hold_only_augmented_train_draws(dataset, tmp_path):
     # seed 1 is an augmented draw, not the plain resize: some train sample differs from seed 0
     from seg.data.augment import Augmenter
     from seg.data.classes import default_class_table
-    from seg.data.falcon import list_split
-    from seg.data.decode import read_split_pair
+    from seg.data.layouts import list_split
+    from seg.data.decode import MaskDecoder, read_split_pair
 
     files = list_split(dataset, "train")
-    lut = default_class_table().lut()
+    lut = MaskDecoder.of(default_class_table())
     plain, aug = Augmenter("none", (224, 126)), Augmenter("phase2", (224, 126))
     differ = [not np.array_equal(plain(*read_split_pair(files, i, lut), files.names[i], 0)[0],
                                  aug(*read_split_pair(files, i, lut), files.names[i], 1)[0])

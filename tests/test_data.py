@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from seg.data.classes import IGNORE_INDEX, default_class_table, load_class_table
-from seg.data.falcon import list_split
-from seg.data.decode import map_mask, read_split_pair
+from seg.data.layouts import list_split
+from seg.data.decode import MaskDecoder, map_mask, read_split_pair
 from seg.runtime.errors import SegError
 from seg.data.synthetic import write_dataset
 
@@ -50,7 +50,7 @@ def test_pairs_read_with_unchanged_depth(dataset):
     assert len(files.names) == 6 and files.has_masks
     raw = cv2.imread(str(files.mask_path(0)), cv2.IMREAD_UNCHANGED)
     assert raw.dtype == np.uint16 and raw.shape == (540, 960) and raw.max() > 255
-    image, mask = read_split_pair(files, 0, default_class_table().lut())
+    image, mask = read_split_pair(files, 0, MaskDecoder.of(default_class_table()))
     assert image.shape == (540, 960, 3) and image.dtype == np.uint8
     expect = default_class_table().lut()[raw]
     np.testing.assert_array_equal(mask, expect)
@@ -83,7 +83,7 @@ def test_size_mismatch_and_unreadable(broken):
     cv2.imwrite(str(base / "Segmentation" / "train_00000.png"), np.zeros((270, 480), np.uint16))
     (base / "Color_Images" / "train_00001.png").write_bytes(b"garbage")
     files = list_split(root, "train")
-    lut = default_class_table().lut()
+    lut = MaskDecoder.of(default_class_table())
     with pytest.raises(SegError, match=r"train_00000\.png: mask is 480x270 but its image is 960x540"):
         read_split_pair(files, 0, lut)
     with pytest.raises(SegError, match=r"Color_Images/train_00001\.png: cannot read image"):
@@ -91,5 +91,8 @@ def test_size_mismatch_and_unreadable(broken):
 
 
 def test_missing_split(tmp_path):
+    root = write_dataset(tmp_path / "d", {"train": 1})
     with pytest.raises(SegError, match="no val split found"):
-        list_split(tmp_path, "val")
+        list_split(root, "val")
+    with pytest.raises(SegError, match="no known dataset layout found"):
+        list_split(tmp_path / "d" / "Offroad_Segmentation_Training_Dataset" / "train" / "Color_Images", "val")

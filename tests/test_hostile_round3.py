@@ -15,7 +15,7 @@ from seg.cli import main
 from seg.data.augment import Augmenter
 from seg.data.classes import default_class_table
 from seg.data.decode import read_pair
-from seg.data.falcon import list_split
+from seg.data.layouts import list_split
 from seg.data.synthetic import write_dataset
 from seg.train.presets import resolve
 from seg.train_head import RunOptions, train

@@ -182,14 +182,17 @@ def test_early_stopping(learnable_cache, tmp_path, monkeypatch):
 
 
 def test_cli_mismatch_and_overrides(small_cache, tmp_path):
-    r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--phase", "3"])
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--phase", "3",
+                                  "--strict-preset"])
     assert r.exit_code == 1
     assert f"Error: {small_cache}: cache is vits14 @ 224x126, but phase 3 is vitb14_reg @ 644x364" in r.output
-    assert "--allow-mismatch" in r.output
-    r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--phase", "3",
-                                  "--allow-mismatch", "--epochs", "1", "--head", "convnext", "--lr", "0.001",
-                                  "--accum", "1", "--device", "cpu", "--patience", "0"])
-    assert r.exit_code == 0, r.output
+    assert "drop --strict-preset" in r.output and not (tmp_path / "r").exists()
+    for flags, out in (([], "r"), (["--allow-mismatch", "--strict-preset"], "r2")):  # old scripts' flag still works
+        r = CliRunner().invoke(main, ["train-head", "--cache", str(small_cache), "--out", str(tmp_path / out), "--phase",
+                                      "3", *flags, "--epochs", "1", "--head", "convnext", "--lr", "0.001",
+                                      "--accum", "1", "--device", "cpu", "--patience", "0"])
+        assert r.exit_code == 0, r.output
+        assert "note: not the published phase 3 configuration (cache is vits14 @ 224x126" in r.output
     assert "effective_batch      2" in r.output and "head                 convnext" in r.output
     assert "best epoch 1 on val:" in r.output and "Sky" in r.output
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["config"]

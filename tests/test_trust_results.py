@@ -53,7 +53,7 @@ def test_old_format_caches_are_refused_with_a_reason(small_cache, tmp_path):
     m = json.loads((copy / "manifest.json").read_text())
     m["format_version"] = 1
     (copy / "manifest.json").write_text(json.dumps(m))
-    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4; re-extract it")
+    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4, 5; re-extract it")
 
 
 # -- integrity before use ---------------------------------------------------------------------
@@ -163,12 +163,12 @@ def test_layers_are_normalised_and_checked(dataset, tmp_path):
     one_line_error(run(*EXTRACT, "--data", dataset, "--out", tmp_path / "d", "--layers", "11,11"),
                    "--layers 11,11: block 11 is named twice")
     cache = tmp_path / "c"
-    one_line_error(run("train-head", "--cache", cache, "--out", tmp_path / "r", "--phase", "1"),
+    one_line_error(run("train-head", "--cache", cache, "--out", tmp_path / "r", "--phase", "1", "--strict-preset"),
                    "cache is vits14 @ 224x126, but phase 1 is vits14 @ 476x266; cache stores blocks [8, 11], but "
                    "phase 1 was published on the normed last block [11] only")
-    r = run("train-head", "--cache", cache, "--out", tmp_path / "r", "--phase", "1", "--epochs", "1",
-            "--allow-mismatch", "--device", "cpu")
+    r = run("train-head", "--cache", cache, "--out", tmp_path / "r", "--phase", "1", "--epochs", "1", "--device", "cpu")
     assert r.exit_code == 0, r.output
+    assert "cache stores blocks [8, 11], but phase 1 was published on the normed last block [11] only" in r.output
     assert "head input: 768 channels = 2 layer(s) x 384 from blocks [8, 11], grid 16x9" in r.output
 
 

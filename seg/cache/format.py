@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from seg.runtime.atomic import write_atomic, write_json
-from seg.data.falcon import IMAGE_DIR, MASK_DIR, SPLITS as SPLIT_NAMES, mask_name
+from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
 
@@ -36,7 +36,12 @@ TAP_FORMAT_VERSION = 4
 # Version 4 is a tap cache: `tap_block` B, and tokens [T, C] per sample that are the un-normed
 # residual stream entering block B (all tokens), not normed patch maps. Layer caches are still
 # written as version 3, so older seg versions keep reading them and refuse tap caches by version.
-READABLE_VERSIONS = (2, 3, 4)
+LAYOUT_FORMAT_VERSION = 5
+# Version 5 records a dataset `layout` other than Falcon (cityscapes, ade20k, voc, folders): its
+# image names resolve to paths only through that layout, so older seg versions, which know the
+# Falcon layout alone, must refuse it. Layer or tap cache alike; `tap_block` says which. Falcon
+# caches keep versions 3 and 4.
+READABLE_VERSIONS = (2, 3, 4, 5)
 MANIFEST = "manifest.json"
 LOCK = ".seg-extract.lock"
 CLASS_COUNTS_FILE = "class-counts.json"
@@ -108,8 +113,15 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def format_version(tap_block: Optional[int]) -> int:
+def format_version(tap_block: Optional[int], layout: str = "falcon") -> int:
+    if layout != "falcon":
+        return LAYOUT_FORMAT_VERSION
     return FORMAT_VERSION if tap_block is None else TAP_FORMAT_VERSION
+
+
+def layout_of(manifest: dict) -> str:
+    """The dataset layout the cache's image names belong to (caches before version 5: Falcon)."""
+    return manifest.get("layout", "falcon")
 
 
 def tap_block(manifest: dict) -> Optional[int]:
@@ -150,7 +162,7 @@ def read_manifest(cache_dir: Path, check: bool = True) -> dict:
     if version not in READABLE_VERSIONS:
         raise SegError(f"{path}: cache format version {version}, "
                        f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
-    if (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
+    if version != LAYOUT_FORMAT_VERSION and (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
         raise SegError(f"{path}: format version {version} with tap_block "
                        f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
     if check:
@@ -174,6 +186,8 @@ def manifest_problems(manifest: dict) -> list[str]:
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         return ["no splits"]
+    if layout_of(manifest) not in LAYOUTS:
+        return [f"dataset layout {layout_of(manifest)!r} is not one of {', '.join(LAYOUTS)}"]
     return [p for name, s in splits.items() for p in split_problems(manifest, name, s)]
 
 
@@ -280,9 +294,8 @@ def foreign_files(cache_dir: Path, *manifests: dict) -> list[str]:
     return sorted(p.name for p in Path(cache_dir).iterdir() if p.name not in owned)
 
 
-def source_files(data_dir: str | Path, image_name: str) -> tuple[Path, Path]:
-    root = Path(data_dir)
-    return root / IMAGE_DIR / image_name, root / MASK_DIR / mask_name(image_name)
+def source_files(layout: str, data_dir: str | Path, split: str, image_name: str) -> tuple[Path, Path]:
+    return sample_paths(layout, data_dir, split, image_name)
 
 
 def file_stat(path: Path) -> Optional[list[int]]:
@@ -294,9 +307,9 @@ def file_stat(path: Path) -> Optional[list[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def source_record(data_dir: str | Path, images: list[str]) -> list[list]:
+def source_record(layout: str, data_dir: str | Path, split: str, images: list[str]) -> list[list]:
     """Per image: [image [size, mtime_ns], mask [size, mtime_ns]] as they are now."""
-    return [[file_stat(p) for p in source_files(data_dir, name)] for name in images]
+    return [[file_stat(p) for p in source_files(layout, data_dir, split, name)] for name in images]
 
 
 def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[str]:
@@ -308,7 +321,7 @@ def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[s
         for image, then in zip(s["images"], s.get("sources", [])):
             if not plain_name(image):  # never look outside the data root (manifest_problems names it)
                 continue
-            for path, before in zip(source_files(s["data_dir"], image), then):
+            for path, before in zip(source_files(layout_of(manifest), s["data_dir"], name, image), then):
                 now = file_stat(path)
                 if now is None:
                     changes.append(f"{path}: missing")

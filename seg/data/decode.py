@@ -1,14 +1,16 @@
-"""Decoding one sample: RGB image, raw mask values, raw value -> class id through the class table."""
+"""Decoding one sample: the RGB image, and the mask as class ids whatever its encoding (`MaskDecoder`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import cv2
 import numpy as np
 
-from seg.data.falcon import SplitFiles
+from seg.data.classes import IGNORE_INDEX, ClassTable
+from seg.data.layouts import SplitFiles
 from seg.data.file_names import check_utf8_name
 from seg.runtime.errors import SegError
 
@@ -20,20 +22,6 @@ def read_image(path: Path) -> np.ndarray:
     if img is None:
         raise SegError(f"{path}: cannot read image (missing, corrupt or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def read_raw_mask(path: Path) -> np.ndarray:
-    # IMREAD_UNCHANGED keeps the uint16 values; IMREAD_GRAYSCALE would truncate 7100 and 10000.
-    check_utf8_name(path)
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise SegError(f"{path}: cannot read mask (missing, corrupt or not an image)")
-    if raw.ndim == 3:
-        # An RGB-saved mask with equal channels is usable; anything else is ambiguous.
-        if not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])):
-            raise SegError(f"{path}: mask has {raw.shape[2]} differing channels; expected one channel of raw values")
-        raw = raw[..., 0]
-    return raw
 
 
 def map_mask(raw: np.ndarray, lut: np.ndarray, path: Path) -> np.ndarray:
@@ -50,20 +38,92 @@ def map_mask(raw: np.ndarray, lut: np.ndarray, path: Path) -> np.ndarray:
     return ids.astype(np.uint8)
 
 
-def read_pair(image_path: Path, mask_path: Optional[Path], lut: Optional[np.ndarray]
+def read_pair(image_path: Path, mask_path: Optional[Path], decoder: Optional[MaskDecoder]
               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Image (RGB uint8) and its class-id mask (uint8) at the original size; no mask when
-    mask_path or lut is None."""
+    mask_path or decoder is None."""
     image = read_image(image_path)
-    if mask_path is None or lut is None:
+    if mask_path is None or decoder is None:
         return image, None
-    mpath = mask_path
-    raw = read_raw_mask(mpath)
-    if raw.shape[:2] != image.shape[:2]:
+    ids = decoder.read(mask_path)
+    if ids.shape[:2] != image.shape[:2]:
         h, w = image.shape[:2]
-        raise SegError(f"{mpath}: mask is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h}")
-    return image, map_mask(raw, lut, mpath)
+        raise SegError(f"{mask_path}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is {w}x{h}")
+    return image, ids
 
 
-def read_split_pair(files: SplitFiles, i: int, lut: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    return read_pair(files.image_path(i), files.mask_path(i) if files.has_masks else None, lut)
+def read_split_pair(files: SplitFiles, i: int, decoder: Optional[MaskDecoder]
+                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    return read_pair(files.image_path(i), files.mask_path(i) if files.has_masks else None, decoder)
+
+
+@dataclass(frozen=True)
+class MaskDecoder:
+    """Mask file -> uint8 class ids through a class table, whatever the encoding:
+    - single-channel 8- or 16-bit values (Falcon's raw values, Cityscapes label ids, ADE20K indices)
+      through the table's values;
+    - palette PNGs (Pascal VOC) by palette INDEX, never by colour (OpenCV would expand the palette);
+    - colour-coded RGB masks through the table's colours.
+    Any value or colour the table does not know is an error naming the file and it."""
+
+    lut: np.ndarray                         # raw value or palette index -> class id, -1 unknown
+    colors: tuple[tuple[int, int, int], ...]  # RGB of class i, for colour-coded masks
+    ignore_colors: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def of(cls, table: ClassTable, ignore_colors: tuple[tuple[int, int, int], ...] = ()) -> "MaskDecoder":
+        return cls(table.lut(), tuple(table.colors), ignore_colors)
+
+    def read(self, path: Path) -> np.ndarray:
+        check_utf8_name(path)
+        if _is_palette_png(path):
+            return map_mask(_palette_indices(path), self.lut, path)
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise SegError(f"{path}: cannot read mask (missing, corrupt or not an image)")
+        if raw.ndim == 3:
+            bgr = raw[..., :3]
+            if np.array_equal(bgr[..., 0], bgr[..., 1]) and np.array_equal(bgr[..., 0], bgr[..., 2]):
+                return map_mask(bgr[..., 0], self.lut, path)  # a grey mask saved as RGB
+            return self._by_colour(bgr, path)
+        return map_mask(raw, self.lut, path)
+
+    def _by_colour(self, bgr: np.ndarray, path: Path) -> np.ndarray:
+        if bgr.dtype != np.uint8:
+            raise SegError(f"{path}: colour mask pixels are {bgr.dtype}; colour-coded masks are 8-bit RGB")
+        packed = (bgr[..., 2].astype(np.uint32) << 16) | (bgr[..., 1].astype(np.uint32) << 8) | bgr[..., 0]
+        colours, inverse = np.unique(packed, return_inverse=True)
+        table = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(self.colors)}
+        if len(table) != len(self.colors):
+            raise SegError(f"{path}: a colour-coded mask needs one colour per class, and the class table gives "
+                           "two classes the same colour")
+        table.update({(r << 16) | (g << 8) | b: IGNORE_INDEX for r, g, b in self.ignore_colors})
+        unknown = [int(c) for c in colours if int(c) not in table]
+        if unknown:
+            shown = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in unknown[:5])
+            raise SegError(f"{path}: unknown mask colour(s) RGB {shown}" + (f" and {len(unknown) - 5} more"
+                           if len(unknown) > 5 else "") + " (not in the class table's colours)")
+        ids = np.array([table[int(c)] for c in colours], np.uint8)
+        return ids[inverse.reshape(packed.shape)]
+
+
+def _is_palette_png(path: Path) -> bool:
+    """PNG colour type 3 (indexed), read from the IHDR chunk without decoding the image."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25] == 3
+
+
+def _palette_indices(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode != "P":
+                raise SegError(f"{path}: expected a palette PNG, Pillow reads mode {img.mode}")
+            return np.array(img, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise SegError(f"{path}: cannot read palette mask ({exc})") from None

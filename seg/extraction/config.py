@@ -18,6 +18,7 @@ DEFAULT_AUG_SEEDS = 4
 class ExtractConfig:
     data: str
     out: str
+    layout: str = "auto"                    # auto | falcon | folders | cityscapes | ade20k | voc
     backbone: str = "vitb14_reg"
     size: str = "644x364"
     weights: Optional[str] = None

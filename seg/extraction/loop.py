@@ -14,7 +14,7 @@ from seg.backbones.features import backbone_features
 from seg.cache import format as cf
 from seg.data.class_stats import class_counts
 from seg.data.copy_paste import CopyPasteConfig
-from seg.data.falcon import SplitFiles
+from seg.data.layouts import SplitFiles
 from seg.data.normalize import normalize
 from seg.extraction.samples import ExtractionSamples, collate
 from seg.runtime.device import recorded_dtype
@@ -42,13 +42,13 @@ def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor
 
 
 @torch.inference_mode()
-def extract_shards(model, device, layers, files, manifest, plans, augmenter, lut, cfg, workers, out, bar,
+def extract_shards(model, device, layers, files, manifest, plans, augmenter, decoder, cfg, workers, out, bar,
                    paste: Optional[CopyPasteConfig], num_classes: int) -> int:
     seeds = manifest["splits"][files.split]["seeds"]
     # One OpenCV thread per decoding process: the backbone owns the cores. Set here, before the
     # workers fork, because calling it inside a forked child hangs if the parent used OpenCV's pool.
     cv2.setNumThreads(1)
-    dataset = ExtractionSamples(files, seeds, augmenter, lut, paste if files.split == "train" else None)
+    dataset = ExtractionSamples(files, seeds, augmenter, decoder, paste if files.split == "train" else None)
     # Batches never cross a shard boundary: a resumed shard is computed in exactly the same batches.
     batches = [list(range(s, min(s + cfg.batch_size, p.start + p.count)))
                for p in plans for s in range(p.start, p.start + p.count, cfg.batch_size)]

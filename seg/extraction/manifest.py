@@ -12,7 +12,7 @@ from seg.cache import format as cf
 from seg.data.augment import policy_params
 from seg.data.classes import IGNORE_INDEX, ClassTable
 from seg.data.copy_paste import CopyPasteConfig
-from seg.data.falcon import SplitFiles
+from seg.data.layouts import SplitFiles
 from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from seg.backbones import is_dinov3
 from seg.extraction.config import ExtractConfig
@@ -55,7 +55,7 @@ def compute_dtype(half: bool, device: torch.device, backbone: str) -> str:
 
 def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tuple[int, int],
                    table: ClassTable, split_files: dict[str, SplitFiles], device: torch.device,
-                   paste: Optional[CopyPasteConfig] = None) -> dict:
+                   layout: str = "falcon", paste: Optional[CopyPasteConfig] = None) -> dict:
     w, h = size
     grid = (h // model.patch_size, w // model.patch_size)
     tap = cfg.tap_block
@@ -71,7 +71,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         data_dir = files.root.resolve()  # absolute: the cache is used from other working directories
         splits[name] = {
             "data_dir": str(data_dir),
-            "sources": cf.source_record(data_dir, list(files.names)),
+            "sources": cf.source_record(layout, data_dir, name, list(files.names)),
             "images": list(files.names),
             "seeds": seeds[name],
             "num_samples": n,
@@ -80,7 +80,8 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         }
     manifest = {
         "format": cf.FORMAT,
-        "format_version": cf.format_version(tap),
+        "format_version": cf.format_version(tap, layout),
+        **({} if layout == "falcon" else {"layout": layout}),
         "seg_version": seg.__version__,
         "torch_version": torch.__version__,
         "complete": False,

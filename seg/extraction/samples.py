@@ -12,10 +12,9 @@ from torch.utils.data import Dataset
 from seg.cache import format as cf
 from seg.data.augment import Augmenter
 from seg.data.class_stats import class_counts
-from seg.data.classes import ClassTable
 from seg.data.copy_paste import CopyPasteConfig, copy_paste
-from seg.data.decode import map_mask, read_raw_mask, read_split_pair
-from seg.data.falcon import SplitFiles
+from seg.data.decode import MaskDecoder, read_split_pair
+from seg.data.layouts import SplitFiles
 from seg.runtime.device import worker_count
 from seg.runtime.errors import SegError
 from seg.runtime.progress import progress_bar
@@ -25,9 +24,9 @@ class ExtractionSamples(Dataset):
     """Sample k of a split -> resized, augmented uint8 image and class-id mask (or an error text).
     Copy-paste (train, seeds >= 1) happens at the original size, before the resize and the policy."""
 
-    def __init__(self, files: SplitFiles, seeds: list[int], augmenter: Augmenter, lut: np.ndarray,
+    def __init__(self, files: SplitFiles, seeds: list[int], augmenter: Augmenter, decoder: MaskDecoder,
                  paste: Optional[CopyPasteConfig] = None) -> None:
-        self.files, self.seeds, self.augmenter, self.lut, self.paste = files, seeds, augmenter, lut, paste
+        self.files, self.seeds, self.augmenter, self.decoder, self.paste = files, seeds, augmenter, decoder, paste
 
     def __len__(self) -> int:
         return len(self.files.names) * len(self.seeds)
@@ -35,10 +34,10 @@ class ExtractionSamples(Dataset):
     def __getitem__(self, k: int) -> dict:
         i, seed = cf.sample_of(k, len(self.files.names), self.seeds)
         try:
-            image, mask = read_split_pair(self.files, i, self.lut)
+            image, mask = read_split_pair(self.files, i, self.decoder)
             if self.paste is not None and seed != 0:
                 image, mask, _ = copy_paste(image, mask, i, self.files.names[i], seed, self.paste,
-                                            lambda j: read_split_pair(self.files, j, self.lut))
+                                            lambda j: read_split_pair(self.files, j, self.decoder))
             image, mask = self.augmenter(image, mask, self.files.names[i], seed)
         except SegError as exc:
             # Raised in a worker, an exception comes back wrapped in a traceback; pass the text instead.
@@ -66,11 +65,9 @@ def extraction_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 2 else worker_count()
 
 
-def scan_class_counts(files: SplitFiles, table: ClassTable, progress: bool) -> np.ndarray:
+def scan_class_counts(files: SplitFiles, decoder: MaskDecoder, num_classes: int, progress: bool) -> np.ndarray:
     """int64 [n_images, K] class pixels of every train mask at its original size (for copy-paste)."""
-    lut = table.lut()
-    counts = np.zeros((len(files.names), table.num_classes), np.int64)
+    counts = np.zeros((len(files.names), num_classes), np.int64)
     for i in progress_bar(range(len(files.names)), progress, desc="scan train masks", unit="mask", leave=False):
-        path = files.mask_path(i)
-        counts[i] = class_counts(map_mask(read_raw_mask(path), lut, path)[None], table.num_classes)[0]
+        counts[i] = class_counts(decoder.read(files.mask_path(i))[None], num_classes)[0]
     return counts

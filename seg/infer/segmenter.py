@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from seg.data.augment import Augmenter
-from seg.data.decode import read_pair
+from seg.data.decode import MaskDecoder, read_pair
 from seg.runtime.device import recorded_dtype
 from seg.backbones.features import backbone_features, cast_matmul_weights_
 from seg.runtime.errors import SegError
@@ -130,8 +129,8 @@ class ImageFolderSamples(Dataset):
     exception would come back wrapped in a traceback."""
 
     def __init__(self, images: list[Path], masks: list[Optional[Path]], size: tuple[int, int],
-                 lut: Optional[np.ndarray], full_res_masks: bool = False, optional_masks: bool = False) -> None:
-        self.images, self.masks, self.lut, self.full_res = images, masks, lut, full_res_masks
+                 decoder: Optional[MaskDecoder], full_res_masks: bool = False, optional_masks: bool = False) -> None:
+        self.images, self.masks, self.decoder, self.full_res = images, masks, decoder, full_res_masks
         self.optional_masks = optional_masks
         self.resize = Augmenter("none", size)
 
@@ -141,7 +140,7 @@ class ImageFolderSamples(Dataset):
     def __getitem__(self, i: int) -> dict:
         mask_error = None
         try:
-            image, mask = read_pair(self.images[i], self.masks[i], self.lut)
+            image, mask = read_pair(self.images[i], self.masks[i], self.decoder)
         except SegError as exc:
             if not (self.optional_masks and self.masks[i] is not None):
                 return {"index": i, "error": str(exc)}

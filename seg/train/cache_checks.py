@@ -37,8 +37,11 @@ def check_splits(manifest: dict, cache: Path) -> None:
                            f"{', '.join(manifest['splits'])}); extract with --splits train,val")
 
 
-def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mismatch: bool,
+def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, strict: bool,
                         log: Callable[[str], None]) -> None:
+    """A preset's backbone, size and layers describe the published experiment. On another cache the run
+    trains with the preset's other settings and says it is not the published configuration; `strict`
+    (--strict-preset) refuses instead."""
     size = f"{manifest['size']['width']}x{manifest['size']['height']}"
     last_block = [manifest["depth"] - 1]
     mismatches = []
@@ -48,10 +51,11 @@ def check_cache_matches(cfg: TrainConfig, manifest: dict, cache: Path, allow_mis
             and cfg.head == PRESETS[cfg.phase].head:
         mismatches.append(f"cache stores blocks {manifest['layers']}, but phase {cfg.phase} was published on the "
                           f"normed last block {last_block} only")
-    if mismatches and not allow_mismatch:
-        raise SegError(f"{cache}: {'; '.join(mismatches)}; extract a matching cache or pass --allow-mismatch")
-    for msg in mismatches:
-        log(f"WARNING: {msg} (allowed by --allow-mismatch)")
+    if mismatches and strict:
+        raise SegError(f"{cache}: {'; '.join(mismatches)}; extract a matching cache or drop --strict-preset")
+    if mismatches:
+        log(f"note: not the published phase {cfg.phase} configuration ({'; '.join(mismatches)}); training with "
+            "the preset's other settings (--strict-preset refuses such a cache)")
     if manifest["augmentation"]["policy"] != cfg.aug_policy:
         log(f"note: cache augmentation is {manifest['augmentation']['policy']!r}; "
             f"phase {cfg.phase} was published with {cfg.aug_policy!r}")

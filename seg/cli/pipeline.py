@@ -1,85 +1,21 @@
-"""The `seg` command. Thin: parse flags, call the stage, print; user mistakes exit 1 with one line."""
+"""The pipeline's commands: extract, train-head, eval, predict. Each parses its flags into the stage's
+config dataclass, calls the stage, and prints."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-
 import click
 
-from seg import __version__
-from seg.data.file_names import printable
-from seg.runtime.errors import SegError
+from seg.cli.common import (COUNT, LAYOUT, NO_PROGRESS, WORKERS, example, parse_pair, parse_scales, parse_stride,
+                            user_errors)
+from seg.cli.group import main
 
 
-def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
-    """Turn SegError and OS errors (full disk, permissions, missing paths) into one line and exit 1;
-    Ctrl-C says how to continue (on_interrupt) and exits 130."""
-    if fn is None:
-        return functools.partial(user_errors, on_interrupt=on_interrupt)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SegError as exc:
-            raise click.ClickException(printable(str(exc))) from None
-        except OSError as exc:
-            where = exc.filename if exc.filename is not None else "seg"
-            raise click.ClickException(printable(f"{where}: {exc.strerror or exc}")) from None
-        except KeyboardInterrupt:
-            click.echo(on_interrupt, err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def parse_pair(text: str, flag: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise SegError(f"{flag} takes LOW,HIGH (e.g. 0.5,1.5), got {text!r}") from None
-    return lo, hi
-
-
-def parse_stride(text):
-    """'WxH' -> (h, w) pixels, or None for the default."""
-    if text is None:
-        return None
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SegError(f"--stride takes WxH pixels (e.g. 429x243), got {text!r}") from None
-    if w < 1 or h < 1:
-        raise SegError(f"--stride must be positive, got {text!r}")
-    return h, w
-
-
-def parse_scales(text):
-    if text is None:
-        return None
-    try:
-        scales = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SegError(f"--tta-scales takes comma-separated numbers (e.g. 1,1.32,1.73), got {text!r}") from None
-    if not scales or not all(0.1 <= s <= 8 for s in scales):
-        raise SegError(f"--tta-scales must be numbers between 0.1 and 8, got {text!r}")
-    return scales
-
-
-COUNT = click.IntRange(min=1)
-WORKERS = click.IntRange(min=0)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="seg")
-def main() -> None:
-    """Semantic-segmentation heads on cached, frozen DINOv2 features."""
-
-
-@main.command()
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="Dataset root (Falcon layout).")
+@main.command(epilog=example(
+    "seg extract --data /data/falcon --out cache/b14 --backbone vitb14_reg --size 644x364 --aug-policy phase3",
+    "seg extract --data /data/cityscapes --out cache/cs --backbone dinov3_vitb16 --weights dinov3.pth --size 1024x512"))
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Dataset root: Falcon, Cityscapes, ADE20K, Pascal VOC 2012 or plain <split>/images + <split>/masks folders.")
+@LAYOUT
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create or resume.")
 @click.option("--backbone", default="vitb14_reg", show_default=True,
               help="DINOv2: vits14|vitb14|vitl14|vitg14, optionally _reg; DINOv3: dinov3_vits16|dinov3_vits16plus|"
@@ -107,25 +43,29 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8; none on a 2-core CPU].")
 @click.option("--shard-size", default=64, show_default=True, type=COUNT, help="Samples per HDF5 shard.")
-@click.option("--classes", default=None, type=click.Path(dir_okay=False), help="JSON class table (default: the published 10 classes, 600 -> Background).")
+@click.option("--classes", default=None, type=click.Path(dir_okay=False),
+              help="JSON class table [default: the layout's own: Falcon's published 10 classes (600 -> Background), "
+                   "Cityscapes' 19 train ids, ADE20K's 150, VOC's 21; `seg classes` prints them].")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
 @click.option("--copy-paste", "copy_paste", default="none", show_default=True,
               help="Paste instances of rare classes into train samples: none, auto (classes under 1%% of "
                    "train pixels) or class names/ids, e.g. Logs,Rocks.")
 @click.option("--copy-paste-scale", default="0.5,1.5", show_default=True, help="Scale jitter LOW,HIGH of pasted instances.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
+@NO_PROGRESS
 @user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)")
 def extract(**kw) -> None:
-    """Run the frozen backbone once per (image, aug seed) and store tokens in HDF5 shards."""
+    """Run the frozen DINOv2 or DINOv3 backbone once per (image, aug seed) and store tokens in HDF5 shards."""
     from seg.extract_features import ExtractConfig, extract as run
 
     cfg = ExtractConfig(
-        data=kw["data"], out=kw["out"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
+        data=kw["data"], out=kw["out"], layout=kw["layout"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
         random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"], border_fill=kw["border_fill"],
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
+        progress=not kw["no_progress"],
     )
     from seg.runtime import distributed
 
@@ -139,7 +79,8 @@ def extract(**kw) -> None:
             click.echo(line)
 
 
-@main.command("train-head")
+@main.command("train-head", epilog=example("seg train-head --cache cache/b14 --out runs/p3 --phase 3",
+                                            "seg train-head --cache cache/cs --out runs/cs --phase 3 --epochs 20"))
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Feature cache from `seg extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, history, plots).")
 @click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
@@ -185,12 +126,19 @@ def extract(**kw) -> None:
 @click.option("--workers", type=WORKERS, default=None, help="Reader processes when streaming [default: 0 on a CPU (reads in the training process), up to 4 on a GPU].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg run in --out (deletes its files; says which).")
-@click.option("--allow-mismatch", is_flag=True, help="Train on a cache whose backbone/size/layers differ from the phase's.")
+@click.option("--strict-preset", is_flag=True,
+              help="Refuse a cache whose backbone, size or layers differ from the phase's published ones.")
+@click.option("--allow-mismatch", is_flag=True, hidden=True,
+              help="Accepted for old scripts: a mismatching cache is trained on by default now.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard before training.")
+@NO_PROGRESS
 @user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch")
-def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, allow_mismatch, no_verify,
-               weights, checkpointing, **overrides) -> None:
-    """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs)."""
+def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch, no_verify,
+               weights, checkpointing, no_progress, **overrides) -> None:
+    """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
+
+    On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
+    apply and seg says the run is not the published configuration."""
     from seg.scoring.metrics import format_table
     from seg.train.presets import resolve
     from seg.train_head import RunOptions, train
@@ -201,8 +149,10 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
     d = distributed.init(device)
     try:
         metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch,
-                                                        overwrite=overwrite, verify=not no_verify,
-                                                        weights=weights, checkpointing=checkpointing),
+                                                        overwrite=overwrite, strict_preset=strict_preset,
+                                                        verify=not no_verify,
+                                                        weights=weights, checkpointing=checkpointing,
+                                                        progress=not no_progress),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)
@@ -214,10 +164,12 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
     click.echo(f"run: {out} (best.pt, last.pt, history.csv, metrics.json, curves.png, per_class_iou.png)")
 
 
-@main.command("eval")
+@main.command("eval", epilog=example("seg eval --run runs/p3 --cache cache/b14 --split val",
+                                     "seg eval --run runs/p3 --data /data/falcon --split test --mode slide --tta flip"))
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Score from this cache's tokens (fast).")
 @click.option("--data", type=click.Path(file_okay=False), help="Score end to end from images under this dataset root.")
+@LAYOUT
 @click.option("--split", default="val", show_default=True, help="train|val|test.")
 @click.option("--weights", type=click.Path(), help="Backbone checkpoint file or folder (checked by sha256).")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip+scales"]), default="none", show_default=True,
@@ -233,20 +185,21 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the cache's shards (with --cache).")
+@NO_PROGRESS
 @user_errors
-def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stride, tta_scales, out, batch_size,
-             device, workers, no_verify) -> None:
+def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mode, stride, tta_scales, out, batch_size,
+             device, workers, no_verify, no_progress) -> None:
     """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
     from seg.evaluate import EvalOptions, evaluate
 
-    evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, weights=weights, tta=tta,
+    evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, layout=layout, weights=weights, tta=tta,
                          full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers,
                          verify=not no_verify, mode=mode, stride=parse_stride(stride),
-                         tta_scales=parse_scales(tta_scales)),
+                         tta_scales=parse_scales(tta_scales), progress=not no_progress),
              log=click.echo)
 
 
-@main.command()
+@main.command(epilog=example("seg predict --run runs/p3 --images new_photos/ --out predictions"))
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
 @click.option("--images", required=True, multiple=True, help="Image files or folders (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -263,76 +216,15 @@ def eval_cmd(run_dir, cache_dir, data, split, weights, tta, full_res, mode, stri
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@NO_PROGRESS
 @user_errors
 def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, mode, stride, tta_scales, batch_size, device,
-            workers, strict) -> None:
+            workers, strict, no_progress) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
                        save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers,
-                       strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales)),
+                       strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales),
+                       progress=not no_progress),
         log=click.echo)
-
-
-@main.command()
-@click.option("--out", default="seg-demo", show_default=True, type=click.Path(file_okay=False), help="Where everything goes.")
-@click.option("--train-images", default=48, show_default=True, help="Generated training images.")
-@click.option("--epochs", default=12, show_default=True, help="Head training epochs.")
-@click.option("--size", default="322x182", show_default=True, help="Backbone input size (multiples of 14).")
-@click.option("--random-init", is_flag=True, help="Use random backbone weights without trying the official ones.")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
-@user_errors
-def demo(out, train_images, epochs, size, random_init, device) -> None:
-    """Generate a small dataset and run extract, train-head, eval and predict on it."""
-    from seg.demo import DemoOptions, run_demo
-
-    run_demo(DemoOptions(out=out, train_images=train_images, epochs=epochs, size=size, random_init=random_init,
-                         device=device), log=click.echo)
-
-
-@main.group()
-def cache() -> None:
-    """Inspect and check feature caches."""
-
-
-@cache.command("info")
-@click.argument("cache_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
-@user_errors
-def cache_info(cache_dir: str, as_json: bool) -> None:
-    """Print a cache's manifest in human form."""
-    from seg.cache import describe
-    from seg.cache.format import read_manifest
-
-    if as_json:
-        click.echo(json.dumps(read_manifest(cache_dir), indent=2))
-        return
-    for line in describe(cache_dir):
-        click.echo(line)
-
-
-@cache.command("verify")
-@click.argument("cache_dir", type=click.Path(file_okay=False))
-@click.option("--sources", is_flag=True, help="Also list source images/masks changed or missing since extraction.")
-@user_errors
-def cache_verify(cache_dir: str, sources: bool) -> None:
-    """Re-read every shard; check checksums, shapes and order. Exit 1 on any problem."""
-    from seg.runtime.progress import progress_bar
-    from seg.cache import verify
-    from seg.cache.format import read_manifest
-
-    splits = read_manifest(cache_dir, check=False).get("splits")  # its inconsistencies are verify's to list
-    total = sum(len(s.get("images") or []) * len(s.get("seeds") or []) for s in splits.values()
-                if isinstance(s, dict)) if isinstance(splits, dict) else 0
-    with progress_bar(total=total, unit="sample", desc="verify") as bar:
-        problems = verify(cache_dir, progress=bar.update, sources=sources)
-    for p in problems:
-        click.echo(p, err=True)
-    if problems:
-        raise click.ClickException(f"{cache_dir}: {len(problems)} problem(s) found")
-    click.echo(f"{cache_dir}: OK ({total} samples)")
-
-
-if __name__ == "__main__":
-    main()
