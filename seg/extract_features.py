@@ -47,9 +47,9 @@ class ExtractSummary:
 
 
 def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Optional[Dist] = None) -> ExtractSummary:
-    """Fill the cache at cfg.out. Under torchrun (dist_ctx with world > 1) rank r extracts the shards
-    j with j % world == r, and rank 0 writes the manifest before and after; the bytes are the same
-    as a one-process run because batches never cross shards."""
+    """Fill the cache at cfg.out. Under torchrun (dist_ctx with world > 1) rank 0 finds the missing
+    shards, rank r extracts the j-th of them with j % world == r, and rank 0 writes the manifest before
+    and after; the bytes are the same as a one-process run because batches never cross shards."""
     d = dist_ctx or Dist()
     say = log if d.is_main else (lambda s: None)
     t0 = time.perf_counter()
@@ -118,14 +118,16 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         augmenter = Augmenter(cfg.aug_policy, size, cfg.border_fill)
         workers = extraction_workers(device) if cfg.workers is None else cfg.workers
         all_plans = [p for s in split_files for p in cf.split_shards(manifest, s)]
-        mine = [p for j, p in enumerate(all_plans) if j % d.world == d.rank]
-        todo = missing_shards(out, manifest, mine)
+        # The missing shards are found first (by rank 0, which also clears broken leftovers) and only
+        # then dealt out, so that a resume after a dead rank spreads the remaining work over all ranks.
+        missing = on_main(d, lambda: missing_shards(out, manifest, all_plans)) or []
+        todo = [p for j, p in enumerate(missing) if j % d.world == d.rank]
         n_todo = sum(p.count for p in todo)
         what = f"layers {layers}" if cfg.tap_block is None else f"the stream entering block {cfg.tap_block}"
         say(f"extract: {layout} dataset, {cfg.backbone} @ {size[0]}x{size[1]}, {what}, policy {cfg.aug_policy}, "
             f"{sum(p.count for p in all_plans)} samples in {len(all_plans)} shards; "
             f"{len(todo)} shards ({n_todo} samples) to do on {device} with {workers} workers"
-            + (f" (rank 0 of {d.world}; each rank takes every {d.world}th shard)" if d.active else ""))
+            + (f" (rank 0 of {d.world}; each rank takes every {d.world}th missing shard)" if d.active else ""))
 
         written = 0
         t_loop = time.perf_counter()

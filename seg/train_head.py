@@ -17,7 +17,7 @@ import torch
 
 from seg.cache import FeatureCache
 from seg.cache import format as cf
-from seg.runtime.device import half_dtype, resolve_device
+from seg.runtime.device import environment, resolve_device, training_amp_dtype
 from seg.runtime.dirlock import DirLock
 from seg.runtime.distributed import Dist, on_main, rank_device
 from seg.runtime.errors import SegError
@@ -31,7 +31,7 @@ from seg.train.epochs import EpochRunner
 from seg.train.model import build_criterion, build_head_for, build_optimizer, wrap_distributed
 from seg.train.presets import TrainConfig
 from seg.train.reports import describe_config, write_history
-from seg.train.run_state import RunState
+from seg.train.run_state import RunState, resume_amp_dtype
 from seg.train.sampling import RareClassSampler, default_min_pixels
 from seg.train.sources import PreloadedSplit, StreamedSplit, choose_preload
 
@@ -49,6 +49,7 @@ class RunOptions:
     verify: bool = True             # sha256 of every shard against the manifest before use
     weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded file or hub cache)
     checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
+    amp_dtype: str = "auto"         # auto (fp16 + GradScaler on a GPU, bf16 on a CPU) | bf16 | fp16
 
 
 class Trainer:
@@ -70,11 +71,21 @@ class Trainer:
         self.names = list(self.cache.class_table.names)
         self.train_split, self.val_split = self.cache.split("train"), self.cache.split("val")
         self._check_integrity()
-        self.amp_dtype = half_dtype(self.device) if cfg.amp else None
-        self.train_counts = self.cache.class_counts("train")  # [samples, classes]
+        self.amp_dtype = training_amp_dtype(opts.amp_dtype, self.device) if cfg.amp else None
+        if self.amp_dtype is not None:
+            self.log(f"autocast: {self.amp_name}" + (" with a GradScaler (as the published phase-2/3 scripts on a GPU)"
+                                                    if self.amp_dtype == torch.float16 else "")
+                     + ("" if opts.amp_dtype != "auto" else "; --amp-dtype bf16|fp16 chooses"))
+        self.environment = environment(self.device)
+        self.train_counts = self.cache.class_counts("train", persist=self.d.is_main)  # [samples, classes]
         self.sampler = self._rare_class_sampler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = RunState(self.out, self.names, self.log)
+
+    @property
+    def amp_name(self) -> Optional[str]:
+        """'bfloat16' or 'float16' (the autocast dtype), None without AMP."""
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None
 
     def _describe_input(self) -> None:
         m = self.cache.manifest
@@ -115,8 +126,8 @@ class Trainer:
         self.criterion, self.class_weights = build_criterion(cfg, self.train_counts, self.device)
         self.opt, self.sched = build_optimizer(cfg, self.head)
         grid = (self.cache.manifest["patch_grid"]["height"], self.cache.manifest["patch_grid"]["width"])
-        self.epochs = EpochRunner(cfg, self.model, self.criterion, self.opt, self.sched, self.scaler, self.device,
-                                  self.amp_dtype, grid if self.tap is not None else None, self.train_split,
+        self.epochs = EpochRunner(cfg, self.model, self.head, self.criterion, self.opt, self.sched, self.scaler,
+                                  self.device, self.amp_dtype, grid if self.tap is not None else None, self.train_split,
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
                                   self.state.last_good)
 
@@ -140,6 +151,9 @@ class Trainer:
             "backbone": backbone_record(self.cache.manifest),
             "in_channels": self.cache.in_channels,
             "class_weights": self.class_weights,
+            # the autocast dtype this run trains in: a resume elsewhere must keep it (fp16 needs a GradScaler)
+            "amp_dtype": self.amp_name,
+            "environment": self.environment,
         }
 
     def run(self) -> dict:
@@ -164,6 +178,13 @@ class Trainer:
         """Build everything, restore last.pt on --resume, write config.json and say what runs."""
         cfg, st = self.cfg, self.state
         saved = st.load_for_resume(cfg.to_dict(), cache_fingerprint(self.cache.manifest)) if resume else None
+        if saved is not None:
+            dtype = resume_amp_dtype(saved.get("amp_dtype", self.amp_name), self.amp_name, self.opts.amp_dtype,
+                                     self.device, self.out)  # older runs recorded none: kept as chosen
+            if dtype != self.amp_dtype:
+                self.amp_dtype = dtype
+                self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+                self.log(f"autocast: {self.amp_name}, as the run recorded")
         self._build()
         st.record = self._run_record()
         if saved is not None:
@@ -173,7 +194,7 @@ class Trainer:
         self.log("training config (phase preset + overrides):\n" + describe_config(
             cfg, {"effective_batch": f"{eff} (batch {cfg.batch_size} x world {self.d.world} x accum {cfg.accum})"
                   if self.d.active else eff, "device": self.device.type,
-                  "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+                  "amp_dtype": self.amp_name or "off",
                   "in_channels": self.cache.in_channels, "train_samples/epoch":
                   len(self.train_split) if cfg.all_seeds else len(self.train_split.images)}))
         if self.d.is_main:

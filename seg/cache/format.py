@@ -47,7 +47,7 @@ LOCK = ".seg-extract.lock"
 CLASS_COUNTS_FILE = "class-counts.json"
 # Fields that describe results, not settings: a rerun with the same settings may differ in these.
 # Everything else (compute dtype and device included) changes the bytes and must match on resume.
-RESULT_FIELDS = ("complete", "seg_version", "torch_version")
+RESULT_FIELDS = ("complete", "seg_version", "torch_version", "environment")
 SHARD_RESULT_FIELDS = ("sha256", "bytes", "max_abs")
 # Per split: where the sources are and what they looked like; they may move or change without
 # changing the settings (a change is reported, see `source_changes`).

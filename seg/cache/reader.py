@@ -76,10 +76,11 @@ class FeatureCache:
                     progress(sh["bytes"])
         return n, total
 
-    def class_counts(self, name: str) -> np.ndarray:
+    def class_counts(self, name: str, persist: bool = True) -> np.ndarray:
         """int64 [N, K] class pixels of every sample of a split, in sample order. Version-3 caches
         carry them in the manifest; for older ones they are counted from the masks once and kept in
-        CLASS_COUNTS_FILE, tied to the shards' checksums."""
+        CLASS_COUNTS_FILE, tied to the shards' checksums; only where `persist` (under torchrun, rank 0
+        alone writes it: every rank writing through the same temporary name would clash)."""
         s = self.split(name).manifest["splits"][name]
         if "class_counts" in s:
             return np.asarray(s["class_counts"], np.int64).reshape(-1, len(self.class_table.names))
@@ -95,8 +96,9 @@ class FeatureCache:
         if isinstance(entry, dict) and entry.get("shards_sha256") == key:
             return np.asarray(entry["counts"], np.int64).reshape(-1, len(self.class_table.names))
         counts = self.split(name).count_classes(len(self.class_table.names))
-        stored[name] = {"shards_sha256": key, "counts": counts.tolist()}
-        write_json(side, stored)
+        if persist:
+            stored[name] = {"shards_sha256": key, "counts": counts.tolist()}
+            write_json(side, stored)
         return counts
 
     def split(self, name: str) -> "CacheSplit":

@@ -11,11 +11,15 @@ from seg.data.file_names import printable
 from seg.runtime.errors import SegError
 
 
-def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
+OOM_ADVICE = "lower --batch-size"
+
+
+def user_errors(fn=None, *, on_interrupt: str = "interrupted", on_oom: str = OOM_ADVICE):
     """Turn SegError and OS errors (full disk, permissions, missing paths) into one line and exit 1;
-    Ctrl-C says how to continue (on_interrupt) and exits 130."""
+    a GPU out of memory into one line naming the flags that lower the memory (on_oom); Ctrl-C says
+    how to continue (on_interrupt) and exits 130."""
     if fn is None:
-        return functools.partial(user_errors, on_interrupt=on_interrupt)
+        return functools.partial(user_errors, on_interrupt=on_interrupt, on_oom=on_oom)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,6 +33,11 @@ def user_errors(fn=None, *, on_interrupt: str = "interrupted"):
         except KeyboardInterrupt:
             click.echo(on_interrupt, err=True)
             sys.exit(130)
+        except RuntimeError as exc:
+            if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            raise click.ClickException(printable(f"the GPU ran out of memory ({first[:160]}); {on_oom}")) from None
 
     return wrapper
 

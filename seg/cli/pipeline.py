@@ -53,7 +53,8 @@ from seg.cli.group import main
 @click.option("--copy-paste-scale", default="0.5,1.5", show_default=True, help="Scale jitter LOW,HIGH of pasted instances.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
 @NO_PROGRESS
-@user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)")
+@user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)",
+             on_oom="lower --batch-size, then rerun the same command: finished shards are kept")
 def extract(**kw) -> None:
     """Run the frozen DINOv2 or DINOv3 backbone once per (image, aug seed) and store tokens in HDF5 shards."""
     from seg.extract_features import ExtractConfig, extract as run
@@ -101,6 +102,8 @@ def extract(**kw) -> None:
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0 = never stop early).")
 @click.option("--select", type=click.Choice(["best", "final"]), help="best.pt holds the best-val-mIoU or the final weights.")
 @click.option("--amp/--no-amp", default=None, help="Half-precision autocast.")
+@click.option("--amp-dtype", type=click.Choice(["auto", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast dtype: auto = fp16 with a GradScaler on a GPU (as published), bf16 on a CPU.")
 @click.option("--focal-gamma", type=float, help="Focal loss gamma.")
 @click.option("--dice-weight", type=float, help="Weight of the Dice term in focal_dice.")
 @click.option("--max-class-weight", type=float, help="Largest inverse-frequency class weight.")
@@ -132,9 +135,11 @@ def extract(**kw) -> None:
               help="Accepted for old scripts: a mismatching cache is trained on by default now.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard before training.")
 @NO_PROGRESS
-@user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch")
+@user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch",
+             on_oom="lower --batch-size (with --accum to keep the effective batch), stream with --preload never, "
+                    "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
 def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch, no_verify,
-               weights, checkpointing, no_progress, **overrides) -> None:
+               weights, checkpointing, no_progress, amp_dtype, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -152,7 +157,7 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
                                                         overwrite=overwrite, strict_preset=strict_preset,
                                                         verify=not no_verify,
                                                         weights=weights, checkpointing=checkpointing,
-                                                        progress=not no_progress),
+                                                        progress=not no_progress, amp_dtype=amp_dtype),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)

@@ -16,7 +16,7 @@ from seg.data.layouts import SplitFiles
 from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from seg.backbones import is_dinov3
 from seg.extraction.config import ExtractConfig
-from seg.runtime.device import half_dtype
+from seg.runtime.device import environment, half_dtype
 from seg.runtime.errors import SegError
 
 
@@ -107,6 +107,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "mask_shape": [h, w],
         "compute_dtype": compute_dtype(cfg.half, device, info.name),
         "device": device.type,
+        "environment": environment(device),  # GPU model, CUDA, cuDNN, driver, TF32: a record, not a setting
         "batch_size": cfg.batch_size,  # batch shapes can change low-order bits: part of the settings
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "resize": {"image": "bilinear (cv2.INTER_LINEAR)", "mask": "nearest"},

@@ -13,7 +13,14 @@ from torch import Tensor
 @lru_cache(maxsize=32)
 def _weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """[n_out, n_in]: row i holds the two linear-interpolation weights of output i, with PyTorch's
-    half-pixel rule (src = (i + 0.5) n_in / n_out - 0.5, clamped at 0; the far neighbour clamped)."""
+    half-pixel rule (src = (i + 0.5) n_in / n_out - 0.5, clamped at 0; the far neighbour clamped).
+    Built outside inference mode even when first asked for inside it: the cached tensor then serves
+    evaluation and training alike (an inference tensor cannot be saved for backward)."""
+    with torch.inference_mode(False):
+        return _build(n_in, n_out).to(device=device, dtype=dtype)
+
+
+def _build(n_in: int, n_out: int) -> Tensor:
     scale = n_in / n_out
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
     lo = src.floor().long().clamp_max(n_in - 1)
@@ -23,7 +30,7 @@ def _weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) ->
     rows = torch.arange(n_out)
     m.index_put_((rows, lo), 1.0 - frac, accumulate=True)
     m.index_put_((rows, hi), frac, accumulate=True)
-    return m.to(device=device, dtype=dtype)
+    return m
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

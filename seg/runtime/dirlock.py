@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -23,7 +24,11 @@ class DirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # not held by another process: say what it is
+                os.close(fd)
+                raise SegError(f"{self.path}: cannot lock it for the {self.what} ({exc.strerror}); a file system "
+                               "without POSIX locks (some network mounts) cannot hold a seg output") from None
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise SegError(f"{self.path.parent}: in use by another seg {self.what} (pid {holder}); "

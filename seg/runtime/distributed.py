@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -42,12 +43,31 @@ def init(device_name: str = "auto") -> Dist:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=collective_timeout())
     return Dist(rank, world, local)
 
 
+def collective_timeout() -> timedelta:
+    """How long a rank waits at a collective. Rank 0 alone finalises an extraction (sha256 of every
+    shard) and the other ranks wait at the barrier meanwhile: hours of data take longer than the
+    library's 10-minute default, so seg waits 60 minutes unless SEG_DIST_TIMEOUT_MIN says otherwise."""
+    text = os.environ.get("SEG_DIST_TIMEOUT_MIN", "60")
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise SegError(f"SEG_DIST_TIMEOUT_MIN must be a number of minutes, got {text!r}") from None
+    if minutes <= 0:
+        raise SegError(f"SEG_DIST_TIMEOUT_MIN must be positive, got {text!r}")
+    return timedelta(minutes=minutes)
+
+
 def rank_device(d: Dist, device_name: str) -> str:
-    """Each rank takes its own GPU (cuda:LOCAL_RANK) when the device is auto or plain cuda."""
+    """Each rank takes its own GPU (cuda:LOCAL_RANK) when the device is auto or plain cuda. A fixed
+    cuda:N would put every rank on the same GPU, so under torchrun it is refused."""
+    if d.active and device_name.startswith("cuda:"):
+        raise SegError(f"--device {device_name} under torchrun would put every rank on GPU {device_name[5:]}; torchrun "
+                       "gives each rank its own GPU (cuda:LOCAL_RANK): pass --device cuda or auto, and choose the "
+                       "GPUs with CUDA_VISIBLE_DEVICES")
     if d.active and device_name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{d.local_rank}"
     return device_name

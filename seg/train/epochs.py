@@ -26,7 +26,8 @@ VAL_BATCH = 8
 @dataclass
 class EpochRunner:
     cfg: TrainConfig
-    model: nn.Module                    # the head, or its DDP wrapper
+    model: nn.Module                    # the head, or its DDP wrapper (training steps)
+    head: nn.Module                     # the head itself (validation: no collectives inside a forward)
     criterion: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
@@ -42,8 +43,10 @@ class EpochRunner:
     progress: bool = True
     last_good: Callable[[], str] = lambda: ""  # names the last good checkpoint in a refusal
 
-    def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head_logits(self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None, self.grid)
+    def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head_logits(module or self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None,
+                             self.grid)
         return logits, self.criterion(logits, masks)
 
     def epoch_draw(self, epoch: int) -> np.ndarray:
@@ -102,14 +105,17 @@ class EpochRunner:
 
     @torch.no_grad()
     def validate(self, source) -> tuple[float, torch.Tensor]:
-        """(mean val loss, one confusion matrix over the whole split, summed over ranks)."""
+        """(mean val loss, one confusion matrix over the whole split, summed over ranks). The forward runs
+        on the unwrapped head: a DDP forward issues collectives (buffer broadcasts), so a rank whose
+        slice of the split is empty would wait on the others forever. Every rank issues the same two
+        all-reduces below, whatever its slice."""
         self.model.eval()
         k = self.num_classes
         cm = torch.zeros(k, k, dtype=torch.int64, device=self.device)
         total, count = 0.0, 0
         mine = np.array_split(np.arange(len(self.val_split)), self.d.world)[self.d.rank]
         for tokens, masks in source.batches(batches_of(mine, VAL_BATCH)):
-            logits, loss = self.forward_loss(tokens, masks)
+            logits, loss = self.forward_loss(tokens, masks, self.head)
             total += loss.item() * len(tokens)
             count += len(tokens)
             cm += confusion_matrix(logits.argmax(1), masks, k)

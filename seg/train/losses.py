@@ -161,6 +161,12 @@ class SegLoss(nn.Module):
         self.register_buffer("class_weights", class_weights if kind != "ce" else None)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        # Always float32, whatever autocast is active around the call: under fp16 autocast the
+        # softmax, the log and the Dice sums over a whole batch would otherwise run in half precision.
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._loss(logits.float(), target)
+
+    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         target = target.long()
         if not (target != IGNORE_INDEX).any():  # cross_entropy would return 0/0 = NaN
             return logits.sum() * 0.0

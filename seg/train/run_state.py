@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from seg.runtime.checkpoint import load_torch_file, save_checkpoint
+from seg.runtime.device import training_amp_dtype
 from seg.runtime.errors import SegError
 from seg.train.reports import write_metrics
 
@@ -108,3 +109,21 @@ class RunState:
     def patience_exhausted(self, patience: Optional[int], select: str, epoch: int) -> bool:
         return patience is not None and select == "best" and self.best["epoch"] is not None \
             and epoch - self.best["epoch"] >= patience
+
+
+def resume_amp_dtype(recorded: Optional[str], current: Optional[str], choice: str, device: torch.device,
+                     out: Path) -> Optional[torch.dtype]:
+    """The autocast dtype a resumed run continues in: the one it recorded (a bf16 run resumed where
+    `auto` would now choose fp16 keeps bf16), or a one-line refusal where that dtype cannot run here."""
+    names = {"bfloat16": "bf16", "float16": "fp16"}
+    if recorded == current:
+        return getattr(torch, recorded) if recorded else None
+    if choice != "auto" or recorded not in names:
+        raise SegError(f"{out}: the run trained under {recorded or 'no'} autocast and --amp-dtype asks for "
+                       f"{current}; a resume keeps the precision: drop --amp-dtype or start a new run")
+    try:
+        return training_amp_dtype(names[recorded], device)
+    except SegError as exc:
+        raise SegError(f"{out}: the run trained under {recorded} autocast, which this device cannot continue "
+                       f"({exc}); resume it on a device that can, or start a new run") from None
+

@@ -1,0 +1,163 @@
+"""Defects of the GPU, mixed-precision and DDP paths that a CPU can show: state cached across calls,
+the recorded autocast dtype on resume, device mapping under torchrun, lock errors, the loss's
+precision under autocast, and validation when a rank's slice of the split is empty."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from seg.heads import build_head, head_logits
+from seg.runtime import device as device_mod
+from seg.runtime.dirlock import DirLock
+from seg.runtime.distributed import Dist, rank_device
+from seg.runtime.errors import SegError
+from seg.train.losses import SegLoss
+from seg.train.presets import resolve
+from seg.train_head import RunOptions, train
+from token_cache import learnable_split, write_token_cache
+
+QUIET = dict(log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    return write_token_cache(tmp_path_factory.mktemp("tok") / "c", {"train": learnable_split(6, rng),
+                                                                    "val": learnable_split(1, rng)})
+
+
+def test_state_cached_under_inference_mode_serves_training():
+    """Evaluation then training in one process: the resize matrices cached by the first call must be
+    usable by autograd in the second (an inference tensor cannot be saved for backward)."""
+    head = build_head("convnext", 16, 10)
+    tokens = torch.randn(2, 1, 16, 5, 7).half()
+    with torch.inference_mode():
+        head_logits(head.eval(), tokens, (61, 83), amp=False)
+    logits = head_logits(head.train(), tokens, (61, 83), amp=False)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_the_autocast_dtype_is_recorded_and_kept_on_resume(token_cache, tmp_path):
+    out = tmp_path / "r"
+    opts = RunOptions(device="cpu", progress=False)
+    train(resolve(2, {"epochs": 1}), str(token_cache), str(out), opts, **QUIET)
+    assert json.loads((out / "config.json").read_text())["amp_dtype"] == "bfloat16"  # phase 2 is AMP; bf16 on CPU
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["amp_dtype"] == "bfloat16"
+    state["amp_dtype"] = "float16"  # as a run on an fp16-only GPU would have recorded it
+    torch.save(state, out / "last.pt")
+    with pytest.raises(SegError, match=r"the run trained under float16 autocast, which this device cannot continue "
+                                       r"\(--amp-dtype fp16 trains with a GradScaler, a GPU path"):
+        train(resolve(2, {"epochs": 1}), str(token_cache), str(out), RunOptions(device="cpu", progress=False,
+                                                                               resume=True), **QUIET)
+
+
+def test_amp_dtype_by_compute_capability(monkeypatch):
+    from seg.runtime.device import half_dtype, training_amp_dtype
+
+    gpu = torch.device("cuda", 0)
+    for capability, half in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+        assert half_dtype(gpu) == half
+        assert training_amp_dtype("auto", gpu) == torch.float16  # the published scripts' fp16 + GradScaler
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    with pytest.raises(SegError, match=r"--amp-dtype bf16: this GPU \(compute capability 7.0\) has no bf16"):
+        training_amp_dtype("bf16", gpu)
+    assert training_amp_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(SegError, match="--amp-dtype fp16 trains with a GradScaler, a GPU path"):
+        training_amp_dtype("fp16", torch.device("cpu"))
+
+
+def test_device_mapping(monkeypatch):
+    with pytest.raises(SegError, match="--device cuda:1 under torchrun would put every rank on GPU 1"):
+        rank_device(Dist(rank=1, world=2, local_rank=1), "cuda:1")
+    assert rank_device(Dist(rank=1, world=2, local_rank=1), "cpu") == "cpu"
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert rank_device(Dist(rank=1, world=2, local_rank=1), "auto") == "cuda:1"
+    assert device_mod.resolve_device("cuda:1") == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+    with pytest.raises(SegError, match="--device cuda:2: this machine has 2 CUDA device"):
+        device_mod.resolve_device("cuda:2")
+
+
+def test_a_lock_that_cannot_be_taken_says_why(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("fcntl.lockf", no_locks)
+    with pytest.raises(SegError, match=r"\.lock: cannot lock it for the training run \(No locks available\)"):
+        DirLock(tmp_path, ".lock", "training run").acquire()
+
+
+@pytest.mark.parametrize("kind", ["focal_dice", "weighted_ce", "lin_focal_dice"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_loss_is_float32_under_autocast(kind, dtype):
+    """Half-precision logits under autocast give exactly the float32 loss of the same values."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 10, 23, 31, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 10, (2, 23, 31), generator=g)
+    target[:, :3] = 255  # ignore pixels: the masked Dice sums go through einsum, a matmul that autocast lowers
+    loss = SegLoss(kind, torch.linspace(0.5, 5, 10))
+    plain = loss(logits.float(), target)
+    with torch.autocast("cpu", dtype=dtype):
+        auto = loss(logits, target)
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+
+
+def test_validation_with_an_empty_slice_on_one_rank(token_cache, tmp_path):
+    """The val split has 1 sample and there are 2 ranks: rank 1 validates nothing. Both ranks must issue
+    the same collectives (a DDP forward broadcasts BatchNorm buffers), and the scores must be rank 0's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "seg",
+           "train-head", "--cache", str(token_cache), "--out", str(tmp_path / "r"), "--phase", "1", "--epochs", "1",
+           "--device", "cpu", "--batch-size", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        output, _ = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # a hang: stop both ranks, not only the launcher
+        os.killpg(p.pid, 9)
+        pytest.fail("the ranks hung in validation")
+    assert p.returncode == 0, output
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["val_loss"])
+
+
+def test_out_of_memory_is_one_line_naming_the_flags(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from seg.cli import main
+    import seg.train_head as th
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(th, "train", oom)
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size " \
+           "(with --accum to keep the effective batch), stream with --preload never" in r.output
+
+
+def test_collective_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from seg.runtime.distributed import collective_timeout
+
+    monkeypatch.delenv("SEG_DIST_TIMEOUT_MIN", raising=False)
+    assert collective_timeout() == timedelta(minutes=60)  # not the library's 10: rank 0 may hash for long
+    monkeypatch.setenv("SEG_DIST_TIMEOUT_MIN", "180")
+    assert collective_timeout() == timedelta(minutes=180)
+    monkeypatch.setenv("SEG_DIST_TIMEOUT_MIN", "soon")
+    with pytest.raises(SegError, match="SEG_DIST_TIMEOUT_MIN must be a number of minutes, got 'soon'"):
+        collective_timeout()
+
