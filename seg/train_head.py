@@ -26,7 +26,7 @@ from seg.runtime.atomic import write_json
 from seg.scoring import plots
 from seg.scoring.metrics import jsonable, summarize
 from seg.train.cache_checks import (backbone_record, cache_fingerprint, check_cache_matches, check_head_fits,
-                                    check_splits, check_tuning)
+                                    check_integrity, check_splits, check_tuning)
 from seg.train.epochs import EpochRunner
 from seg.train.model import build_criterion, build_head_for, build_optimizer, wrap_distributed
 from seg.train.presets import TrainConfig
@@ -70,7 +70,7 @@ class Trainer:
         self.device = resolve_device(rank_device(self.d, opts.device))
         self.names = list(self.cache.class_table.names)
         self.train_split, self.val_split = self.cache.split("train"), self.cache.split("val")
-        self._check_integrity()
+        check_integrity(self.cache, self.d, self.opts.verify, self.log)
         self.amp_dtype = training_amp_dtype(opts.amp_dtype, self.device) if cfg.amp else None
         if self.amp_dtype is not None:
             self.log(f"autocast: {self.amp_name}" + (" with a GradScaler (as the published phase-2/3 scripts on a GPU)"
@@ -99,15 +99,6 @@ class Trainer:
         views = cf.augmented_views(m)
         self.log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
                  + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
-
-    def _check_integrity(self) -> None:
-        if not self.opts.verify:
-            self.log("integrity: shard checksums NOT checked (--no-verify)")
-            return
-        t0 = time.perf_counter()
-        n, size = self.cache.check_shards(["train", "val"])
-        self.log(f"integrity: {n} shards ({size / 1e9:.2f} GB) match the manifest's sha256 "
-                 f"({time.perf_counter() - t0:.1f} s; --no-verify skips this)")
 
     def _rare_class_sampler(self) -> Optional[RareClassSampler]:
         cfg = self.cfg

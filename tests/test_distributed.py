@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -69,22 +70,26 @@ def test_killed_rank_then_rerun_completes(dataset, tmp_path):
     assert v.exit_code == 0, v.output
 
 
-def test_ddp_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("per_rank", [("--batch-size", "2", "--accum", "1"), ("--batch-size", "1", "--accum", "2")],
+                         ids=["batch2", "batch1-accum2"])
+def test_ddp_step_equals_single_process_step(tmp_path, per_rank):
+    """With accum 2 the first micro-batch accumulates under no_sync and the second all-reduces: the
+    step must still equal one process's batch of 4."""
     rng = np.random.default_rng(0)
     t, m = learnable_split(4, rng)
     vt, vm = learnable_split(3, rng)
     cache = write_token_cache(tmp_path / "c", {"train": (t, m), "val": (vt, vm)})
     # one optimizer step per epoch: 4 images = global batch (2 per rank x 2 ranks) = one-process batch 4
     # SGD: the step is linear in the gradient (Adam's first step, g/|g|, would amplify float noise)
-    common = ["--cache", cache, "--phase", "3", "--allow-mismatch", "--epochs", "1", "--loss", "ce", "--accum", "1",
+    common = ["--cache", cache, "--phase", "3", "--allow-mismatch", "--epochs", "1", "--loss", "ce",
               "--no-amp", "--device", "cpu", "--preload", "always", "--optimizer", "sgd", "--lr", "0.5",
               "--momentum", "0", "--schedule", "none"]
     single = CliRunner().invoke(main, ["train-head", *map(str, common), "--out", str(tmp_path / "one"),
-                                       "--batch-size", "4"])
+                                       "--batch-size", "4", "--accum", "1"])
     assert single.exit_code == 0, single.output
-    p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "2")
+    p = torchrun("train-head", *common, "--out", tmp_path / "two", *per_rank)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "4 (batch 2 x world 2 x accum 1)" in p.stdout, p.stdout + p.stderr
+    assert f"4 (batch {per_rank[1]} x world 2 x accum {per_rank[3]})" in p.stdout, p.stdout + p.stderr
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     from seg.heads import build_head

@@ -161,3 +161,30 @@ def test_collective_timeout(monkeypatch):
     with pytest.raises(SegError, match="SEG_DIST_TIMEOUT_MIN must be a number of minutes, got 'soon'"):
         collective_timeout()
 
+
+
+def test_worker_counts_follow_cpu_affinity_and_local_ranks(monkeypatch):
+    from seg.runtime.device import usable_cores, worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine has more cores than this process may use
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert usable_cores() == 8 and worker_count() == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on this node share the eight cores
+    assert usable_cores() == 2 and worker_count() == 1
+
+
+def test_one_sha256_check_serves_every_rank(token_cache):
+    from seg.cache import FeatureCache
+
+    rank0, rank1 = FeatureCache(token_cache), FeatureCache(token_cache)
+    rank0.check_shards(["train", "val"])
+    first = sorted(rank0.verified)[0]
+    path = token_cache / first
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # this rank sees another file under that name
+    try:
+        rank1.adopt_verified(rank0.verified)
+        assert set(rank1.verified) == set(rank0.verified) - {first}
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -76,6 +76,18 @@ class FeatureCache:
                     progress(sh["bytes"])
         return n, total
 
+    def adopt_verified(self, checked: dict[str, tuple[int, int]]) -> None:
+        """Trust another process's sha256 check (torchrun's rank 0 hashes once for all ranks) for each
+        shard that is, here, the very file it checked (same size and mtime); any other shard is read
+        through HDF5, whose per-chunk checksums still apply."""
+        for name, seen in checked.items():
+            try:
+                st = os.stat(self.path / name)
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == tuple(seen):
+                self.verified[name] = (st.st_size, st.st_mtime_ns)
+
     def class_counts(self, name: str, persist: bool = True) -> np.ndarray:
         """int64 [N, K] class pixels of every sample of a split, in sample order. Version-3 caches
         carry them in the manifest; for older ones they are counted from the masks once and kept in

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -15,7 +14,7 @@ from seg.data.class_stats import class_counts
 from seg.data.copy_paste import CopyPasteConfig, copy_paste
 from seg.data.decode import MaskDecoder, read_split_pair
 from seg.data.layouts import SplitFiles
-from seg.runtime.device import worker_count
+from seg.runtime.device import usable_cores, worker_count
 from seg.runtime.errors import SegError
 from seg.runtime.progress import progress_bar
 
@@ -61,7 +60,7 @@ def extraction_workers(device: torch.device) -> int:
     threads: decoding in the main process between batches measured as fast or faster (ViT-S 476x266:
     49-52 % of the bf16 matmul rate with 0 workers against 42-49 % with 1; ViT-B: equal), so none there.
     With more cores, or a GPU doing the compute, decoders overlap with it."""
-    cores = os.cpu_count() or 2
+    cores = usable_cores()
     return 0 if device.type == "cpu" and cores <= 2 else worker_count()
 
 

@@ -111,6 +111,16 @@ def recorded_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a scheduler or taskset narrows),
+    shared among the ranks torchrun started on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        cores = os.cpu_count() or 2
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def worker_count(cap: int = 8) -> int:
-    """Loader processes: all cores but one (the compute owns it), at least 1, at most cap."""
-    return max(1, min(cap, (os.cpu_count() or 2) - 1))
+    """Loader processes: all this rank's cores but one (the compute owns it), at least 1, at most cap."""
+    return max(1, min(cap, usable_cores() - 1))

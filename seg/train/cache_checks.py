@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
+from seg.cache import FeatureCache
 from seg.cache import format as cf
 from seg.cache.format import settings_of
+from seg.runtime.distributed import Dist, on_main
 from seg.runtime.errors import SegError
 from seg.train.presets import PRESETS, TrainConfig
 
@@ -87,3 +90,22 @@ def check_head_fits(cfg: TrainConfig, manifest: dict, cache: Path) -> None:
     if cfg.head == "upernet-ms" and layers < 4:
         raise SegError(f"{cache}: the upernet-ms head needs at least 4 stored layers, the cache has {layers} "
                        f"(blocks {manifest['layers']}); extract with e.g. --layers {recommended_layers(manifest['depth'])}")
+
+
+def check_integrity(cache: FeatureCache, d: Dist, verify: bool, log: Callable[[str], None]) -> None:
+    """Every train and val shard against the manifest's sha256 before training reads it: hashed once,
+    by rank 0 under torchrun; the other ranks adopt the check for the files they see unchanged."""
+    if not verify:
+        log("integrity: shard checksums NOT checked (--no-verify)")
+        return
+    t0 = time.perf_counter()
+
+    def check() -> tuple[int, int, dict]:
+        n, size = cache.check_shards(["train", "val"])
+        return n, size, dict(cache.verified)
+
+    n, size, checked = on_main(d, check)
+    cache.adopt_verified(checked)
+    log(f"integrity: {n} shards ({size / 1e9:.2f} GB) match the manifest's sha256 "
+        f"({time.perf_counter() - t0:.1f} s; --no-verify skips this)")
+

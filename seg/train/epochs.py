@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -80,16 +81,20 @@ class EpochRunner:
         bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (tokens, masks) in enumerate(source.batches(batches)):
-            _, loss = self.forward_loss(tokens, masks)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-            if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
-                bar.close()
-                raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                               f"{self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
-            self.scaler.scale(loss / cfg.accum).backward()
+            stepping = (step + 1) % cfg.accum == 0
+            # Under DDP gradients are all-reduced only on the micro-batch that steps: the ones before it
+            # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
+            with self.model.no_sync() if self.d.active and not stepping else contextlib.nullcontext():
+                _, loss = self.forward_loss(tokens, masks)
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+                if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
+                    bar.close()
+                    raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                                   f"{self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
+                self.scaler.scale(loss / cfg.accum).backward()
             # As published: step on every accum-th batch only. A last group of fewer than accum
             # batches adds its gradients, but zero_grad at the next epoch's start discards them.
-            if (step + 1) % cfg.accum == 0:
+            if stepping:
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
