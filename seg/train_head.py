@@ -30,6 +30,7 @@ from seg.train.cache_checks import (backbone_record, cache_fingerprint, check_ca
 from seg.train.epochs import EpochRunner
 from seg.train.model import build_criterion, build_head_for, build_optimizer, wrap_distributed
 from seg.train.presets import TrainConfig
+from seg.train.rank_batching import rank_batching
 from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
 from seg.train.sampling import RareClassSampler, default_min_pixels
@@ -50,6 +51,7 @@ class RunOptions:
     weights: Optional[str] = None   # backbone checkpoint for --tune-blocks (else the recorded file or hub cache)
     checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
     amp_dtype: str = "auto"         # auto (fp16 + GradScaler on a GPU, bf16 on a CPU) | bf16 | fp16
+    scale_batch: bool = False       # torchrun: every rank takes the whole batch (global = batch x accum x world)
 
 
 class Trainer:
@@ -81,6 +83,7 @@ class Trainer:
         self.sampler = self._rare_class_sampler()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = RunState(self.out, self.names, self.log)
+        self.rank_batch, self.rank_accum = rank_batching(cfg.batch_size, cfg.accum, self.d.world, opts.scale_batch)
 
     @property
     def amp_name(self) -> Optional[str]:
@@ -120,7 +123,7 @@ class Trainer:
         self.epochs = EpochRunner(cfg, self.model, self.head, self.criterion, self.opt, self.sched, self.scaler,
                                   self.device, self.amp_dtype, grid if self.tap is not None else None, self.train_split,
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
-                                  self.state.last_good)
+                                  self.state.last_good, self.rank_batch, self.rank_accum)
 
     def _sources(self):
         preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device)
@@ -181,9 +184,11 @@ class Trainer:
         if saved is not None:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")
-        eff = cfg.batch_size * cfg.accum * self.d.world
+        eff = self.rank_batch * self.rank_accum * self.d.world
         self.log("training config (phase preset + overrides):\n" + describe_config(
-            cfg, {"effective_batch": f"{eff} (batch {cfg.batch_size} x world {self.d.world} x accum {cfg.accum})"
+            cfg, {"effective_batch": f"{eff} per step = per-rank batch {self.rank_batch} x world {self.d.world} x "
+                  f"accum {self.rank_accum}" + (" (--scale-batch)" if self.opts.scale_batch else
+                                                f" (the preset's {cfg.batch_size} x accum {cfg.accum})")
                   if self.d.active else eff, "device": self.device.type,
                   "amp_dtype": self.amp_name or "off",
                   "in_channels": self.cache.in_channels, "train_samples/epoch":

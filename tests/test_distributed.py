@@ -70,11 +70,14 @@ def test_killed_rank_then_rerun_completes(dataset, tmp_path):
     assert v.exit_code == 0, v.output
 
 
-@pytest.mark.parametrize("per_rank", [("--batch-size", "2", "--accum", "1"), ("--batch-size", "1", "--accum", "2")],
-                         ids=["batch2", "batch1-accum2"])
-def test_ddp_step_equals_single_process_step(tmp_path, per_rank):
-    """With accum 2 the first micro-batch accumulates under no_sync and the second all-reduces: the
-    step must still equal one process's batch of 4."""
+@pytest.mark.parametrize("flags,per_rank", [
+    (("--batch-size", "4", "--accum", "1"), "per-rank batch 2 x world 2 x accum 1 (the preset's 4 x accum 1)"),
+    (("--batch-size", "1", "--accum", "4"), "per-rank batch 1 x world 2 x accum 2 (the preset's 1 x accum 4)"),
+    (("--batch-size", "2", "--accum", "1", "--scale-batch"), "per-rank batch 2 x world 2 x accum 1 (--scale-batch)"),
+], ids=["split-batch", "split-accum", "scale-batch"])
+def test_ddp_step_equals_single_process_step(tmp_path, flags, per_rank):
+    """The global batch of a step is the configured batch x accum, split over the ranks (with accum the
+    micro-batches before the step accumulate under no_sync); --scale-batch gives each rank all of it."""
     rng = np.random.default_rng(0)
     t, m = learnable_split(4, rng)
     vt, vm = learnable_split(3, rng)
@@ -87,9 +90,9 @@ def test_ddp_step_equals_single_process_step(tmp_path, per_rank):
     single = CliRunner().invoke(main, ["train-head", *map(str, common), "--out", str(tmp_path / "one"),
                                        "--batch-size", "4", "--accum", "1"])
     assert single.exit_code == 0, single.output
-    p = torchrun("train-head", *common, "--out", tmp_path / "two", *per_rank)
+    p = torchrun("train-head", *common, "--out", tmp_path / "two", *flags)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"4 (batch {per_rank[1]} x world 2 x accum {per_rank[3]})" in p.stdout, p.stdout + p.stderr
+    assert f"4 per step = {per_rank}" in p.stdout, p.stdout + p.stderr
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     from seg.heads import build_head
@@ -125,7 +128,7 @@ def test_ddp_step_with_tuned_blocks_equals_single_process_step(tmp_path):
     single = CliRunner().invoke(main, ["train-head", *map(str, common), "--out", str(tmp_path / "one"),
                                        "--batch-size", "4"])
     assert single.exit_code == 0, single.output
-    p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "2")
+    p = torchrun("train-head", *common, "--out", tmp_path / "two", "--batch-size", "4")  # 2 per rank
     assert p.returncode == 0, p.stdout + p.stderr
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["head"]
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["head"]

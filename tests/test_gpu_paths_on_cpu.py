@@ -119,7 +119,7 @@ def test_validation_with_an_empty_slice_on_one_rank(token_cache, tmp_path):
     the same collectives (a DDP forward broadcasts BatchNorm buffers), and the scores must be rank 0's."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "seg",
            "train-head", "--cache", str(token_cache), "--out", str(tmp_path / "r"), "--phase", "1", "--epochs", "1",
-           "--device", "cpu", "--batch-size", "1"]
+           "--device", "cpu", "--batch-size", "2"]  # one sample per rank and step
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -188,3 +188,16 @@ def test_one_sha256_check_serves_every_rank(token_cache):
         assert set(rank1.verified) == set(rank0.verified) - {first}
     finally:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_the_preset_batch_is_split_over_ranks():
+    from seg.train.rank_batching import rank_batching
+
+    assert rank_batching(2, 2, 1) == (2, 2)          # one process: as configured
+    assert rank_batching(2, 2, 2) == (2, 1)          # phase 3 on 2 GPUs: each rank its own step's batch of 2
+    assert rank_batching(2, 2, 4) == (1, 1)          # on 4: one sample each, still 4 per step
+    assert rank_batching(1, 4, 2) == (1, 2)
+    assert rank_batching(2, 2, 2, scale=True) == (2, 2)   # --scale-batch: global 8
+    with pytest.raises(SegError, match=r"a global batch of 2 x accum 2 = 4 samples per step cannot be split over 8 "
+                                       r"ranks; .* or --scale-batch"):
+        rank_batching(2, 2, 8)

@@ -129,6 +129,9 @@ def extract(**kw) -> None:
 @click.option("--workers", type=WORKERS, default=None, help="Reader processes when streaming [default: 0 on a CPU (reads in the training process), up to 4 on a GPU].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg run in --out (deletes its files; says which).")
+@click.option("--scale-batch", is_flag=True,
+              help="Under torchrun, give every rank the whole --batch-size and --accum (global batch x world) "
+                   "instead of splitting the preset's batch over the ranks.")
 @click.option("--strict-preset", is_flag=True,
               help="Refuse a cache whose backbone, size or layers differ from the phase's published ones.")
 @click.option("--allow-mismatch", is_flag=True, hidden=True,
@@ -139,7 +142,7 @@ def extract(**kw) -> None:
              on_oom="lower --batch-size (with --accum to keep the effective batch), stream with --preload never, "
                     "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
 def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch, no_verify,
-               weights, checkpointing, no_progress, amp_dtype, **overrides) -> None:
+               weights, checkpointing, no_progress, amp_dtype, scale_batch, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -157,7 +160,8 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
                                                         overwrite=overwrite, strict_preset=strict_preset,
                                                         verify=not no_verify,
                                                         weights=weights, checkpointing=checkpointing,
-                                                        progress=not no_progress, amp_dtype=amp_dtype),
+                                                        progress=not no_progress, amp_dtype=amp_dtype,
+                                                        scale_batch=scale_batch),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)

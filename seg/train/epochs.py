@@ -43,6 +43,12 @@ class EpochRunner:
     sampler: Optional[RareClassSampler] = None
     progress: bool = True
     last_good: Callable[[], str] = lambda: ""  # names the last good checkpoint in a refusal
+    rank_batch: int = 0                 # this rank's micro-batch and accumulation (rank_batching);
+    rank_accum: int = 0                 # 0: the config's batch_size and accum (one process)
+
+    def __post_init__(self) -> None:
+        self.rank_batch = self.rank_batch or self.cfg.batch_size
+        self.rank_accum = self.rank_accum or self.cfg.accum
 
     def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,16 +65,16 @@ class EpochRunner:
 
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of the epoch. Under DDP the epoch's draw is the one-process draw,
-        padded by wrap-around to whole global batches, and each global batch of batch_size x world
-        is cut into one slice per rank."""
-        cfg, d = self.cfg, self.d
+        padded by wrap-around to whole global micro-batches, and each global micro-batch of
+        rank_batch x world is cut into one slice per rank."""
+        d, b = self.d, self.rank_batch
         idx = self.epoch_draw(epoch)
         if not d.active:
-            return batches_of(idx, cfg.batch_size)
-        global_batch = cfg.batch_size * d.world
+            return batches_of(idx, b)
+        global_batch = b * d.world
         pad = (-len(idx)) % global_batch
         idx = np.concatenate([idx, np.resize(idx, pad)]) if pad else idx
-        return [g[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size] for g in batches_of(idx, global_batch)]
+        return [g[d.rank * b:(d.rank + 1) * b] for g in batches_of(idx, global_batch)]
 
     def train_epoch(self, source, epoch: int) -> tuple[float, float]:
         """(mean train loss over all ranks, samples per second)."""
@@ -81,7 +87,7 @@ class EpochRunner:
         bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (tokens, masks) in enumerate(source.batches(batches)):
-            stepping = (step + 1) % cfg.accum == 0
+            stepping = (step + 1) % self.rank_accum == 0
             # Under DDP gradients are all-reduced only on the micro-batch that steps: the ones before it
             # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
             with self.model.no_sync() if self.d.active and not stepping else contextlib.nullcontext():
@@ -91,7 +97,7 @@ class EpochRunner:
                     bar.close()
                     raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
                                    f"{self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
-                self.scaler.scale(loss / cfg.accum).backward()
+                self.scaler.scale(loss / self.rank_accum).backward()
             # As published: step on every accum-th batch only. A last group of fewer than accum
             # batches adds its gradients, but zero_grad at the next epoch's start discards them.
             if stepping:
