@@ -13,12 +13,11 @@ from click.testing import CliRunner
 
 from seg.cli import main
 from seg.data.augment import Augmenter
-from seg.data.classes import default_class_table
 from seg.data.decode import read_pair
 from seg.data.layouts import list_split
 from seg.data.synthetic import write_dataset
-from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
+from test_trust_files import finished_run, token_cache  # noqa: F401  (fixtures)
 from token_cache import learnable_split, write_token_cache
 
 TINY = ["--backbone", "vits14", "--size", "140x84", "--random-init", "--workers", "0", "--batch-size", "2",
@@ -43,21 +42,6 @@ def one_line_error(r, *fragments):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("d"), {"train": 2, "val": 2})
-
-
-@pytest.fixture(scope="module")
-def clean_cache(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    return write_token_cache(tmp_path_factory.mktemp("tok") / "c", {"train": learnable_split(4, rng),
-                                                                    "val": learnable_split(2, rng)})
-
-
-@pytest.fixture(scope="module")
-def token_run(clean_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(resolve(1, {"epochs": 1}), str(clean_cache), str(out),
-          RunOptions(device="cpu", progress=False, allow_mismatch=True), **QUIET)
-    return out
 
 
 def edited_manifest(cache: Path, tmp_path: Path, edit) -> Path:
@@ -91,12 +75,12 @@ def test_overwrite_never_deletes_what_a_manifest_names_outside_the_cache(tiny_da
 
 
 # 2 and 6. every stage that consumes tokens refuses non-finite tokens and out-of-table mask ids
-def test_non_finite_tokens_are_refused_by_eval_and_training(clean_cache, token_run, tmp_path):
+def test_non_finite_tokens_are_refused_by_eval_and_training(token_cache, finished_run, tmp_path):
     rng = np.random.default_rng(0)
     train_split, val_split = learnable_split(4, rng), learnable_split(2, rng)
     val_split[0][1, 0, 3, 2, 2] = np.nan  # checksums are computed after: only the values are wrong
     bad = write_token_cache(tmp_path / "nan", {"train": train_split, "val": val_split})
-    one_line_error(run("eval", "--run", token_run, "--cache", bad, "--device", "cpu"),
+    one_line_error(run("eval", "--run", finished_run, "--cache", bad, "--device", "cpu"),
                    "val-00000.h5: sample 1 (val_0001.png, aug seed 0) holds NaN or infinite tokens")
     for i, flags in enumerate(([], ["--no-verify"], ["--preload", "never"])):
         one_line_error(run("train-head", "--cache", bad, "--out", tmp_path / f"r{i}", "--phase",
@@ -151,12 +135,12 @@ def test_predict_reads_or_refuses_every_name_and_fails_when_nothing_was_predicte
 
 
 # 4. JSON that is not UTF-8
-def test_json_that_is_not_utf8_is_one_line(tiny_data, clean_cache, tmp_path):
+def test_json_that_is_not_utf8_is_one_line(tiny_data, token_cache, tmp_path):
     table = tmp_path / "classes.json"
     table.write_bytes('{"classes": [{"name": "Caf\u00e9", "values": [0]}]}'.encode("latin-1"))
     one_line_error(run("extract", *TINY, "--data", tiny_data, "--out", tmp_path / "c", "--classes", table),
                    "classes.json: not a readable JSON class table: not UTF-8 text (byte 0xe9")
-    copy = edited_manifest(clean_cache, tmp_path, lambda m: None)
+    copy = edited_manifest(token_cache, tmp_path, lambda m: None)
     (copy / "manifest.json").write_bytes((copy / "manifest.json").read_bytes().replace(b'"test"', b'"t\xe9st"'))
     one_line_error(run("cache", "info", copy), "manifest.json: not a readable JSON cache manifest: not UTF-8")
     assert not (tmp_path / "c").exists()
@@ -171,34 +155,34 @@ def test_absurd_size_is_refused_before_anything_is_written(tiny_data, tmp_path):
 
 
 # 7, 8, 9. hand-edited manifests
-def test_format_version_of_the_wrong_type_says_what_was_found(clean_cache, tmp_path):
-    copy = edited_manifest(clean_cache, tmp_path, lambda m: m.update(format_version="3"))
+def test_format_version_of_the_wrong_type_says_what_was_found(token_cache, tmp_path):
+    copy = edited_manifest(token_cache, tmp_path, lambda m: m.update(format_version="3"))
     one_line_error(run("cache", "info", copy), "format_version is '3', a str; seg writes it as a whole number")
 
 
-def test_edited_counts_fail_verify_and_are_refused_before_training(clean_cache, tmp_path):
-    copy = edited_manifest(clean_cache, tmp_path, lambda m: m["splits"]["train"].update(num_samples=40))
+def test_edited_counts_fail_verify_and_are_refused_before_training(token_cache, tmp_path):
+    copy = edited_manifest(token_cache, tmp_path, lambda m: m["splits"]["train"].update(num_samples=40))
     r = run("cache", "verify", copy)
-    assert r.exit_code == 1 and "train: num_samples is 40, but 4 images x 1 seeds make 4" in r.output
+    assert r.exit_code == 1 and "train: num_samples is 40, but 6 images x 1 seeds make 6" in r.output
     one_line_error(run("train-head", "--cache", copy, "--out", tmp_path / "r", "--phase", "1", "--allow-mismatch",
                        "--device", "cpu"), "num_samples is 40")
 
 
-def test_shard_counts_and_sizes_are_checked(clean_cache, tmp_path):
+def test_shard_counts_and_sizes_are_checked(token_cache, tmp_path):
     def edit(m):
         m["splits"]["val"]["shards"][0]["samples"] = 1
         m["splits"]["train"]["shards"][0]["bytes"] += 1
-    r = run("cache", "verify", edited_manifest(clean_cache, tmp_path, edit))
+    r = run("cache", "verify", edited_manifest(token_cache, tmp_path, edit))
     assert r.exit_code == 1
     assert "val: the shard list (files, starts, sample counts) does not match the planned layout" in r.output
     assert "train-00000.h5: " in r.output and "bytes, the manifest states" in r.output
 
 
-def test_image_names_with_folders_are_refused_and_never_looked_up(clean_cache, tmp_path, monkeypatch):
+def test_image_names_with_folders_are_refused_and_never_looked_up(token_cache, tmp_path, monkeypatch):
     def edit(m):
         m["splits"]["val"]["images"][0] = "../../../../etc/passwd"
         m["splits"]["val"]["sources"] = [[[1, 1], [1, 1]]] * 2  # what extraction records: sizes and mtimes
-    copy = edited_manifest(clean_cache, tmp_path, edit)
+    copy = edited_manifest(token_cache, tmp_path, edit)
     looked = []
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: (looked.append(str(p)), real_stat(p, *a, **k))[1])
