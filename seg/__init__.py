@@ -7,6 +7,7 @@ lazily, so `import seg` (and the `seg` command's start-up) stays cheap:
     summary = seg.extract(seg.ExtractConfig(data="DATA", out="CACHE"))
     metrics = seg.train(seg.resolve_preset(3, {"epochs": 5}), "CACHE", "RUN")
     seg.evaluate(seg.EvalOptions(run="RUN", cache="CACHE"))
+    labels = seg.load("RUN").predict(rgb_array)       # HxW class ids at the image's size
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _PUBLIC = {
     "evaluate": ("seg.evaluate", "evaluate"),
     "PredictOptions": ("seg.predict", "PredictOptions"),
     "predict": ("seg.predict", "predict"),
+    "load": ("seg.infer.api", "load"),
+    "Predictor": ("seg.infer.api", "Predictor"),
     "load_run": ("seg.infer.runs", "load_run"),
     "Segmenter": ("seg.infer.segmenter", "Segmenter"),
     # building blocks

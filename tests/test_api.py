@@ -1,0 +1,71 @@
+"""The Python API of a trained run: labels in three lines, equal to `seg predict`'s, and one-line
+refusals of inputs that are not RGB uint8 images."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import seg
+from seg.cli import main
+from seg.data.decode import read_image
+from seg.data.layouts import list_split
+from seg.predict import colorize
+from seg.runtime.errors import SegError
+from seg.train.presets import resolve
+from seg.train_head import RunOptions, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    train(resolve(3, {"epochs": 1, "lr": 1e-3}), str(small_cache), str(out),
+          RunOptions(device="cpu", progress=False), log=lambda s: None)
+    return out
+
+
+def test_api_labels_equal_seg_predict(run_dir, dataset, tmp_path):
+    files = list_split(dataset, "val")
+    paths = [files.image_path(i) for i in range(len(files.names))]
+    model = seg.load(run_dir, device="cpu")
+    labels = model.predict([read_image(p) for p in paths])
+    r = CliRunner().invoke(main, ["predict", "--run", str(run_dir), "--images", str(paths[0].parent), "--out",
+                                  str(tmp_path / "p"), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    for p, ids in zip(paths, labels):
+        assert ids.shape == (540, 960) and ids.dtype == np.uint8
+        written = cv2.cvtColor(cv2.imread(str(tmp_path / "p" / "color" / f"{p.stem}.png")), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(written, colorize(ids, model.classes))
+    one = model.predict(str(paths[0]))                       # a path, alone: an array, alone
+    np.testing.assert_array_equal(one, labels[0])
+    scores = model.predict_logits(paths[0])
+    assert scores.shape == (len(model.classes.names), 540, 960) and scores.dtype == np.float32
+    np.testing.assert_array_equal(scores.argmax(0), labels[0])
+
+
+def test_api_sliding_window_and_tta_follow_the_cli_options(run_dir, dataset):
+    image = read_image(list_split(dataset, "val").image_path(0))
+    small = image[::3, ::3].copy()  # another size: labels come back at it
+    slid = seg.load(run_dir, device="cpu", mode="slide", tta="flip").predict(small)
+    assert slid.shape == small.shape[:2]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((20, 30), np.uint8), "image array is grayscale (20, 30); expected HxWx3 RGB"),
+    (np.zeros((20, 30, 4), np.uint8), "drop the alpha channel with image[..., :3]"),
+    (np.zeros((20, 30, 3), np.float32), "image array is float32; expected uint8 RGB values 0..255"),
+    ([1, 2, 3], "an image is an HxWx3 uint8 RGB numpy array or a path, got int"),
+])
+def test_api_refuses_what_is_not_an_rgb_image(run_dir, bad, message):
+    model = seg.load(run_dir, device="cpu")
+    with pytest.raises(SegError) as err:
+        model.predict(bad)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_api_refuses_a_run_without_best_pt(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegError, match="empty: no best.pt"):
+        seg.load(Path(tmp_path / "empty"), device="cpu")
