@@ -22,6 +22,7 @@ from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.runs import load_run
+from seg.infer.video import VIDEO_SUFFIXES, predict_video
 from seg.runtime.progress import progress_bar
 
 
@@ -42,24 +43,27 @@ class PredictOptions:
     workers: Optional[int] = None
     progress: bool = True
     strict: bool = False        # stop at the first unreadable image instead of skipping it
+    video_masks: bool = False   # videos: also each frame's colour mask as PNG
 
 
-def collect_images(inputs: Sequence[str]) -> list[Path]:
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(images, videos) named by the inputs: files, and the images and videos in folders."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
             if not found:
-                raise SegError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise SegError(f"{p}: no images or videos ({', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
             paths += found
         elif p.is_file():
             paths.append(p)
         else:
-            raise SegError(f"{p}: no such image or folder")
+            raise SegError(f"{p}: no such image, video or folder")
     if not paths:
         raise SegError("no images given")
-    return paths
+    videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
+    return [p for p in paths if p not in videos], videos
 
 
 def mask_beside(image: Path) -> Optional[Path]:
@@ -148,7 +152,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
         raise SegError(f"--overlay-alpha must be in [0, 1], got {opts.overlay_alpha}")
     device = resolve_device(opts.device)
     run = load_run(opts.run, device)
-    images = collect_images(opts.images)
+    images, videos = collect_inputs(opts.images)
     names = output_names(images)
     out = Path(opts.out)
     previous = check_predict_dir(out)
@@ -157,7 +161,8 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     masks = [mask_beside(p) for p in images]
     dataset = ImageFolderSamples(images, masks, run.size, MaskDecoder.of(table), full_res_masks=True,
                                  optional_masks=True)
-    folders = ["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else [])
+    folders = ((["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else []))
+               if images else []) + (["video"] if videos else [])
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
     workers = worker_count(4) if opts.workers is None else opts.workers
@@ -166,6 +171,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     written: list[str] = []
     skipped: list[str] = []
     outputs: dict[str, str] = {}
+    frames: dict[str, int] = {}
     t0 = time.perf_counter()
 
     def write(sub: str, name: str, pixels: np.ndarray) -> None:
@@ -200,16 +206,23 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
                         write("raw", name, raw_values(ids, table))
                     outputs[str(images[i])] = name
                     bar.update(1)
+        for video in videos:  # every frame kept: the annotated video has the input's frame count
+            n, files = predict_video(video, out / "video", segmenter, table, opts.tta, opts.mode, opts.stride,
+                                     opts.batch_size, opts.overlay_alpha, opts.video_masks, opts.progress,
+                                     colorize, overlay)
+            written.extend(f"video/{f}" for f in files)
+            frames[str(video)] = n
     finally:  # what was written is recorded even when a later image stops the run
         record = {"run": str(run.path), "written": sorted(set(written) | previous),
-                  "outputs": outputs, "skipped": skipped}
+                  "outputs": outputs, "skipped": skipped, "video_frames": frames}
         write_json(out / PREDICT_RECORD, record)
     seconds = time.perf_counter() - t0
     done = len(outputs)
-    rate = done / seconds if seconds else float("nan")
-    log(f"predicted {done} images in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}"
+    rate = (done + sum(frames.values())) / seconds if seconds else float("nan")
+    log(f"predicted {done} images" + (f" and {sum(frames.values())} frames of {len(frames)} video(s)" if frames else "")
+        + f" in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}"
         + (f"; skipped {len(skipped)} unreadable image(s) (see warnings above)" if skipped else ""))
-    if not done:
+    if not done and not frames:
         raise SegError(f"predicted nothing: all {len(images)} input image(s) were skipped as unreadable "
                        "(see the warnings above)")
     return {"images": done, "skipped": len(skipped), "seconds": seconds, "images_per_s": rate, "out": str(out),

@@ -69,3 +69,29 @@ def test_api_refuses_a_run_without_best_pt(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegError, match="empty: no best.pt"):
         seg.load(Path(tmp_path / "empty"), device="cpu")
+
+
+def test_video_in_annotated_video_out_with_every_frame(run_dir, dataset, tmp_path):
+    from seg.infer.video import frame_count
+
+    files = list_split(dataset, "val")
+    clip = tmp_path / "in" / "clip.avi"
+    clip.parent.mkdir()
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (240, 136))
+    for i in range(7):
+        rgb = cv2.resize(read_image(files.image_path(i % len(files.names))), (240, 136))
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    assert frame_count(clip) == 7
+    cv2.imwrite(str(tmp_path / "in" / "still.png"), cv2.imread(str(files.image_path(0))))
+    r = CliRunner().invoke(main, ["predict", "--run", str(run_dir), "--images", str(tmp_path / "in"), "--out",
+                                  str(tmp_path / "p"), "--device", "cpu", "--workers", "0", "--video-masks"])
+    assert r.exit_code == 0, r.output
+    assert "predicted 1 images and 7 frames of 1 video(s)" in r.output
+    out = tmp_path / "p" / "video" / "clip.mp4"
+    assert frame_count(out) == 7
+    cap = cv2.VideoCapture(str(out))
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (240, 136)
+    cap.release()
+    assert sorted(p.name for p in (tmp_path / "p" / "video" / "clip").iterdir()) == [f"{i:06d}.png" for i in range(1, 8)]
+    assert not list((tmp_path / "p" / "video").glob("*.partial.mp4"))

@@ -126,7 +126,7 @@ def test_errors(run_dir, small_cache, dataset, tmp_path):
     _one_line_error(invoke("predict", "--run", run_dir, "--images", bad, "--out", tmp_path / "o", "--workers", "0",
                            "--strict"), "bad.png: cannot read image")
     _one_line_error(invoke("predict", "--run", run_dir, "--images", tmp_path / "none", "--out", tmp_path / "o"),
-                    "no such image or folder")
+                    "no such image, video or folder")
 
 
 def test_run_trained_on_official_weights_checks_sha256(run_dir, tmp_path, dataset):

@@ -210,7 +210,8 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 
 @main.command(epilog=example("seg predict --run runs/p3 --images new_photos/ --out predictions"))
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (best.pt).")
-@click.option("--images", required=True, multiple=True, help="Image files or folders (repeatable).")
+@click.option("--images", required=True, multiple=True,
+              help="Image or video (mp4, avi, mkv, mov) files, or folders of them (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--weights", type=click.Path(), help="Backbone checkpoint file or folder (checked by sha256).")
 @click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
@@ -225,15 +226,16 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--video-masks", is_flag=True, help="Videos (mp4, avi, mkv, mov): also write each frame's colour mask.")
 @NO_PROGRESS
 @user_errors
 def predict(run_dir, images, out, weights, overlay_alpha, save_raw, tta, mode, stride, tta_scales, batch_size, device,
-            workers, strict, no_progress) -> None:
+            workers, strict, video_masks, no_progress) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
                        save_raw=save_raw, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales),
-                       progress=not no_progress),
+                       progress=not no_progress, video_masks=video_masks),
         log=click.echo)
