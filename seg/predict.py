@@ -21,6 +21,7 @@ from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
+from seg.infer.api import Predictor
 from seg.infer.runs import load_run
 from seg.infer.video import VIDEO_SUFFIXES, predict_video
 from seg.runtime.progress import progress_bar
@@ -206,10 +207,10 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
                         write("raw", name, raw_values(ids, table))
                     outputs[str(images[i])] = name
                     bar.update(1)
+        videos_by = Predictor(segmenter, opts.tta, opts.mode, opts.stride, opts.batch_size)
         for video in videos:  # every frame kept: the annotated video has the input's frame count
-            n, files = predict_video(video, out / "video", segmenter, table, opts.tta, opts.mode, opts.stride,
-                                     opts.batch_size, opts.overlay_alpha, opts.video_masks, opts.progress,
-                                     colorize, overlay)
+            n, files = predict_video(video, out / "video", videos_by, opts.overlay_alpha, opts.video_masks,
+                                     opts.progress, colorize, overlay)
             written.extend(f"video/{f}" for f in files)
             frames[str(video)] = n
     finally:  # what was written is recorded even when a later image stops the run

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import cv2
-import torch
 
-from seg.data.augment import Augmenter
-from seg.data.classes import ClassTable
 from seg.data.file_names import check_utf8_name
-from seg.infer.segmenter import Segmenter
+from seg.infer.api import Predictor
+from seg.runtime.atomic import write_atomic
 from seg.runtime.errors import SegError
 from seg.runtime.progress import progress_bar
 
@@ -41,8 +39,7 @@ def frames_of(path: Path, batch: int):
         cap.release()
 
 
-def predict_video(path: Path, out_dir: Path, segmenter: Segmenter, table: ClassTable, tta: str, mode: str,
-                  stride: Optional[tuple[int, int]], batch: int, alpha: float, frame_masks: bool, progress: bool,
+def predict_video(path: Path, out_dir: Path, predictor: Predictor, alpha: float, frame_masks: bool, progress: bool,
                   colorize: Callable, overlay: Callable) -> tuple[int, list[str]]:
     """(frames, files written, relative to out_dir): `<stem>.mp4` holds every input frame with its
     overlay, at the input's frame rate; with frame_masks, `<stem>/NNNNNN.png` the colour masks. The
@@ -52,17 +49,14 @@ def predict_video(path: Path, out_dir: Path, segmenter: Segmenter, table: ClassT
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     cap.release()
-    resize = Augmenter("none", segmenter.run.size)
+    table = predictor.classes
     final, partial = out_dir / f"{path.stem}.mp4", out_dir / f"{path.stem}.partial.mp4"
     writer, written, n = None, [], 0
     try:
         with progress_bar(enabled=progress, total=total, unit="frame", desc=path.name) as bar:
-            for chunk in frames_of(path, batch):
-                small = torch.stack([torch.from_numpy(resize(f, None, "", 0)[0]) for f in chunk])
-                labels = segmenter.batch_labels({"image": small, "original": chunk}, [f.shape[:2] for f in chunk],
-                                                tta, mode, stride, batch)
-                for frame, ids in zip(chunk, labels):
-                    color = colorize(ids.to(torch.uint8).cpu().numpy(), table)
+            for chunk in frames_of(path, predictor.batch_size):
+                for frame, ids in zip(chunk, predictor.predict(chunk)):  # the API's path, frames as arrays
+                    color = colorize(ids, table)
                     if writer is None:
                         h, w = frame.shape[:2]
                         writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -74,7 +68,9 @@ def predict_video(path: Path, out_dir: Path, segmenter: Segmenter, table: ClassT
                         name = f"{path.stem}/{n:06d}.png"
                         (out_dir / path.stem).mkdir(exist_ok=True)
                         ok, buf = cv2.imencode(".png", cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
-                        (out_dir / name).write_bytes(buf.tobytes())
+                        if not ok:
+                            raise SegError(f"{out_dir / name}: could not encode PNG")
+                        write_atomic(out_dir / name, lambda tmp: tmp.write_bytes(buf.tobytes()))
                         written.append(name)
                 bar.update(len(chunk))
         if writer is None:
