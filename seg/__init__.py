@@ -41,6 +41,9 @@ _PUBLIC = {
     "Predictor": ("seg.infer.api", "Predictor"),
     "load_run": ("seg.infer.runs", "load_run"),
     "Segmenter": ("seg.infer.segmenter", "Segmenter"),
+    # deployment: a run as one checked ONNX graph
+    "ExportOptions": ("seg.export_model", "ExportOptions"),
+    "export_onnx": ("seg.export_model", "export_onnx"),
     # building blocks
     "ClassTable": ("seg.data.classes", "ClassTable"),
     "load_class_table": ("seg.data.classes", "load_class_table"),

@@ -1,0 +1,39 @@
+"""The deployed model as one module: uint8 RGB pixels in, class ids and logits out, through the same
+normalisation, backbone features, float16 token rounding and head path (`head_logits`) as training,
+evaluation and `seg predict`."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seg.backbones.features import backbone_features
+from seg.data.normalize import normalize
+from seg.deploy.positions import fix_positions_
+from seg.heads import head_logits
+
+
+class PixelsToClasses(nn.Module):
+    """uint8 RGB [N, H, W, 3] at the export size -> (labels uint8 [N, H, W], logits float32 [N, K, H, W]).
+
+    Computed in float32 (portable: every runtime has it). The tokens are rounded to float16 between
+    backbone and head because the head was trained on the cache's float16 tokens."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[int], tap_block: Optional[int],
+                 size: tuple[int, int], patch: int) -> None:
+        super().__init__()
+        h, w = size
+        if h % patch or w % patch:
+            raise ValueError(f"the export size must be a multiple of the patch size {patch}, got {w}x{h}")
+        self.backbone, self.head = backbone.float().eval(), head.float().eval()
+        self.layers, self.tap_block, self.size = list(layers), tap_block, (h, w)
+        self.grid = (h // patch, w // patch)
+        fix_positions_(self, self.size, patch)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        x = normalize(image)
+        tokens = backbone_features(self.backbone, x, self.layers, self.tap_block, x.device, torch.float32)
+        logits = head_logits(self.head, tokens.to(torch.float16), self.size, False, self.grid)
+        return logits.argmax(1).to(torch.uint8), logits

@@ -1,0 +1,163 @@
+"""`seg export`: a trained run as one ONNX graph from uint8 pixels to class ids and logits, checked
+with onnxruntime against the eager model before it is published."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from seg.backbones.named import file_sha256
+from seg.backbones.rebuild import rebuild_backbone
+from seg.data.augment import Augmenter, parse_size
+from seg.data.decode import read_image
+from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from seg.data.synthetic import make_scene
+from seg.deploy.graph import PixelsToClasses
+from seg.deploy.onnx_file import DEFAULT_OPSET, open_session, require_onnx, write_onnx
+from seg.deploy.parity import LOGIT_BOUND, compare
+from seg.infer.runs import load_run
+from seg.infer.segmenter import Segmenter
+from seg.runtime.atomic import publish, tmp_name, write_json
+from seg.runtime.errors import SegError
+
+# The ONNX protobuf holds at most 2 GiB; larger graphs need external data files, not written here.
+MAX_PARAM_BYTES = 1_900_000_000
+SAMPLE_IMAGES = 4
+
+
+@dataclass
+class ExportOptions:
+    run: str
+    out: str
+    size: Optional[str] = None          # WxH; default: the run's size
+    opset: int = DEFAULT_OPSET
+    weights: Optional[str] = None       # the backbone weights file, when not where the cache found it
+    samples: Sequence[str] = ()         # images for the parity check; default: synthetic scenes
+    overwrite: bool = False             # replace an earlier `seg export` at --out
+
+
+def report_path(out: Path) -> Path:
+    """The parity report beside the model: model.onnx -> model.parity.json."""
+    return out.with_suffix(".parity.json")
+
+
+def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict:
+    """Export, check against the eager model, and publish the model only when within the bound.
+    Returns the report (also written beside the model)."""
+    require_onnx()
+    out = Path(opts.out)
+    _check_target(out, opts.overwrite)
+    cpu = torch.device("cpu")
+    run = load_run(opts.run, cpu)
+    patch = run.backbone["patch_size"]
+    w, h = parse_size(opts.size, patch) if opts.size else run.size
+    backbone = rebuild_backbone(run.backbone, opts.weights, cpu)
+    n_bytes = sum(p.numel() * 4 for p in backbone.parameters()) + sum(p.numel() * 4 for p in run.head.parameters())
+    if n_bytes > MAX_PARAM_BYTES:
+        raise SegError(f"{run.backbone['backbone']}: {n_bytes / 1e9:.1f} GB of float32 weights exceed the 2 GB an "
+                       "ONNX file holds without external data, which seg export does not write")
+    graph = PixelsToClasses(backbone, copy.deepcopy(run.head), run.backbone["layers"], run.tap_block, (h, w), patch)
+    images = torch.from_numpy(np.stack(_sample_images(opts.samples, (w, h))))
+    with torch.no_grad():
+        eager_labels, eager_logits = graph(images)
+
+    tmp = tmp_name(out)
+    table = run.class_table
+    metadata = {"seg.classes": json.dumps(table.to_json()), "seg.size": f"{w}x{h}",
+                "seg.backbone": run.backbone["backbone"], "seg.head": run.record["config"]["head"]}
+    log(f"exporting {run.backbone['backbone']} + {run.record['config']['head']} at {w}x{h}, opset {opts.opset} ...")
+    try:
+        write_onnx(graph, images[:2], tmp, opts.opset, metadata)
+        onnx_labels, onnx_logits = open_session(tmp).run(None, {"image": images.numpy()})
+        checks = [compare("eager float32 graph (same computation, PyTorch kernels)", onnx_labels, onnx_logits,
+                          eager_logits.numpy(), eager_labels.numpy())]
+        # What `seg predict` computes, in the run's own precision: reported, not bounded, because it
+        # differs from the float32 graph by design (half-precision backbone and head).
+        segmenter = Segmenter(run, opts.weights, cpu)
+        scores = segmenter.scores(images, (h, w)).float().numpy()
+        checks.append(compare(f"seg predict path ({run.backbone['compute_dtype']} backbone, amp head "
+                              f"{bool(run.record['config']['amp'])})", onnx_labels, onnx_logits, scores))
+        accepted = checks[0].within_bound
+        report = _report(opts, run, (w, h), checks, accepted, tmp if accepted else None)
+        if accepted:
+            publish(tmp, out)
+        write_json(report_path(out), report)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for line in _table(checks):
+        log(line)
+    if not accepted:
+        c = checks[0]
+        raise SegError(f"{out}: not written: onnxruntime differs from the eager graph by {c.max_abs_logit_diff:.3g} "
+                       f"(bound {c.tolerance:.3g}) with {c.decided_disagreements} confidently labelled pixels "
+                       f"changed; see {report_path(out)}")
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {report_path(out)}")
+    return report
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Never replace a file seg export did not write: the one at --out must match the sha256 its
+    parity report recorded."""
+    if out.suffix.lower() != ".onnx":
+        raise SegError(f"{out}: the model file must end in .onnx")
+    if not out.exists():
+        if not out.parent.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise SegError(f"{out}: already exists; pass --overwrite to replace an earlier seg export")
+    try:
+        recorded = json.loads(report_path(out).read_text()).get("onnx_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if out.is_dir() or recorded != file_sha256(out):
+        raise SegError(f"{out}: not written by seg export (no matching {report_path(out).name}); "
+                       "refusing to overwrite it")
+
+
+def _sample_images(paths: Sequence[str], size: tuple[int, int]) -> list[np.ndarray]:
+    """The parity check's images at the export size, resized as `seg predict` resizes: the given
+    files, or procedural desert scenes (textured regions, edges and noise: what real images have
+    and constant or white-noise inputs do not)."""
+    resize = Augmenter("none", size)
+    rgbs = [read_image(Path(p)) for p in paths] if paths else [make_scene(1000 + i)[0] for i in range(SAMPLE_IMAGES)]
+    if len(rgbs) < 2:
+        rgbs = rgbs * 2  # the export needs a batch of 2 to keep the batch dimension dynamic
+    return [resize(rgb, None, "", 0)[0] for rgb in rgbs]
+
+
+def _report(opts: ExportOptions, run, size, checks, accepted: bool, model: Optional[Path]) -> dict:
+    import onnx
+    import onnxruntime
+
+    w, h = size
+    k = run.class_table.num_classes
+    return {
+        "onnx": str(Path(opts.out).resolve()), "accepted": accepted,
+        "onnx_sha256": file_sha256(model) if model else None,
+        "run": str(Path(opts.run).resolve()), "backbone": run.backbone["backbone"],
+        "head": run.record["config"]["head"], "size": {"width": w, "height": h}, "opset": opts.opset,
+        "inputs": {"image": {"dtype": "uint8", "shape": ["N", h, w, 3], "layout": "NHWC RGB 0..255"}},
+        "outputs": {"labels": {"dtype": "uint8", "shape": ["N", h, w]},
+                    "logits": {"dtype": "float32", "shape": ["N", k, h, w]}},
+        "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "in_graph": True},
+        "class_table": run.class_table.to_json(),
+        "bound": {"logit": LOGIT_BOUND, "rule": "max |logit diff| <= bound x max(1, max |eager logit|), and no "
+                  "label change where the eager top-2 margin exceeds twice that tolerance"},
+        "parity": [c.to_json() for c in checks],
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _table(checks) -> list[str]:
+    rows = [f"{'compared with':58s} {'max|dlogit|':>11s} {'tolerance':>10s} {'labels equal':>12s} {'sure flips':>10s}"]
+    for c in checks:
+        rows.append(f"{c.reference[:58]:58s} {c.max_abs_logit_diff:11.3g} {c.tolerance:10.3g} "
+                    f"{100 * c.label_agreement:11.3f}% {c.decided_disagreements:10d}")
+    return rows
