@@ -113,7 +113,7 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     for b0 in range(start, start + n, opts.batch_size):
         rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
         tokens, masks = split.read_rows(rows)
-        tokens = torch.from_numpy(tokens).to(device)
+        tokens = split.dequantize(torch.from_numpy(tokens).to(device))
         if data_dir is None:
             logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"], run.grid)
             cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])

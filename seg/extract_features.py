@@ -21,7 +21,7 @@ from seg.data.public_tables import decoder_for, table_for
 from seg.extraction.cache_dir import check_cache_dir, finalize_manifest, missing_shards, prepare_cache_dir
 from seg.extraction.config import DEFAULT_AUG_SEEDS, DEFAULT_SHARD_SIZE, ExtractConfig
 from seg.extraction.loop import extract_shards, f16_step
-from seg.extraction.manifest import build_manifest, parse_layers
+from seg.extraction.manifest import build_manifest, parse_layers, stored_dtype
 from seg.extraction.samples import extraction_workers, scan_class_counts
 from seg.runtime.device import recorded_dtype, resolve_device
 from seg.runtime.dirlock import DirLock
@@ -59,6 +59,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         raise SegError(f"--aug-seeds must be at least 1, got {cfg.aug_seeds}")
     if cfg.aug_policy == "none" and cfg.aug_seeds > 1 and not cfg.copy_paste_enabled:
         raise SegError("--aug-seeds > 1 needs an augmentation policy (--aug-policy phase2 or phase3) or --copy-paste")
+    stored_dtype(cfg.token_dtype)  # a wrong --token-dtype is refused before anything is loaded
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise SegError("--batch-size and --shard-size must be at least 1")
     if not cfg.splits:
@@ -159,7 +160,15 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             f"bytes: {total_bytes / 1e6:.1f} MB ({per / 1e6:.3f} MB/sample)",
             f"time: {seconds:.1f} s, {summary.images_per_s:.2f} images/s overall, "
             f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
-        ] + ([summary_tap] if summary_tap else [])
+        ] + ([summary_tap] if summary_tap else []) + _quant_line(manifest)
         return summary
     finally:
         lock.release()
+
+
+def _quant_line(manifest: dict) -> list[str]:
+    err = manifest.get("token_quant_error")
+    if not err:
+        return []
+    return [f"int8 tokens: relative RMS error {err['relative_rms']:.4f} against the float16 tokens "
+            f"(a float16 scale per {manifest['token_quant']['group']} channels)"]

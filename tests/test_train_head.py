@@ -212,8 +212,13 @@ def test_resume_from_a_corrupt_last_checkpoint_is_a_one_line_error(learnable_cac
 class _SplitOfShape:
     """Just what choose_preload reads of a split: its manifest shapes and its length."""
 
-    def __init__(self, n: int, token_shape: list, mask_shape: list) -> None:
+    def __init__(self, n: int, token_shape: list, mask_shape: list, int8: bool = False) -> None:
+        from seg.cache.quant import QuantSpec
+
         self.manifest, self.n = {"token_shape": token_shape, "mask_shape": mask_shape}, n
+        spec = QuantSpec.for_tokens(token_shape, False)
+        self.row_shape, self.row_dtype = ((spec.row_bytes,), np.dtype(np.uint8)) if int8 else \
+            (tuple(token_shape), np.dtype(np.float16))
 
     def __len__(self) -> int:
         return self.n
@@ -234,3 +239,8 @@ def test_gpu_readiness_by_construction(small_cache):
     assert choose_preload("auto", [_SplitOfShape(1399, *vitb)], cuda, free=int(5.8e9))[0]
     assert not choose_preload("auto", [_SplitOfShape(1400, *vitb)], cuda, free=int(5.8e9))[0]
     assert "streaming" in choose_preload("auto", [_SplitOfShape(2857 + 317, *vitb)], cuda, free=int(5.8e9))[1]
+    # int8 tokens stay 8-bit in a preload (918,528 value bytes + 28,704 float16 scales + the mask =
+    # 1,210,352 bytes): about 2,400 samples fit where 1,400 did
+    assert (26 * 46 * 768 + 26 * 46 * 24 * 2 + 364 * 644) == 1_210_352
+    assert choose_preload("auto", [_SplitOfShape(2395, *vitb, int8=True)], cuda, free=int(5.8e9))[0]
+    assert not choose_preload("auto", [_SplitOfShape(2396, *vitb, int8=True)], cuda, free=int(5.8e9))[0]

@@ -53,7 +53,7 @@ def test_old_format_caches_are_refused_with_a_reason(small_cache, tmp_path):
     m = json.loads((copy / "manifest.json").read_text())
     m["format_version"] = 1
     (copy / "manifest.json").write_text(json.dumps(m))
-    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4, 5; re-extract it")
+    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4, 5, 6; re-extract it")
 
 
 # -- integrity before use ---------------------------------------------------------------------

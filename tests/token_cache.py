@@ -26,9 +26,16 @@ def learnable_split(n: int, rng: np.random.Generator, channels: int = 16, grid=(
 
 
 def write_token_cache(path: Path, splits: dict, backbone: str = "vits14", size=(140, 84), shard_size: int = 4,
-                      seeds: dict | None = None, policy: str = "none") -> Path:
-    """splits: name -> (tokens [n, L, C, Hp, Wp] float16, masks [n, H, W] uint8), seed-major order."""
+                      seeds: dict | None = None, policy: str = "none", int8: bool = False) -> Path:
+    """splits: name -> (tokens [n, L, C, Hp, Wp] float16, masks [n, H, W] uint8), seed-major order.
+    With `int8`, the tokens are stored packed as an int8 cache (format version 6) does."""
+    import torch
+    from seg.cache.quant import QuantSpec
+
     path = Path(path)
+    quant = QuantSpec.for_tokens(list(next(iter(splits.values()))[0].shape[1:]), False) if int8 else None
+    if quant is not None:
+        splits = {k: (quant.pack(torch.from_numpy(t)).numpy(), m) for k, (t, m) in splits.items()}
     path.mkdir(parents=True, exist_ok=True)
     first_tokens, first_masks = next(iter(splits.values()))
     manifest_splits = {}
@@ -48,12 +55,13 @@ def write_token_cache(path: Path, splits: dict, backbone: str = "vits14", size=(
         }
     w, h = size
     manifest = {
-        "format": cf.FORMAT, "format_version": cf.FORMAT_VERSION, "seg_version": "test", "complete": True,
+        "format": cf.FORMAT, "format_version": cf.QUANT_FORMAT_VERSION if quant else cf.FORMAT_VERSION, "seg_version": "test", "complete": True,
         "backbone": backbone, "weights_sha256": "random-init", "weights_source": "synthetic tokens",
         "random_init_seed": 0, "weights_fingerprint": "synthetic",
         "size": {"width": w, "height": h}, "patch_size": 14, "patch_grid": {"width": w // 14, "height": h // 14},
-        "embed_dim": int(first_tokens.shape[2]), "depth": 12, "layers": [11], "batch_size": 8, "layer_norm": True, "token_dtype": "float16",
-        "token_shape": list(first_tokens.shape[1:]), "mask_shape": list(first_masks.shape[1:]),
+        "embed_dim": int(quant.token_shape[1] if quant else first_tokens.shape[2]), "depth": 12, "layers": [11], "batch_size": 8, "layer_norm": True,
+        "token_dtype": "int8" if quant else "float16", **({"token_quant": quant.record()} if quant else {}),
+        "token_shape": list(quant.token_shape) if quant else list(first_tokens.shape[1:]), "mask_shape": list(first_masks.shape[1:]),
         "compute_dtype": "float32", "device": "cpu",
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "resize": {"image": "bilinear (cv2.INTER_LINEAR)", "mask": "nearest"},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from seg.cache import format as cf
 from seg.cache.reader import FeatureCache
 from seg.data.class_stats import describe_counts
@@ -25,6 +27,7 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         + (f"layers {m['layers']}, normed" if cf.tap_block(m) is None else
            f"tap: the un-normed stream entering block {m['tap_block']} of {m['depth']}, all tokens; "
            f"largest |value| {_largest(m)}") + f"), computed in {m.get('compute_dtype')} on {m.get('device')}",
+        f"bytes        {_bytes_per_sample(m)}",
         f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']}); "
         f"{cf.augmented_views(m)} augmented view(s) per train image",
         f"classes      {len(m['class_table']['classes'])}: "
@@ -47,6 +50,20 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
             lines.append(f"classes in {name} (after augmentation):")
             lines += describe_counts(cache.class_counts(name), names)
     return lines
+
+
+def _bytes_per_sample(m: dict) -> str:
+    """Token bytes per sample as stored, against float16; for int8, the scheme and measured error."""
+    shape, dtype = cf.stored_row(m)
+    stored = int(np.prod(shape)) * dtype.itemsize
+    fp16 = int(np.prod(m["token_shape"])) * 2
+    text = f"{stored / 1e6:.3f} MB of tokens per sample"
+    if m.get("token_dtype") == "int8":
+        q = m["token_quant"]
+        err = m.get("token_quant_error", {}).get("relative_rms")
+        text += (f" = {stored / fp16:.3f}x float16's {fp16 / 1e6:.3f} MB (int8 values, a float16 scale per "
+                 f"{q['group']} channels; relative RMS error {'?' if err is None else f'{err:.4f}'})")
+    return text + f", + {int(np.prod(m['mask_shape'])) / 1e6:.3f} MB mask"
 
 
 def _largest(manifest: dict) -> str:

@@ -26,6 +26,7 @@ from seg.runtime.atomic import write_atomic, write_json
 from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
+from seg.cache.quant import QUANT_FORMAT_VERSION, stored_row, token_dtype_problem  # noqa: F401 (cf.stored_row)
 
 FORMAT = "seg-feature-cache"
 FORMAT_VERSION = 3
@@ -41,14 +42,15 @@ LAYOUT_FORMAT_VERSION = 5
 # image names resolve to paths only through that layout, so older seg versions, which know the
 # Falcon layout alone, must refuse it. Layer or tap cache alike; `tap_block` says which. Falcon
 # caches keep versions 3 and 4.
-READABLE_VERSIONS = (2, 3, 4, 5)
+# Version 6 (QUANT_FORMAT_VERSION, seg.cache.quant): 8-bit tokens, in any cache.
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 MANIFEST = "manifest.json"
 LOCK = ".seg-extract.lock"
 CLASS_COUNTS_FILE = "class-counts.json"
 # Fields that describe results, not settings: a rerun with the same settings may differ in these.
 # Everything else (compute dtype and device included) changes the bytes and must match on resume.
-RESULT_FIELDS = ("complete", "seg_version", "torch_version", "environment")
-SHARD_RESULT_FIELDS = ("sha256", "bytes", "max_abs")
+RESULT_FIELDS = ("complete", "seg_version", "torch_version", "environment", "token_quant_error")
+SHARD_RESULT_FIELDS = ("sha256", "bytes", "max_abs", "quant_error")
 # Per split: where the sources are and what they looked like; they may move or change without
 # changing the settings (a change is reported, see `source_changes`).
 SPLIT_RESULT_FIELDS = ("data_dir", "sources", "class_counts")
@@ -113,7 +115,9 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def format_version(tap_block: Optional[int], layout: str = "falcon") -> int:
+def format_version(tap_block: Optional[int], layout: str = "falcon", token_dtype: str = "float16") -> int:
+    if token_dtype != "float16":
+        return QUANT_FORMAT_VERSION
     if layout != "falcon":
         return LAYOUT_FORMAT_VERSION
     return FORMAT_VERSION if tap_block is None else TAP_FORMAT_VERSION
@@ -162,7 +166,9 @@ def read_manifest(cache_dir: Path, check: bool = True) -> dict:
     if version not in READABLE_VERSIONS:
         raise SegError(f"{path}: cache format version {version}, "
                        f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
-    if version != LAYOUT_FORMAT_VERSION and (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
+    if version in (QUANT_FORMAT_VERSION, LAYOUT_FORMAT_VERSION):
+        pass  # layer or tap: `tap_block` says which
+    elif (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
         raise SegError(f"{path}: format version {version} with tap_block "
                        f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
     if check:
@@ -188,6 +194,9 @@ def manifest_problems(manifest: dict) -> list[str]:
         return ["no splits"]
     if layout_of(manifest) not in LAYOUTS:
         return [f"dataset layout {layout_of(manifest)!r} is not one of {', '.join(LAYOUTS)}"]
+    token_problem = token_dtype_problem(manifest)
+    if token_problem:
+        return [token_problem]
     return [p for name, s in splits.items() for p in split_problems(manifest, name, s)]
 
 
@@ -245,7 +254,8 @@ def write_shard(
     # The HDF5 file is built in memory and written with one plain write: a full disk or a file-size
     # limit is then one OSError naming the path, never an HDF5 error storm or a crash inside HDF5.
     with h5py.File(f"{path}.image", "w", driver="core", backing_store=False) as f:
-        f.create_dataset("tokens", data=tokens.astype(np.float16, copy=False),
+        # float16 tokens, or an int8 cache's packed rows (uint8), stored as given
+        f.create_dataset("tokens", data=tokens if tokens.dtype == np.uint8 else tokens.astype(np.float16, copy=False),
                          chunks=(1, *tokens.shape[1:]), fletcher32=True)
         f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
                          fletcher32=True)
@@ -263,7 +273,7 @@ def write_shard(
     write_atomic(Path(path), lambda tmp: tmp.write_bytes(image))
 
 
-def shard_ok(path: Path, plan: ShardPlan, token_shape: list[int], mask_shape: list[int]) -> bool:
+def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int]) -> bool:
     """Cheap check that a finished shard has the planned shapes (used when resuming)."""
     try:
         with h5py.File(path, "r") as f:

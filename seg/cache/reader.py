@@ -16,11 +16,15 @@ from torch.utils.data import Dataset
 from seg.cache import format as cf
 from seg.runtime.atomic import write_json
 from seg.backbones import file_sha256
+from seg.cache.quant import QuantSpec
 from seg.cache.raw_rows import plain_rows, pread_into, row_offsets
 from seg.cache.row_checks import bad_row
 from seg.data.class_stats import class_counts
 from seg.data.classes import ClassTable
 from seg.runtime.errors import SegError
+
+
+_TORCH = {"<f2": torch.float16, "|u1": torch.uint8}
 
 
 class FeatureCache:
@@ -133,7 +137,10 @@ class CacheSplit(Dataset):
         self.verified = verified if verified is not None else {}
         # shard -> (fd, byte offset of each row's tokens, of each row's mask or None), or None: HDF5 reads
         self._raw: dict[int, Optional[tuple[int, np.ndarray, Optional[np.ndarray]]]] = {}
-        self._row_nbytes = (int(np.prod(manifest["token_shape"])) * 2, int(np.prod(manifest["mask_shape"])))
+        self.row_shape, self.row_dtype = cf.stored_row(manifest)
+        # int8 caches: rows are packed bytes, dequantised on the compute device (`dequantize`)
+        self.quant: Optional[QuantSpec] = QuantSpec.of(manifest)
+        self._row_nbytes = (int(np.prod(self.row_shape)) * self.row_dtype.itemsize, int(np.prod(manifest["mask_shape"])))
         s = manifest["splits"][split]
         self.num_classes = len(manifest["class_table"]["classes"])
         self.images: list[str] = s["images"]
@@ -186,7 +193,7 @@ class CacheSplit(Dataset):
             return self._raw[j]
         raw = None
         name = self.shards[j].file
-        if name in self.verified and plain_rows(tok_ds, "<f2"):
+        if name in self.verified and plain_rows(tok_ds, self.row_dtype.str):
             path = self.path / name
             fd = os.open(path, os.O_RDONLY)
             st = os.fstat(fd)
@@ -220,8 +227,13 @@ class CacheSplit(Dataset):
         name, seed = self.sample_info(k)
         return torch.from_numpy(tokens), torch.from_numpy(mask), name, seed
 
+    def dequantize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Stored rows of this split (on any device) -> float16 tokens [B, ...]: int8 rows are
+        dequantised where they are, float16 ones returned as they are."""
+        return tokens if self.quant is None else self.quant.dequantize(tokens)
+
     def _check(self, tokens: np.ndarray, masks: np.ndarray, samples) -> None:
-        found = bad_row(tokens, masks, self.num_classes)
+        found = bad_row(tokens, masks, self.num_classes, self.quant)
         if found is not None:
             row, why = found
             k = int(samples[row])
@@ -247,8 +259,8 @@ class CacheSplit(Dataset):
         """Tokens and masks of several samples, read shard by shard in sorted order."""
         indices = np.asarray(indices)
         self.advise(indices)
-        token_shape, mask_shape = self.manifest["token_shape"], self.manifest["mask_shape"]
-        tokens = np.empty((len(indices), *token_shape), np.float16)
+        mask_shape = self.manifest["mask_shape"]
+        tokens = np.empty((len(indices), *self.row_shape), self.row_dtype)
         masks = np.empty((len(indices), *mask_shape), np.uint8)
         order = np.argsort(indices, kind="stable")
         for pos in order:
@@ -271,9 +283,10 @@ class CacheSplit(Dataset):
 
     def load(self, device: torch.device | str = "cpu", progress: Optional[Callable[[int], None]] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as (tokens float16 [N, L, C, Hp, Wp], masks uint8 [N, H, W]) on device."""
-        token_shape, mask_shape = self.manifest["token_shape"], self.manifest["mask_shape"]
-        tokens = torch.empty((len(self), *token_shape), dtype=torch.float16, device=device)
+        """The whole split as (stored token rows [N, ...], masks uint8 [N, H, W]) on device: float16
+        tokens [N, L, C, Hp, Wp], or an int8 cache's packed bytes, which stay 8-bit in memory."""
+        mask_shape = self.manifest["mask_shape"]
+        tokens = torch.empty((len(self), *self.row_shape), dtype=_TORCH[self.row_dtype.str], device=device)
         masks = torch.empty((len(self), *mask_shape), dtype=torch.uint8, device=device)
         for j, plan in enumerate(self.shards):
             f = self._file(j)

@@ -15,13 +15,27 @@ _EXPONENT = 0x7C00   # float16: all exponent bits set = inf or NaN
 _MAGNITUDE = 0x7FFF
 
 
-def bad_row(tokens: np.ndarray, masks: np.ndarray, num_classes: int) -> Optional[tuple[int, str]]:
-    """(row, what is wrong) of the first row that fails, or None. Tokens are float16 [n, ...]; the
-    test reads their bits (about 10 GB/s on one core, several times numpy's isfinite on float16)."""
+def bad_row(tokens: np.ndarray, masks: np.ndarray, num_classes: int, quant=None) -> Optional[tuple[int, str]]:
+    """(row, what is wrong) of the first row that fails, or None. Tokens are float16 [n, ...], or with
+    `quant` (a QuantSpec) an int8 cache's packed rows, whose float16 scales are checked (int8 values
+    are always finite). The test reads float16 bits (about 10 GB/s on one core, several times numpy's
+    isfinite on float16)."""
+    if quant is not None:
+        scales = quant.scales_of(tokens)
+        bits = scales.view(np.uint16).reshape(len(tokens), -1)
+        if len(bits) and (bits & _MAGNITUDE).max() >= _EXPONENT:
+            return int(np.argmax(((bits & _EXPONENT) == _EXPONENT).any(1))), "NaN or infinite token scales"
+        if len(bits) and (scales < 0).any():  # seg writes absmax / 127
+            return int(np.argmax((scales.reshape(len(tokens), -1) < 0).any(1))), "negative token scales"
+        return _bad_mask(masks, num_classes)
     bits = tokens.view(np.uint16).reshape(len(tokens), -1)
     if len(bits) and (bits & _MAGNITUDE).max() >= _EXPONENT:
         row = int(np.argmax(((bits & _EXPONENT) == _EXPONENT).any(1)))
         return row, "NaN or infinite tokens"
+    return _bad_mask(masks, num_classes)
+
+
+def _bad_mask(masks: np.ndarray, num_classes: int) -> Optional[tuple[int, str]]:
     flat = masks.reshape(len(masks), -1)
     if len(flat) and flat.max() >= num_classes:  # fast path: no ignore pixels and nothing past the table
         wrong = (flat >= num_classes) & (flat != IGNORE_INDEX)

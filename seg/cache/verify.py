@@ -9,7 +9,11 @@ import h5py
 import numpy as np
 
 from seg.backbones import file_sha256
+import torch
+
 from seg.cache import format as cf
+from seg.cache.quant import QuantSpec
+from seg.cache.row_checks import bad_row
 from seg.data.class_stats import class_counts
 
 
@@ -64,7 +68,7 @@ def _verify_shard(f_path: Path, plan: cf.ShardPlan, sh: dict, split: dict, m: di
 
 def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> list[str]:
     expect = {
-        "tokens": ((plan.count, *m["token_shape"]), np.float16),
+        "tokens": ((plan.count, *cf.stored_row(m)[0]), cf.stored_row(m)[1]),
         "masks": ((plan.count, *m["mask_shape"]), np.uint8),
         "image_index": ((plan.count,), np.int32),
         "aug_seed": ((plan.count,), np.int32),
@@ -89,7 +93,17 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
     masks = data["masks"]
     if ((masks >= len(m["class_table"]["classes"])) & (masks != m["ignore_index"])).any():
         problems.append("masks hold ids outside the class table")
-    if not np.isfinite(data["tokens"]).all():
+    quant = QuantSpec.of(m)
+    if quant is not None:
+        found = bad_row(data["tokens"], masks, len(m["class_table"]["classes"]), quant)
+        if found is not None and "scales" in found[1]:  # mask ids are checked above
+            problems.append(f"sample {plan.start + found[0]} holds {found[1]}")
+        elif cf.tap_block(m) is not None:
+            # absmax / 127 rounded to float16, times 127: the largest value comes back within 2^-11
+            largest = float(quant.dequantize(torch.from_numpy(data["tokens"])).float().abs().max()) if len(masks) else 0.0
+            if recorded_max is None or abs(largest - float(recorded_max)) > 2e-3 * max(float(recorded_max), 1e-6):
+                problems.append(f"the tokens' largest |value| {largest:.6g} does not match the recorded max_abs {recorded_max}")
+    elif not np.isfinite(data["tokens"]).all():
         problems.append("tokens hold NaN or infinite values")
     elif cf.tap_block(m) is not None and (recorded_max is None or float(np.abs(data["tokens"]).max(initial=0))
                                           != float(recorded_max)):

@@ -47,6 +47,8 @@ from seg.cli.group import main
               help="JSON class table [default: the layout's own: Falcon's published 10 classes (600 -> Background), "
                    "Cityscapes' 19 train ids, ADE20K's 150, VOC's 21; `seg classes` prints them].")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
+@click.option("--token-dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="How tokens are stored: float16, or int8 with a float16 scale per 32 channels (0.53x the bytes).")
 @click.option("--copy-paste", "copy_paste", default="none", show_default=True,
               help="Paste instances of rare classes into train samples: none, auto (classes under 1%% of "
                    "train pixels) or class names/ids, e.g. Logs,Rocks.")
@@ -65,7 +67,7 @@ def extract(**kw) -> None:
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
-        copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
+        token_dtype=kw["token_dtype"], copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
         progress=not kw["no_progress"],
     )
     from seg.runtime import distributed

@@ -84,7 +84,7 @@ def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> lis
     for plan in shards:
         path = out / plan.file
         tmp_name(path).unlink(missing_ok=True)  # an interrupted write; it is redone
-        if not cf.shard_ok(path, plan, manifest["token_shape"], manifest["mask_shape"]):
+        if not cf.shard_ok(path, plan, cf.stored_row(manifest)[0], manifest["mask_shape"]):
             path.unlink(missing_ok=True)
             missing.append(plan)
     return missing
@@ -107,7 +107,15 @@ def finalize_manifest(out: Path, manifest: dict) -> int:
                 counts += f["class_counts"][()].tolist()
                 if cf.tap_block(manifest) is not None:
                     sh["max_abs"] = float(f.attrs["max_abs"])
+                if "quant_error" in f.attrs:  # int8: [sum of squared errors, sum of squares] of its tokens
+                    sh["quant_error"] = [float(v) for v in f.attrs["quant_error"]]
         split["class_counts"] = counts
+    errors = [sh["quant_error"] for s in manifest["splits"].values() for sh in s["shards"] if "quant_error" in sh]
+    if errors:
+        sq_err, sq = (sum(e[i] for e in errors) for i in (0, 1))
+        manifest["token_quant_error"] = {
+            "relative_rms": (sq_err / sq) ** 0.5 if sq > 0 else 0.0,
+            "over": "every token of every sample: ||dequantised - float16 token|| / ||float16 token||"}
     manifest["complete"] = True
     cf.write_manifest(out, manifest)
     return total

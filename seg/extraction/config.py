@@ -37,6 +37,7 @@ class ExtractConfig:
     classes: Optional[str] = None
     overwrite: bool = False
     half: bool = True
+    token_dtype: str = "fp16"               # fp16 | int8 (8-bit values with float16 group scales)
     progress: bool = True
     copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)

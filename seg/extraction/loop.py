@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from seg.backbones.features import backbone_features
 from seg.cache import format as cf
+from seg.cache.quant import QuantSpec
 from seg.data.class_stats import class_counts
 from seg.data.copy_paste import CopyPasteConfig
 from seg.data.layouts import SplitFiles
@@ -55,12 +56,14 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    token_shape, mask_shape = manifest["token_shape"], manifest["mask_shape"]
+    (row_shape, row_dtype), mask_shape = cf.stored_row(manifest), manifest["mask_shape"]
+    quant = QuantSpec.of(manifest)
     plan_iter = iter(plans)
     plan = next(plan_iter)
-    buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+    buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
     buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
     filled, written, max_abs = 0, 0, 0.0
+    sq_err = sq = 0.0  # int8: the shard's quantisation error, measured against the float16 tokens
     tap = cf.tap_block(manifest)
     dtype = recorded_dtype(manifest["compute_dtype"], device)
     for batch in loader:
@@ -73,7 +76,14 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
             _refuse_non_finite(feats, half, batch["k"], files, seeds)
         if tap is not None:  # the range report of a tap cache; normed layers need none
             max_abs = max(max_abs, half.abs().max().item())
-        tokens = half.cpu().numpy()
+        if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
+            rows = quant.pack(half)
+            err = quant.dequantize(rows).float() - half.float()
+            sq_err += float(err.pow(2).sum(dtype=torch.float64))
+            sq += float(half.float().pow(2).sum(dtype=torch.float64))
+            tokens = rows.cpu().numpy()
+        else:
+            tokens = half.cpu().numpy()
         b = tokens.shape[0]
         buf_tokens[filled:filled + b] = tokens
         buf_masks[filled:filled + b] = batch["mask"].numpy()
@@ -84,6 +94,8 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
             attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
             if tap is not None:
                 attrs["max_abs"] = max_abs
+            if quant is not None:
+                attrs["quant_error"] = np.array([sq_err, sq], np.float64)
             cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
                            np.asarray(seeds)[ks // len(files.names)], attrs=attrs,
                            class_counts=class_counts(buf_masks, num_classes))
@@ -91,7 +103,7 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
             plan = next(plan_iter, None)
             if plan is None:
                 break
-            buf_tokens = np.empty((plan.count, *token_shape), np.float16)
+            buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
             buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-            filled, max_abs = 0, 0.0
+            filled, max_abs, sq_err, sq = 0, 0.0, 0.0, 0.0
     return written

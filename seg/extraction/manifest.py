@@ -9,6 +9,7 @@ import torch
 
 import seg
 from seg.cache import format as cf
+from seg.cache.quant import TOKEN_DTYPES, QuantSpec
 from seg.data.augment import policy_params
 from seg.data.classes import IGNORE_INDEX, ClassTable
 from seg.data.copy_paste import CopyPasteConfig
@@ -40,6 +41,13 @@ def train_seeds(augmented: bool, k: int) -> list[int]:
     """With a policy (or copy-paste) every cached train sample is an augmented draw (seeds 1..K);
     seed 0, the plain resize, is what val/test get and what train gets without augmentation."""
     return list(range(1, k + 1)) if augmented else [0]
+
+
+def stored_dtype(token_dtype: str) -> str:
+    """--token-dtype fp16|int8 -> the manifest's token_dtype."""
+    if token_dtype not in TOKEN_DTYPES:
+        raise SegError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {token_dtype!r}")
+    return "float16" if token_dtype == "fp16" else "int8"
 
 
 def compute_dtype(half: bool, device: torch.device, backbone: str) -> str:
@@ -80,7 +88,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         }
     manifest = {
         "format": cf.FORMAT,
-        "format_version": cf.format_version(tap, layout),
+        "format_version": cf.format_version(tap, layout, stored_dtype(cfg.token_dtype)),
         **({} if layout == "falcon" else {"layout": layout}),
         "seg_version": seg.__version__,
         "torch_version": torch.__version__,
@@ -102,7 +110,8 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
             "tap_block": tap,
             "token_layout": f"the un-normed residual stream entering block {tap}: cls, "
                             f"{model.num_register_tokens} register tokens, then the patches row by row"}),
-        "token_dtype": "float16",
+        "token_dtype": stored_dtype(cfg.token_dtype),
+        **({} if cfg.token_dtype == "fp16" else {"token_quant": QuantSpec.for_tokens(token_shape, tap is not None).record()}),
         "token_shape": token_shape,
         "mask_shape": [h, w],
         "compute_dtype": compute_dtype(cfg.half, device, info.name),

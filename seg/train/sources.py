@@ -31,8 +31,8 @@ def batches_of(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def split_bytes(split: CacheSplit) -> int:
-    m = split.manifest
-    per = int(np.prod(m["token_shape"])) * 2 + int(np.prod(m["mask_shape"]))
+    """What the split holds in memory when preloaded: its stored rows (int8 caches stay 8-bit) and masks."""
+    per = int(np.prod(split.row_shape)) * split.row_dtype.itemsize + int(np.prod(split.manifest["mask_shape"]))
     return per * len(split)
 
 
@@ -69,13 +69,14 @@ class PreloadedSplit:
     """A whole split held on the training device: a batch is one indexing op."""
 
     def __init__(self, split: CacheSplit, device: torch.device) -> None:
+        self.split = split
         self.tokens, self.masks = split.load(device)
         self.device = device
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in batches:
             idx = torch.from_numpy(b).to(self.device)
-            yield self.tokens[idx], self.masks[idx]
+            yield self.split.dequantize(self.tokens[idx]), self.masks[idx]
 
 
 class _BatchReads(Dataset):
@@ -114,4 +115,6 @@ class StreamedSplit:
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for tokens, masks in self.loader(batches):
-            yield tokens.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            # int8 rows cross to the device as bytes and become float16 tokens there
+            yield (self.split.dequantize(tokens.to(self.device, non_blocking=True)),
+                   masks.to(self.device, non_blocking=True))
