@@ -20,8 +20,14 @@ def main() -> None:
     grid, dim, mask = (26, 46), 768, (364, 644)
     crit = SegLoss("focal_dice", torch.ones(10))
     print("| head | stored layers | parameters | samples/s (batch 2, bf16) |\n|---|---|---|---|")
-    for head_name, layers in (("upernet", 1), ("linear", 1), ("linear", 4), ("upernet-ms", 4)):
-        head = build_head(head_name, layers * dim, 10, layers=layers)
+    import sys
+
+    cases = (("upernet", 1, None), ("linear", 1, None), ("linear", 4, None), ("upernet-ms", 4, "reduce"),
+             ("upernet-ms", 4, "full"))
+    if "--only" in sys.argv:
+        cases = [c for c in cases if c[0] == sys.argv[sys.argv.index("--only") + 1]]
+    for head_name, layers, fusion in cases:
+        head = build_head(head_name, layers * dim, 10, layers=layers, ms_fusion=fusion)
         opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
         tokens = torch.randn(2, layers, dim, *grid).half()
         target = torch.randint(0, 10, (2, *mask))
@@ -36,7 +42,8 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
         rate = 2 / (sum(times) / len(times))
         n = sum(p.numel() for p in head.parameters())
-        print(f"| {head_name} | {layers} | {n:,} | {rate:.2f} |", flush=True)
+        label = head_name + (f" ({fusion} fusion)" if fusion else "")
+        print(f"| {label} | {layers} | {n:,} | {rate:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--size", default="322x182")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help="Only the configurations of this head (e.g. upernet-ms).")
     args = ap.parse_args()
 
     from seg.evaluate import EvalOptions, evaluate
@@ -38,20 +39,24 @@ def main() -> None:
     quiet = dict(log=lambda s: None)
     data = write_dataset(work / "data", {"train": args.train_images, "val": 8, "test": 12}, seed=7)
     caches = {}
-    for layers in ("1", "2,5,8,11"):
+    for layers in (("2,5,8,11",) if args.only == "upernet-ms" else ("1", "2,5,8,11")):
         out = work / f"cache-{layers.replace(',', '-')}"
         extract(ExtractConfig(data=str(data), out=str(out), backbone="vits14", size=args.size, random_init=True,
                               aug_policy="phase3", aug_seeds=2, splits=("train", "val", "test"), layers=layers,
                               batch_size=4, progress=False), **quiet)
         caches[layers] = out
-    configs = [("upernet (published)", "upernet", "1", 3e-4), ("linear, last layer", "linear", "1", 1e-3),
-               ("linear, 4 layers", "linear", "2,5,8,11", 1e-3), ("upernet-ms, 4 layers", "upernet-ms", "2,5,8,11", 3e-4)]
+    configs = [("upernet (published)", "upernet", "1", 3e-4, {}), ("linear, last layer", "linear", "1", 1e-3, {}),
+               ("linear, 4 layers", "linear", "2,5,8,11", 1e-3, {}),
+               ("upernet-ms, 4 layers (reduce fusion)", "upernet-ms", "2,5,8,11", 3e-4, {"ms_fusion": "reduce"}),
+               ("upernet-ms, 4 layers (full fusion)", "upernet-ms", "2,5,8,11", 3e-4, {"ms_fusion": "full"})]
+    if args.only:
+        configs = [c for c in configs if c[1] == args.only]
     results = []
-    for label, head, layers, lr in configs:
+    for label, head, layers, lr, extra in configs:
         for seed in range(args.seeds):
-            run = work / f"run-{head}-{layers.replace(',', '-')}-{seed}"
+            run = work / f"run-{head}-{layers.replace(',', '-')}-{'-'.join(extra.values())}-{seed}"
             cfg = resolve(3, {"backbone": "vits14", "size": args.size, "epochs": args.epochs, "warmup_epochs": 1,
-                              "patience": 0, "seed": seed, "head": head, "lr": lr})
+                              "patience": 0, "seed": seed, "head": head, "lr": lr, **extra})
             t0 = time.perf_counter()
             train(cfg, str(caches[layers]), str(run), RunOptions(device="cpu", progress=False, allow_mismatch=True),
                   **quiet)
@@ -67,7 +72,7 @@ def main() -> None:
     print("\n| head | Logs IoU | Rocks IoU | Ground Clutter IoU | test mIoU | train samples/s |")
     print("|---|---|---|---|---|---|")
     summary = []
-    for label, *_ in configs:
+    for label, *_rest in configs:
         rows = [r for r in results if r["config"] == label]
         cells = {}
         for key in ("Logs", "Rocks", "Ground Clutter", "miou", "train_samples_per_s"):

@@ -50,6 +50,8 @@ HEADS = [
     HeadCase("upernet", lambda: build_head("upernet", 24, K), layer_tokens(1, 24)),
     HeadCase("linear", lambda: build_head("linear", 48, K, layers=2), layer_tokens(2, 24)),
     HeadCase("upernet-ms", lambda: build_head("upernet-ms", 4 * 16, K, layers=4), layer_tokens(4, 16), scale=4),
+    HeadCase("upernet-ms-full", lambda: build_head("upernet-ms", 4 * 16, K, layers=4, ms_fusion="full"),
+             layer_tokens(4, 16), scale=4),
     tuned(DinoVisionTransformer, "dinov2_tiny_reg4_golden.pt", 1, "upernet"),
     tuned(DinoV3VisionTransformer, "dinov3_tiny_golden.pt", 2, "convnext"),
 ]

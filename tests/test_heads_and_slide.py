@@ -35,9 +35,11 @@ def four_layer_cache(tmp_path_factory):
     return path
 
 
-# (head, lr, epochs, mIoU to reach): the deeper pyramid head needs a gentler lr and more steps
+# (head, lr, epochs, mIoU to reach): the deeper pyramid head needs a gentler lr and more steps. With
+# its default (reduce) fusion it reaches 0.75-0.80 here where the full fusion passed 0.85, yet on the
+# procedural dataset it scores as well as the full one (BENCHMARKS.md, "upernet-ms fusion").
 @pytest.mark.parametrize("head,lr,epochs,floor", [("convnext", 3e-3, 30, 0.9), ("upernet", 3e-3, 30, 0.9),
-                                                  ("linear", 1e-2, 30, 0.9), ("upernet-ms", 1e-3, 40, 0.85)])
+                                                  ("linear", 1e-2, 30, 0.9), ("upernet-ms", 1e-3, 40, 0.7)])
 def test_every_head_overfits_a_learnable_task(four_layer_cache, tmp_path, head, lr, epochs, floor):
     cfg = resolve(2, {"epochs": epochs, "lr": lr, "amp": False, "head": head, "loss": "ce"})
     metrics = train(cfg, str(four_layer_cache), str(tmp_path / "r"),
@@ -162,3 +164,26 @@ def test_eval_and_predict_slide_on_original_frames(small_cache, dataset, tmp_pat
     import cv2
 
     assert cv2.imread(str(tmp_path / "p" / "color" / "test_00000.png")).shape == (540, 960, 3)
+
+
+def test_upernet_ms_fusion_default_and_runs_recorded_before_it():
+    """New upernet-ms runs fuse with the 1x1 reduction; a run recorded before the setting existed
+    used the full 3x3 fusion and is rebuilt with it (its weights fit nothing else)."""
+    from seg.heads import build_head
+    from seg.infer.runs import build_run_head
+    from seg.runtime.errors import SegError
+    from seg.train.presets import resolve, with_legacy_fields
+
+    assert resolve(3, {"head": "upernet-ms"}).ms_fusion == "reduce"
+    assert resolve(3, {}).ms_fusion is None
+    with pytest.raises(SegError, match="--ms-fusion applies to the upernet-ms head, not upernet"):
+        resolve(3, {"ms_fusion": "full"})
+    full = build_head("upernet-ms", 64, 5, layers=4, ms_fusion="full")
+    reduce = build_head("upernet-ms", 64, 5, layers=4)
+    n = lambda m: sum(p.numel() for p in m.fuse.parameters())  # noqa: E731
+    assert n(reduce) < n(full) / 2
+    old = {"config": {k: v for k, v in resolve(3, {"head": "upernet-ms"}).to_dict().items() if k != "ms_fusion"},
+           "backbone": {"tap_block": None, "token_shape": [4, 16, 3, 5]}, "in_channels": 64}
+    assert with_legacy_fields(old["config"])["ms_fusion"] == "full"
+    rebuilt = build_run_head(old, 5)
+    rebuilt.load_state_dict(full.state_dict())  # strict: the old full-fusion weights fit

@@ -17,8 +17,10 @@ from seg.heads.upernet import PyramidPooling, UPerNetHead, conv_gn
 HEADS = ("convnext", "upernet", "linear", "upernet-ms")
 
 
-def build_head(name: str, in_channels: int, num_classes: int, layers: int = 1) -> nn.Module:
-    """in_channels = layers x embed_dim of the cached tokens."""
+def build_head(name: str, in_channels: int, num_classes: int, layers: int = 1,
+               ms_fusion: Optional[str] = None) -> nn.Module:
+    """in_channels = layers x embed_dim of the cached tokens; ms_fusion: the upernet-ms fusion
+    (reduce | full; None: reduce)."""
     if name == "convnext":
         return ConvNeXtHead(in_channels, num_classes)
     if name == "upernet":
@@ -26,7 +28,7 @@ def build_head(name: str, in_channels: int, num_classes: int, layers: int = 1) -
     if name == "linear":
         return LinearHead(in_channels, num_classes)
     if name == "upernet-ms":
-        return PyramidUPerNetHead(in_channels, num_classes, layers)
+        return PyramidUPerNetHead(in_channels, num_classes, layers, fusion=ms_fusion or "reduce")
     raise ValueError(f"head must be one of {', '.join(HEADS)}, got {name!r}")
 
 

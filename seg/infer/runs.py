@@ -15,6 +15,7 @@ from seg.runtime.checkpoint import load_torch_file
 from seg.data.classes import ClassTable
 from seg.runtime.errors import SegError
 from seg.heads import TunedHead, build_head
+from seg.train.presets import with_legacy_fields
 
 # Fields of the backbone record that must agree between a run and a cache it is evaluated on.
 FEATURE_FIELDS = ("backbone", "weights_sha256", "weights_fingerprint", "size", "layers", "layer_norm",
@@ -75,8 +76,10 @@ def build_run_head(record: dict, num_classes: int) -> nn.Module:
     from the architecture alone; best.pt holds the tuned weights)."""
     bb = record["backbone"]
     tap = bb.get("tap_block")
+    config = with_legacy_fields(record["config"])
     if tap is None:
-        return build_head(record["config"]["head"], record["in_channels"], num_classes, layers=bb["token_shape"][0])
+        return build_head(config["head"], record["in_channels"], num_classes, layers=bb["token_shape"][0],
+                          ms_fusion=config["ms_fusion"])
     head = build_head(record["config"]["head"], record["in_channels"], num_classes)
     return TunedHead(BackboneTail(build_backbone(bb["backbone"]), tap), head)
 

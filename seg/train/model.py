@@ -24,7 +24,7 @@ def build_head_for(cfg: TrainConfig, cache: FeatureCache, num_classes: int, weig
                    checkpointing: bool) -> nn.Module:
     """The untrained head, seeded: the same initial weights on every rank."""
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head, cache.in_channels, num_classes, layers=cache.head_layers)
+    head = build_head(cfg.head, cache.in_channels, num_classes, layers=cache.head_layers, ms_fusion=cfg.ms_fusion)
     tap = cf.tap_block(cache.manifest)
     if tap is not None:
         # Exactly the weights the cache recorded (sha256 and tensor fingerprint checked).

@@ -41,6 +41,7 @@ class TrainConfig:
     tune_blocks: int = 0         # train the last k backbone blocks too (needs a tap cache at block N - k)
     backbone_lr: Optional[float] = None  # their learning rate; None: lr / 10
     layer_decay: float = 1.0     # block i of k gets backbone_lr x layer_decay^(k - 1 - i)
+    ms_fusion: Optional[str] = None  # upernet-ms only: reduce (1x1 then 3x3) | full (mmseg's 3x3); None elsewhere
 
     @property
     def tuned_lr(self) -> float:
@@ -91,20 +92,27 @@ CHOICES = {
 }
 
 
-def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
-    """The phase preset with every non-None override applied and checked."""
+def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> TrainConfig:
+    """The phase preset with every non-None override applied and checked; with `keep_none`, None
+    values apply too (a config file's "patience": null means never stop early, not the preset's)."""
     if phase not in PRESETS:
         raise SegError(f"--phase must be 1, 2 or 3, got {phase}")
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - names
     if unknown:
         raise SegError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if values.get("patience", 1) < 0:
+    values = {k: v for k, v in overrides.items() if v is not None or keep_none}
+    if (values.get("patience") or 0) < 0:
         raise SegError(f"--patience must be 0 (never stop early) or a number of epochs, got {values['patience']}")
     if values.get("patience") == 0:  # 0 on the command line: never stop early
         values["patience"] = None
     cfg = replace(PRESETS[phase], **values)
+    if cfg.head == "upernet-ms":
+        cfg = replace(cfg, ms_fusion=cfg.ms_fusion or "reduce")
+        if cfg.ms_fusion not in ("reduce", "full"):
+            raise SegError(f"--ms-fusion must be reduce or full, got {cfg.ms_fusion!r}")
+    elif cfg.ms_fusion is not None:
+        raise SegError(f"--ms-fusion applies to the upernet-ms head, not {cfg.head}")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SegError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
@@ -135,3 +143,12 @@ def resolve(phase: int, overrides: dict[str, Any]) -> TrainConfig:
             bounds = (f">= {low:g}" if inclusive else f"> {low:g}") + (f" and < {high:g}" if high is not None else "")
             raise SegError(f"--{key.replace('_', '-')} must be a finite number {bounds}, got {v}")
     return cfg
+
+
+def with_legacy_fields(config: dict) -> dict:
+    """A recorded config as this seg reads it: fields added since it was written get the value that
+    means what that run did (an upernet-ms run before the cheaper fusion used the full one)."""
+    config = dict(config)
+    if "ms_fusion" not in config:
+        config["ms_fusion"] = "full" if config.get("head") == "upernet-ms" else None
+    return config

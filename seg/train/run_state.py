@@ -11,6 +11,7 @@ import torch
 from seg.runtime.checkpoint import load_torch_file, save_checkpoint
 from seg.runtime.device import training_amp_dtype
 from seg.runtime.errors import SegError
+from seg.train.presets import with_legacy_fields
 from seg.train.reports import write_metrics
 
 
@@ -47,8 +48,9 @@ class RunState:
         state = load_torch_file(last_path, what="unreadable checkpoint; cannot resume")
         if not isinstance(state, dict) or "config" not in state or "head" not in state:
             raise SegError(f"{last_path}: not a seg training checkpoint; cannot resume")
-        if state["config"] != config:
-            diffs = [k for k in config if state["config"].get(k) != config[k]]
+        saved = with_legacy_fields(state["config"])
+        if saved != config:
+            diffs = [k for k in config if saved.get(k) != config[k]]
             raise SegError(f"{out}: --resume with other settings than the run's (differs in {', '.join(diffs)})")
         if state["cache_fingerprint"] != fingerprint:
             raise SegError(f"{out}: --resume with another cache than the run was trained on")
