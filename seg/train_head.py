@@ -35,6 +35,8 @@ from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
 from seg.train.sampling import RareClassSampler, default_min_pixels
 from seg.train.sources import PreloadedSplit, StreamedSplit, choose_preload
+from seg.train.init_from import init_head_from
+from seg.heads import head_logits
 
 
 @dataclass
@@ -52,6 +54,10 @@ class RunOptions:
     checkpointing: bool = False     # --tune-blocks: recompute block activations in backward (less memory)
     amp_dtype: str = "auto"         # auto (fp16 + GradScaler on a GPU, bf16 on a CPU) | bf16 | fp16
     scale_batch: bool = False       # torchrun: every rank takes the whole batch (global = batch x accum x world)
+    tensorboard: bool = False       # log scalars, confusion matrix and overlays under RUN/tensorboard
+    init_from: Optional[str] = None  # a finished run whose best.pt weights the head starts from
+    config_source: Optional[dict] = None  # where the settings came from (--config FILE): recorded
+    on_epoch: Optional[Callable[[int, dict], None]] = None  # called after each saved epoch (sweeps prune here)
 
 
 class Trainer:
@@ -125,6 +131,19 @@ class Trainer:
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
                                   self.state.last_good, self.rank_batch, self.rank_accum)
 
+    def _tensorboard(self):
+        from seg.train.tensorboard import TensorBoardLog
+
+        amp = self.amp_dtype is not None
+        grid = self.epochs.grid
+
+        def logits_of(rows, size):
+            tokens = self.val_split.dequantize(torch.from_numpy(rows).to(self.device))
+            return head_logits(self.head, tokens, tuple(size), amp, grid)
+
+        self.log(f"tensorboard: {self.out / 'tensorboard'} (tensorboard --logdir {self.out / 'tensorboard'})")
+        return TensorBoardLog(self.out, self.names, list(self.cache.class_table.colors), self.val_split, logits_of)
+
     def _sources(self):
         preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device)
         self.log(why)
@@ -148,6 +167,8 @@ class Trainer:
             # the autocast dtype this run trains in: a resume elsewhere must keep it (fp16 needs a GradScaler)
             "amp_dtype": self.amp_name,
             "environment": self.environment,
+            **({"config_source": self.opts.config_source} if self.opts.config_source else {}),
+            **({"init_from": self.init_record} if self.init_record else {}),
         }
 
     def run(self) -> dict:
@@ -179,8 +200,18 @@ class Trainer:
                 self.amp_dtype = dtype
                 self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
                 self.log(f"autocast: {self.amp_name}, as the run recorded")
+        if saved is not None and not self.opts.config_source:
+            self.opts.config_source = saved.get("config_source")
         self._build()
+        self.init_record = None
         st.record = self._run_record()
+        if self.opts.init_from and saved is None:
+            self.init_record = init_head_from(self.head, self.opts.init_from, st.record)
+            st.record = self._run_record()
+            self.log(f"head initialised from {self.opts.init_from}/best.pt (epoch {self.init_record['epoch']}, val mIoU "
+                     f"{self.init_record['val_miou']:.4f}); the optimizer and the LR schedule start again at epoch 1")
+        elif saved is not None:
+            self.init_record = saved.get("init_from")
         if saved is not None:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")
@@ -202,6 +233,7 @@ class Trainer:
         self._start(resume)
         train_src, val_src = self._sources()
         stopped_early, spent = False, []
+        tb = self._tensorboard() if main and self.opts.tensorboard else None
         for epoch in range(st.start_epoch, cfg.epochs):
             if st.patience_exhausted(cfg.patience, cfg.select, epoch):
                 stopped_early = True
@@ -222,11 +254,17 @@ class Trainer:
             if main:
                 st.save(epoch, self.head, self.opt, self.sched, self.scaler, improved)
                 write_history(out, st.history)
+                if tb is not None:
+                    tb.epoch(epoch, row, cm)
             spent.append(row["seconds"])
             left = (cfg.epochs - epoch - 1) * sum(spent) / len(spent)  # at most: early stopping ends sooner
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                      f"val mIoU {summary['miou']:.4f}{' *' if improved else ''}  lr {lr:.3g}  "
                      f"{sps:.1f} samples/s  {row['seconds']:.1f} s  run ETA {_duration(left)}")
+            if main and self.opts.on_epoch is not None:
+                self.opts.on_epoch(epoch, row)  # after the checkpoint: a sweep that prunes here keeps it
+        if tb is not None:
+            tb.close()
         if stopped_early:
             self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs "
                      f"(best {st.best['miou']:.4f} at epoch {st.best['epoch']})")

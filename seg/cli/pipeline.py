@@ -89,6 +89,8 @@ def extract(**kw) -> None:
 @click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
 @click.option("--head", type=click.Choice(["convnext", "upernet", "linear", "upernet-ms"]),
               help="Override the preset's head (linear: DINOv2's BN + 1x1 conv; upernet-ms: pyramid over 4 layers).")
+@click.option("--ms-fusion", type=click.Choice(["reduce", "full"]),
+              help="upernet-ms: fuse the 4 levels with a 1x1 reduction then a 3x3 conv (reduce), or mmseg's 3x3 over all (full). [default: reduce]")
 @click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice", "lin_focal_dice"]),
               help="Override the loss (focal_dice = the published focal; lin_focal_dice = Lin et al.'s).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Override the optimizer.")
@@ -139,12 +141,19 @@ def extract(**kw) -> None:
 @click.option("--allow-mismatch", is_flag=True, hidden=True,
               help="Accepted for old scripts: a mismatching cache is trained on by default now.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard before training.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Start from a run's config.json (or a file of that shape); flags override it.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False),
+              help="Start the head from this finished run's best.pt (a new run: fresh optimizer and LR schedule).")
+@click.option("--tensorboard", is_flag=True, help="Log to RUN/tensorboard (needs: pip install 'seg[tensorboard]').")
 @NO_PROGRESS
+@click.pass_context
 @user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch",
              on_oom="lower --batch-size (with --accum to keep the effective batch), stream with --preload never, "
                     "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
-def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch, no_verify,
-               weights, checkpointing, no_progress, amp_dtype, scale_batch, **overrides) -> None:
+def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch,
+               no_verify, weights, checkpointing, no_progress, amp_dtype, scale_batch, config_file, init_from,
+               tensorboard, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -155,7 +164,14 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
 
     from seg.runtime import distributed
 
-    cfg = resolve(phase, overrides)
+    source = None
+    if config_file:
+        from seg.train.config_file import config_from_file
+
+        explicit = ctx.get_parameter_source("phase") == click.core.ParameterSource.COMMANDLINE
+        cfg, source = config_from_file(config_file, overrides, phase if explicit else None)
+    else:
+        cfg = resolve(phase, overrides)
     d = distributed.init(device)
     try:
         metrics = train(cfg, cache_dir, out, RunOptions(device, preload, workers, resume, allow_mismatch,
@@ -163,7 +179,8 @@ def train_head(cache_dir, out, phase, device, preload, workers, resume, overwrit
                                                         verify=not no_verify,
                                                         weights=weights, checkpointing=checkpointing,
                                                         progress=not no_progress, amp_dtype=amp_dtype,
-                                                        scale_batch=scale_batch),
+                                                        scale_batch=scale_batch, tensorboard=tensorboard,
+                                                        init_from=init_from, config_source=source),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)

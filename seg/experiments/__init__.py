@@ -1,0 +1,1 @@
+"""Experiments over one cache: hyper-parameter sweeps (Optuna), comparing runs, run configs as files."""
