@@ -30,10 +30,15 @@ def confusion_matrix(pred: Array, target: Array, num_classes: int, ignore_index:
         raise ValueError(f"pred and target sizes differ: {tuple(p.shape)} vs {tuple(t.shape)}")
     t, p = t.reshape(-1).to(p.device, torch.long), p.reshape(-1).long()
     valid = (t != ignore_index) & (t >= 0) & (t < num_classes)
-    t, p = t[valid], p[valid]
-    if ((p < 0) | (p >= num_classes)).any():
+    if p.device.type == "cpu" and bool((((p < 0) | (p >= num_classes)) & valid).any()):
+        # (on a GPU the predictions are an argmax over K logits: reading this flag would stall it every batch)
         raise ValueError(f"predictions must be class ids in 0..{num_classes - 1}")
-    cm = torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    # Ignored pixels go to one extra bin that is dropped: no boolean indexing and no bincount, whose
+    # data-dependent output sizes make a GPU wait for the host every batch.
+    k2 = num_classes * num_classes
+    index = torch.where(valid, t * num_classes + p.clamp(0, num_classes - 1), k2)
+    counts = torch.zeros(k2 + 1, dtype=torch.long, device=p.device).scatter_add_(0, index, torch.ones_like(index))
+    cm = counts[:k2].reshape(num_classes, num_classes)
     return cm if is_torch else cm.numpy()
 
 

@@ -21,6 +21,7 @@ from seg.train.sampling import RareClassSampler
 from seg.train.sources import batches_of, epoch_indices
 from seg.runtime.progress import progress_bar
 
+SYNC_EVERY = 16  # training steps between host reads of the loss
 VAL_BATCH = 8
 
 
@@ -82,7 +83,13 @@ class EpochRunner:
         self.model.train()
         batches = self.rank_batches(epoch)
         n_samples = sum(len(b) for b in batches)
-        total, count, t0 = 0.0, 0, time.perf_counter()
+        count, t0 = 0, time.perf_counter()
+        # Kept on the device and read every SYNC_EVERY steps: a .item() per step would make the host wait
+        # for every GPU step. A non-finite loss is still caught within SYNC_EVERY steps, before anything
+        # of the epoch is saved, and reported with the step where it first appeared.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        first_bad = torch.full((2,), float("inf"), dtype=torch.float64, device=self.device)  # (step, loss)
+        step_t = torch.zeros((), dtype=torch.float64, device=self.device)  # the step, counted on the device
         self.opt.zero_grad(set_to_none=True)
         bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -92,11 +99,9 @@ class EpochRunner:
             # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
             with self.model.no_sync() if self.d.active and not stepping else contextlib.nullcontext():
                 _, loss = self.forward_loss(tokens, masks)
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-                if all_reduce_sum(self.d, bad).item() > 0:  # every rank stops together, none waits forever
-                    bar.close()
-                    raise SegError(f"train loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                                   f"{self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
+                fresh = ~torch.isfinite(loss.detach()) & torch.isinf(first_bad[0])
+                first_bad = torch.where(fresh, torch.stack([step_t, loss.detach().double()]), first_bad)
+                step_t += 1
                 self.scaler.scale(loss / self.rank_accum).backward()
             # As published: step on every accum-th batch only. A last group of fewer than accum
             # batches adds its gradients, but zero_grad at the next epoch's start discards them.
@@ -104,15 +109,29 @@ class EpochRunner:
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
-            total += loss.item() * len(tokens)
+            total += loss.detach().double() * len(tokens)
             count += len(tokens)
             bar.update(len(tokens))
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == len(batches):
+                self._stop_if_non_finite(first_bad, epoch, bar)
+                bar.set_postfix(loss=f"{total.item() / count:.4f}")
         bar.close()
         seconds = time.perf_counter() - t0
-        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        sums = all_reduce_sum(self.d, torch.stack([total, torch.tensor(float(count), dtype=torch.float64,
+                                                                       device=self.device)]))
         total, count = sums.tolist()
         return total / max(count, 1), count / seconds if seconds > 0 else 0.0
+
+    def _stop_if_non_finite(self, first_bad: torch.Tensor, epoch: int, bar) -> None:
+        """Every rank learns whether any rank saw a non-finite loss and all stop together (none waits
+        forever in a collective); this rank names the first step where it saw one."""
+        bad = torch.isfinite(first_bad[:1]).double()
+        if all_reduce_sum(self.d, bad).item() > 0:
+            bar.close()
+            step, value = first_bad.tolist()
+            where = f"step {int(step) + 1}" if step != float("inf") else "a step on another rank"
+            raise SegError(f"train loss became {value if step != float('inf') else 'non-finite'} at epoch {epoch + 1}, "
+                           f"{where}; stopped. {self.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
 
     @torch.no_grad()
     def validate(self, source) -> tuple[float, torch.Tensor]:
@@ -123,14 +142,14 @@ class EpochRunner:
         self.model.eval()
         k = self.num_classes
         cm = torch.zeros(k, k, dtype=torch.int64, device=self.device)
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x samples, samples): no per-batch sync
         mine = np.array_split(np.arange(len(self.val_split)), self.d.world)[self.d.rank]
         for tokens, masks in source.batches(batches_of(mine, VAL_BATCH)):
             logits, loss = self.forward_loss(tokens, masks, self.head)
-            total += loss.item() * len(tokens)
-            count += len(tokens)
+            sums[0] += loss.detach().double() * len(tokens)
+            sums[1] += len(tokens)
             cm += confusion_matrix(logits.argmax(1), masks, k)
         all_reduce_sum(self.d, cm)  # one confusion matrix over the whole split, never per rank
-        sums = all_reduce_sum(self.d, torch.tensor([total, float(count)], dtype=torch.float64, device=self.device))
+        all_reduce_sum(self.d, sums)
         return sums[0].item() / max(sums[1].item(), 1), cm
 
