@@ -201,3 +201,14 @@ def test_the_preset_batch_is_split_over_ranks():
     with pytest.raises(SegError, match=r"a global batch of 2 x accum 2 = 4 samples per step cannot be split over 8 "
                                        r"ranks; .* or --scale-batch"):
         rank_batching(2, 2, 8)
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu_check.sh would run the GPU checks")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert p.returncode == 0 and "gpu_check: no CUDA device visible to torch" in p.stdout, p.stdout + p.stderr
