@@ -35,3 +35,15 @@ def small_cache(tmp_path_factory, dataset) -> Path:
                           random_init=True, aug_policy="phase3", aug_seeds=2, splits=("train", "val", "test"),
                           batch_size=4, shard_size=4, workers=0, progress=False), log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def phase3_run(tmp_path_factory, small_cache) -> Path:
+    """A phase-3 run trained one epoch on `small_cache`, shared by read-only tests (API, export)."""
+    from seg.train.presets import resolve
+    from seg.train_head import RunOptions, train
+
+    out = tmp_path_factory.mktemp("run") / "p3"
+    train(resolve(3, {"epochs": 1, "lr": 1e-3}), str(small_cache), str(out), RunOptions(device="cpu", progress=False),
+          log=lambda s: None)
+    return out

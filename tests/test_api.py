@@ -14,16 +14,11 @@ from seg.data.decode import read_image
 from seg.data.layouts import list_split
 from seg.predict import colorize
 from seg.runtime.errors import SegError
-from seg.train.presets import resolve
-from seg.train_head import RunOptions, train
 
 
-@pytest.fixture(scope="module")
-def run_dir(small_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(resolve(3, {"epochs": 1, "lr": 1e-3}), str(small_cache), str(out),
-          RunOptions(device="cpu", progress=False), log=lambda s: None)
-    return out
+@pytest.fixture
+def run_dir(phase3_run):
+    return phase3_run  # shared, read-only: nothing here writes into it
 
 
 def test_api_labels_equal_seg_predict(run_dir, dataset, tmp_path):

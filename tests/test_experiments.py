@@ -3,7 +3,6 @@ and share one study between processes; compare; config files that reproduce a ru
 a finished run; TensorBoard logs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

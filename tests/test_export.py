@@ -3,7 +3,6 @@ onnxruntime answers equal the eager model's within the stated bound; a graph out
 and never published; a file seg did not write is never replaced."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,6 @@ from seg.deploy.graph import PixelsToClasses
 from seg.deploy.onnx_file import open_session, write_onnx
 from seg.deploy.parity import LOGIT_BOUND, compare
 from seg.heads import TunedHead, build_head
-from seg.train.presets import resolve
-from seg.train_head import RunOptions, train
 
 pytest.importorskip("onnxruntime")
 
@@ -138,12 +135,9 @@ def test_compare_bounds_by_hand():
 
 # -- seg export on a trained run ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def run_dir(small_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(resolve(3, {"epochs": 1, "lr": 1e-3}), str(small_cache), str(out),
-          RunOptions(device="cpu", progress=False), log=lambda s: None)
-    return out
+@pytest.fixture
+def run_dir(phase3_run):
+    return phase3_run  # shared, read-only: nothing here writes into it
 
 
 def export(*args):

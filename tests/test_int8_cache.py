@@ -4,7 +4,6 @@ refusals of inconsistent manifests, and training from int8 equal to training fro
 values it stands for."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

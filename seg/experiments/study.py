@@ -135,7 +135,7 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
     dims = parse_space(list(opts.search))
     if opts.trials < 1:
         raise SegError("--trials must be at least 1")
-    base = resolve(opts.phase, dict(opts.fixed))  # the shared settings are checked once, before any trial
+    resolve(opts.phase, dict(opts.fixed))  # the shared settings are checked once, before any trial
     out = Path(opts.out)
     _claim_folder(out)
     cache = FeatureCache(opts.cache)
