@@ -30,7 +30,7 @@ def main() -> int:
         print("no CUDA device: nothing to measure")
         return 0
     sys.path.insert(0, str(Path(__file__).parent))
-    from deploy_latency import vit_flops  # analytic ViT FLOPs, shared with the latency benchmark
+    from bench_pipeline import vit_flops  # analytic ViT FLOPs, shared with the pipeline benchmark
     from seg.data.synthetic import write_dataset
     from seg.extract_features import ExtractConfig, extract
     from seg.heads import build_head, head_logits
@@ -48,7 +48,7 @@ def main() -> int:
                                     progress=False), log=lambda s: None)
     ips = summary.loop_images_per_s
     rows["extract_images_per_s"] = ips
-    rows["extract_fraction_of_bf16_rate"] = ips * vit_flops("vitb14_reg", 644, 364) / (rows["bf16_matmul_GFLOPs"] * 1e9)
+    rows["extract_fraction_of_bf16_rate"] = ips * vit_flops("vitb14_reg", "644x364") / (rows["bf16_matmul_GFLOPs"] * 1e9)
     rows["extract_wall_s"] = time.perf_counter() - t0
 
     # phase-3 head step (batch 2, bf16, Focal+Dice, AdamW) against its FLOP floor
