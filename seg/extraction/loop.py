@@ -3,6 +3,7 @@ shard by shard."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import cv2
@@ -66,44 +67,59 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
     sq_err = sq = 0.0  # int8: the shard's quantisation error, measured against the float16 tokens
     tap = cf.tap_block(manifest)
     dtype = recorded_dtype(manifest["compute_dtype"], device)
-    for batch in loader:
-        if "error" in batch:
-            raise SegError(batch["error"])
-        x = normalize(batch["image"].to(device, non_blocking=True))
-        feats = backbone_features(model, x, layers, tap, device, dtype)
-        half = feats.to(torch.float16)
-        if not torch.isfinite(half).all():
-            _refuse_non_finite(feats, half, batch["k"], files, seeds)
-        if tap is not None:  # the range report of a tap cache; normed layers need none
-            max_abs = max(max_abs, half.abs().max().item())
-        if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
-            rows = quant.pack(half)
-            err = quant.dequantize(rows).float() - half.float()
-            sq_err += float(err.pow(2).sum(dtype=torch.float64))
-            sq += float(half.float().pow(2).sum(dtype=torch.float64))
-            tokens = rows.cpu().numpy()
-        else:
-            tokens = half.cpu().numpy()
-        b = tokens.shape[0]
-        buf_tokens[filled:filled + b] = tokens
-        buf_masks[filled:filled + b] = batch["mask"].numpy()
-        filled += b
-        bar.update(b)
-        if filled == plan.count:
-            ks = np.arange(plan.start, plan.start + plan.count)
-            attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
-            if tap is not None:
-                attrs["max_abs"] = max_abs
-            if quant is not None:
-                attrs["quant_error"] = np.array([sq_err, sq], np.float64)
-            cf.write_shard(out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
-                           np.asarray(seeds)[ks // len(files.names)], attrs=attrs,
-                           class_counts=class_counts(buf_masks, num_classes))
-            written += plan.count
-            plan = next(plan_iter, None)
-            if plan is None:
-                break
-            buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
-            buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-            filled, max_abs, sq_err, sq = 0, 0.0, 0.0, 0.0
+    # Shards are written by one background thread while the backbone computes the next batches (the
+    # HDF5 image, the write and its fsync would leave the compute idle otherwise); each write is still
+    # atomic (temporary name, then rename), and its error surfaces here.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-shard-writer")
+    pending: Optional[Future] = None
+    try:
+        for batch in loader:
+            if "error" in batch:
+                raise SegError(batch["error"])
+            x = normalize(batch["image"].to(device, non_blocking=True))
+            feats = backbone_features(model, x, layers, tap, device, dtype)
+            half = feats.to(torch.float16)
+            if not torch.isfinite(half).all():
+                _refuse_non_finite(feats, half, batch["k"], files, seeds)
+            if tap is not None:  # the range report of a tap cache; normed layers need none
+                max_abs = max(max_abs, half.abs().max().item())
+            if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
+                rows = quant.pack(half)
+                err = quant.dequantize(rows).float() - half.float()
+                sq_err += float(err.pow(2).sum(dtype=torch.float64))
+                sq += float(half.float().pow(2).sum(dtype=torch.float64))
+                tokens = rows.cpu().numpy()
+            else:
+                tokens = half.cpu().numpy()
+            b = tokens.shape[0]
+            buf_tokens[filled:filled + b] = tokens
+            buf_masks[filled:filled + b] = batch["mask"].numpy()
+            filled += b
+            bar.update(b)
+            if filled == plan.count:
+                ks = np.arange(plan.start, plan.start + plan.count)
+                attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
+                if tap is not None:
+                    attrs["max_abs"] = max_abs
+                if quant is not None:
+                    attrs["quant_error"] = np.array([sq_err, sq], np.float64)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: memory holds two shard buffers, not more
+                pending = writer.submit(_write, out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
+                                        np.asarray(seeds)[ks // len(files.names)], attrs, num_classes)
+                written += plan.count
+                plan = next(plan_iter, None)
+                if plan is None:
+                    break
+                buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
+                buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
+                filled, max_abs, sq_err, sq = 0, 0.0, 0.0, 0.0
+        if pending is not None:
+            pending.result()
+    finally:
+        writer.shutdown(wait=True)  # an interrupted run still finishes (or cleanly fails) the shard in flight
     return written
+
+
+def _write(path, tokens, masks, image_index, aug_seed, attrs, num_classes: int) -> None:
+    cf.write_shard(path, tokens, masks, image_index, aug_seed, attrs=attrs, class_counts=class_counts(masks, num_classes))
