@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from seg.cache import FeatureCache
@@ -34,7 +35,8 @@ from seg.train.rank_batching import rank_batching
 from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
 from seg.train.sampling import RareClassSampler, default_min_pixels
-from seg.train.sources import PreloadedSplit, StreamedSplit, choose_preload
+from seg.train.sources import (PreloadedSplit, StreamedSplit, choose_preload, gradient_bytes,
+                               optimizer_state_bytes)
 from seg.train.init_from import init_head_from
 from seg.heads import head_logits
 
@@ -144,8 +146,31 @@ class Trainer:
         self.log(f"tensorboard: {self.out / 'tensorboard'} (tensorboard --logdir {self.out / 'tensorboard'})")
         return TensorBoardLog(self.out, self.names, list(self.cache.class_table.colors), self.val_split, logits_of)
 
+    def _measure_step(self) -> int:
+        """Peak GPU bytes of one forward and backward on a real batch (gradients and activations), in
+        eval mode so that no BatchNorm statistic moves; nothing is stepped."""
+        rows, masks = self.train_split.read_rows(np.arange(min(self.rank_batch, len(self.train_split))))
+        tokens = self.train_split.dequantize(torch.from_numpy(rows).to(self.device))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.head.eval()
+        try:
+            _, loss = self.epochs.forward_loss(tokens, torch.from_numpy(masks).to(self.device), self.head)
+            loss.backward()
+            return int(torch.cuda.max_memory_allocated(self.device) - base)
+        finally:
+            self.head.zero_grad(set_to_none=True)
+            self.head.train()
+
     def _sources(self):
-        preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device)
+        training, how = optimizer_state_bytes(self.head, self.opt), "optimizer state and gradients"
+        if self.opts.preload == "auto" and self.device.type == "cuda":
+            training, how = training + self._measure_step(), "optimizer state + one step measured"
+        else:
+            training += gradient_bytes(self.head)
+        preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device,
+                                      training=training, training_how=how)
         self.log(why)
         if preload:
             t0 = time.perf_counter()

@@ -58,6 +58,7 @@ def test_training_on_the_gpu_preloads_there_and_uses_the_asked_precision(gpu_cac
             "--amp-dtype", amp_dtype, "--preload", "auto", "--allow-mismatch")
     assert r.exit_code == 0, r.output
     assert "preload: auto -> on cuda" in r.output
+    assert "to train the head (optimizer state + one step measured)" in r.output
     if amp_dtype == "fp16":
         assert "with a GradScaler" in r.output
     record = torch.load(out / "last.pt", weights_only=True)

@@ -244,3 +244,24 @@ def test_gpu_readiness_by_construction(small_cache):
     assert (26 * 46 * 768 + 26 * 46 * 24 * 2 + 364 * 644) == 1_210_352
     assert choose_preload("auto", [_SplitOfShape(2395, *vitb, int8=True)], cuda, free=int(5.8e9))[0]
     assert not choose_preload("auto", [_SplitOfShape(2396, *vitb, int8=True)], cuda, free=int(5.8e9))[0]
+
+
+def test_the_preload_estimate_counts_what_training_the_head_needs(learnable_cache, tmp_path):
+    from seg.train.sources import choose_preload, gradient_bytes, optimizer_state_bytes
+
+    lin = torch.nn.Linear(10, 4)  # 44 float32 parameters = 176 bytes
+    assert gradient_bytes(lin) == 176
+    assert optimizer_state_bytes(lin, torch.optim.AdamW(lin.parameters())) == 352  # two moments
+    assert optimizer_state_bytes(lin, torch.optim.SGD(lin.parameters(), lr=1, momentum=0.9)) == 176
+    assert optimizer_state_bytes(lin, torch.optim.SGD(lin.parameters(), lr=1)) == 0
+    vitb = ([1, 768, 26, 46], [364, 644])
+    cuda = torch.device("cuda")
+    data = _SplitOfShape(1000, *vitb)  # 2.07 GB: under half of 5.8 GB
+    ok, why = choose_preload("auto", [data], cuda, free=int(5.8e9), training=int(3.0e9), training_how="measured")
+    assert ok and "2.07 GB of data + 3.00 GB to train the head (measured), 5.8 GB free" in why
+    ok, why = choose_preload("auto", [data], cuda, free=int(5.8e9), training=int(3.2e9), training_how="measured")
+    assert not ok and "2.07 GB of data + 3.20 GB to train the head (measured) > 90 % of 5.8 GB free" in why
+    lines = []
+    train(resolve(2, {"epochs": 1}), str(learnable_cache), str(tmp_path / "r"),
+          RunOptions(device="cpu", progress=False, allow_mismatch=True), log=lines.append)
+    assert any("to train the head (optimizer state and gradients)" in line for line in lines), lines

@@ -50,19 +50,37 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def optimizer_state_bytes(head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """What the optimizer will hold once it steps: AdamW two moments, SGD with momentum one buffer,
+    per trainable parameter, in the parameter's dtype (allocated lazily at the first step, so not in
+    the free memory measured before it)."""
+    group = optimizer.param_groups[0]
+    buffers = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else int(group.get("momentum", 0) > 0)
+    return buffers * sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+
+
+def gradient_bytes(head: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+
+
 def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device,
-                   free: Optional[int] = None) -> tuple[bool, str]:
+                   free: Optional[int] = None, training: int = 0, training_how: str = "") -> tuple[bool, str]:
     """(preload?, the reason in words). 'auto' preloads when the data fills at most half of the free
-    memory of the training device (the GPU's, when training on one); the other half is the head's."""
+    memory of the training device (the GPU's, when training on one) and the data plus what training
+    the head needs beyond its weights (`training` bytes: optimizer state, gradients, activations;
+    `training_how` says how they were known) fit in 90 % of it."""
     need = sum(split_bytes(s) for s in splits)
     if mode == "always":
         return True, f"preload: always ({need / 1e9:.2f} GB on {device.type})"
     if mode == "never":
         return False, "preload: never (streaming from shards)"
     free = available_memory(device) if free is None else free
-    if need <= 0.5 * free:
-        return True, f"preload: auto -> on {device.type} ({need / 1e9:.2f} GB needed, {free / 1e9:.1f} GB free)"
-    return False, f"preload: auto -> streaming ({need / 1e9:.2f} GB needed > half of {free / 1e9:.1f} GB free)"
+    head = f" + {training / 1e9:.2f} GB to train the head ({training_how})" if training else ""
+    if need <= 0.5 * free and need + training <= 0.9 * free:
+        return True, f"preload: auto -> on {device.type} ({need / 1e9:.2f} GB of data{head}, {free / 1e9:.1f} GB free)"
+    why = (f"{need / 1e9:.2f} GB of data > half of {free / 1e9:.1f} GB free" if need > 0.5 * free else
+           f"{need / 1e9:.2f} GB of data{head} > 90 % of {free / 1e9:.1f} GB free")
+    return False, f"preload: auto -> streaming ({why})"
 
 
 class PreloadedSplit:
