@@ -2,11 +2,6 @@
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,6 +12,7 @@ from click.testing import CliRunner
 from seg.cli import main
 from seg.data.synthetic import write_dataset
 from conftest import SMALL_SIZE
+from interrupt import extract_killed_after
 
 BASE = ["extract", "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init", "--workers", "0",
         "--batch-size", "2", "--shard-size", "2"]
@@ -146,15 +142,7 @@ def test_resume_after_sigkill_gives_identical_bytes(dataset, tmp_path):
     ref = tmp_path / "ref"
     assert run("extract", *args, "--out", ref).exit_code == 0
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "seg", "extract", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.h5"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(out.glob("*.h5")))
+    done_before = extract_killed_after(args, out)
     assert 2 <= done_before < 8, "the kill must land mid-run"
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     r = run("extract", *args, "--out", out)

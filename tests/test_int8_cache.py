@@ -4,10 +4,6 @@ refusals of inconsistent manifests, and training from int8 equal to training fro
 values it stands for."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
@@ -27,6 +23,7 @@ from seg.runtime.errors import SegError
 from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
 from conftest import SMALL_SIZE
+from interrupt import extract_killed_after
 from token_cache import learnable_split, write_token_cache
 
 BASE = ["extract", "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init", "--workers", "0",
@@ -171,14 +168,7 @@ def test_int8_extraction_resumes_after_a_kill_to_identical_bytes(dataset, tmp_pa
     ref = tmp_path / "ref"
     assert run("extract", *args, "--out", ref).exit_code == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "seg", "extract", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.h5"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(out.glob("*.h5")))
+    done = extract_killed_after(args, out)
     assert 2 <= done < 9, "the kill must land mid-run"
     r = run("extract", *args, "--out", out)
     assert r.exit_code == 0, r.output
