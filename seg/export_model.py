@@ -58,7 +58,7 @@ def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict
     patch = run.backbone["patch_size"]
     w, h = parse_size(opts.size, patch) if opts.size else run.size
     backbone = rebuild_backbone(run.backbone, opts.weights, cpu)
-    n_bytes = sum(p.numel() * 4 for p in backbone.parameters()) + sum(p.numel() * 4 for p in run.head.parameters())
+    n_bytes = 4 * sum(p.numel() for m in (backbone, run.head) for p in m.parameters())
     if n_bytes > MAX_PARAM_BYTES:
         raise SegError(f"{run.backbone['backbone']}: {n_bytes / 1e9:.1f} GB of float32 weights exceed the 2 GB an "
                        "ONNX file holds without external data, which seg export does not write")

@@ -192,8 +192,6 @@ class Trainer:
             # the autocast dtype this run trains in: a resume elsewhere must keep it (fp16 needs a GradScaler)
             "amp_dtype": self.amp_name,
             "environment": self.environment,
-            **({"config_source": self.opts.config_source} if self.opts.config_source else {}),
-            **({"init_from": self.init_record} if self.init_record else {}),
         }
 
     def run(self) -> dict:
@@ -225,18 +223,18 @@ class Trainer:
                 self.amp_dtype = dtype
                 self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
                 self.log(f"autocast: {self.amp_name}, as the run recorded")
-        if saved is not None and not self.opts.config_source:
-            self.opts.config_source = saved.get("config_source")
         self._build()
-        self.init_record = None
         st.record = self._run_record()
+        # Where the settings and the starting weights came from: this run's options, else on resume
+        # what the run recorded when it started
+        saved_origin = saved or {}
+        origin = {"config_source": self.opts.config_source or saved_origin.get("config_source"),
+                  "init_from": saved_origin.get("init_from")}
         if self.opts.init_from and saved is None:
-            self.init_record = init_head_from(self.head, self.opts.init_from, st.record)
-            st.record = self._run_record()
-            self.log(f"head initialised from {self.opts.init_from}/best.pt (epoch {self.init_record['epoch']}, val mIoU "
-                     f"{self.init_record['val_miou']:.4f}); the optimizer and the LR schedule start again at epoch 1")
-        elif saved is not None:
-            self.init_record = saved.get("init_from")
+            origin["init_from"] = init_head_from(self.head, self.opts.init_from, st.record)
+            self.log(f"head initialised from {self.opts.init_from}/best.pt (epoch {origin['init_from']['epoch']}, val "
+                     f"mIoU {origin['init_from']['val_miou']:.4f}); the optimizer and the LR schedule start again at epoch 1")
+        st.record.update({k: v for k, v in origin.items() if v})
         if saved is not None:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")

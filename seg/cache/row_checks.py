@@ -17,22 +17,32 @@ _MAGNITUDE = 0x7FFF
 
 def bad_row(tokens: np.ndarray, masks: np.ndarray, num_classes: int, quant=None) -> Optional[tuple[int, str]]:
     """(row, what is wrong) of the first row that fails, or None. Tokens are float16 [n, ...], or with
-    `quant` (a QuantSpec) an int8 cache's packed rows, whose float16 scales are checked (int8 values
-    are always finite). The test reads float16 bits (about 10 GB/s on one core, several times numpy's
-    isfinite on float16)."""
-    if quant is not None:
-        scales = quant.scales_of(tokens)
-        bits = scales.view(np.uint16).reshape(len(tokens), -1)
-        if len(bits) and (bits & _MAGNITUDE).max() >= _EXPONENT:
-            return int(np.argmax(((bits & _EXPONENT) == _EXPONENT).any(1))), "NaN or infinite token scales"
-        if len(bits) and (scales < 0).any():  # seg writes absmax / 127
-            return int(np.argmax((scales.reshape(len(tokens), -1) < 0).any(1))), "negative token scales"
-        return _bad_mask(masks, num_classes)
-    bits = tokens.view(np.uint16).reshape(len(tokens), -1)
+    `quant` (a QuantSpec) an int8 cache's packed rows."""
+    return bad_token_row(tokens, quant) or _bad_mask(masks, num_classes)
+
+
+def bad_token_row(tokens: np.ndarray, quant=None) -> Optional[tuple[int, str]]:
+    """The first row whose float16 tokens are not finite or, for an int8 cache's packed rows, whose
+    float16 scales are not finite or negative (seg writes absmax / 127; int8 values are always
+    finite). The test reads float16 bits (about 10 GB/s on one core, several times numpy's isfinite
+    on float16)."""
+    if quant is None:
+        row = _non_finite_row(tokens)
+        return None if row is None else (row, "NaN or infinite tokens")
+    scales = quant.scales_of(tokens).reshape(len(tokens), -1)
+    row = _non_finite_row(scales)
+    if row is not None:
+        return row, "NaN or infinite token scales"
+    if len(scales) and (scales < 0).any():
+        return int(np.argmax((scales < 0).any(1))), "negative token scales"
+    return None
+
+
+def _non_finite_row(half: np.ndarray) -> Optional[int]:
+    bits = half.view(np.uint16).reshape(len(half), -1)
     if len(bits) and (bits & _MAGNITUDE).max() >= _EXPONENT:
-        row = int(np.argmax(((bits & _EXPONENT) == _EXPONENT).any(1)))
-        return row, "NaN or infinite tokens"
-    return _bad_mask(masks, num_classes)
+        return int(np.argmax(((bits & _EXPONENT) == _EXPONENT).any(1)))
+    return None
 
 
 def _bad_mask(masks: np.ndarray, num_classes: int) -> Optional[tuple[int, str]]:

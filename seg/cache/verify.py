@@ -8,12 +8,12 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from seg.backbones import file_sha256
 import torch
 
+from seg.backbones import file_sha256
 from seg.cache import format as cf
 from seg.cache.quant import QuantSpec
-from seg.cache.row_checks import bad_row
+from seg.cache.row_checks import bad_token_row
 from seg.data.class_stats import class_counts
 
 
@@ -67,8 +67,9 @@ def _verify_shard(f_path: Path, plan: cf.ShardPlan, sh: dict, split: dict, m: di
 
 
 def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> list[str]:
+    row_shape, row_dtype = cf.stored_row(m)
     expect = {
-        "tokens": ((plan.count, *cf.stored_row(m)[0]), cf.stored_row(m)[1]),
+        "tokens": ((plan.count, *row_shape), row_dtype),
         "masks": ((plan.count, *m["mask_shape"]), np.uint8),
         "image_index": ((plan.count,), np.int32),
         "aug_seed": ((plan.count,), np.int32),
@@ -95,8 +96,8 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
         problems.append("masks hold ids outside the class table")
     quant = QuantSpec.of(m)
     if quant is not None:
-        found = bad_row(data["tokens"], masks, len(m["class_table"]["classes"]), quant)
-        if found is not None and "scales" in found[1]:  # mask ids are checked above
+        found = bad_token_row(data["tokens"], quant)
+        if found is not None:
             problems.append(f"sample {plan.start + found[0]} holds {found[1]}")
         elif cf.tap_block(m) is not None:
             # absmax / 127 rounded to float16, times 127: the largest value comes back within 2^-11

@@ -65,7 +65,8 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def compare(paths: list[str], out: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    runs = [load_summary(p, label) for p, label in zip(expand(paths), _labels(expand(paths)))]
+    folders = expand(paths)
+    runs = [load_summary(p, label) for p, label in zip(folders, _labels(folders))]
     first = runs[0]
     for r in runs[1:]:
         if r.classes != first.classes:

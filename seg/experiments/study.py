@@ -118,6 +118,11 @@ def counted(trial) -> bool:
             and not trial.user_attrs.get("surplus"))
 
 
+def finished(study) -> int:
+    """Counted trials that are done: complete or pruned."""
+    return sum(counted(t) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED"))
+
+
 def requeue_interrupted(study) -> int:
     """Trials a Ctrl-C ended are queued again (once), with their parameters: they resume their run."""
     trials = study.get_trials(deepcopy=False)
@@ -201,13 +206,12 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
         best = _best(study_)
         log(f"trial {trial.number} ({trial.user_attrs.get('run_dir', '')}): {_params_text(trial.params)} -> "
             f"{value or state}" + (f"   best so far: trial {best.number}, {best.value:.4f}" if best else ""))
-        if sum(counted(t) for t in study_.get_trials(deepcopy=False)
-               if t.state.name in ("COMPLETE", "PRUNED")) >= opts.trials:
+        if finished(study_) >= opts.trials:
             study_.stop()
 
     interrupted = False
     try:
-        if sum(counted(t) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")) < opts.trials:
+        if finished(study) < opts.trials:
             study.optimize(objective, callbacks=[after], catch=(_Surplus, SegError), gc_after_trial=True)
     except KeyboardInterrupt:
         interrupted = True

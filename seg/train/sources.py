@@ -50,17 +50,18 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def gradient_bytes(head: torch.nn.Module) -> int:
+    """Bytes of one tensor the size of every trainable parameter, in its dtype: the gradients."""
+    return sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+
+
 def optimizer_state_bytes(head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """What the optimizer will hold once it steps: AdamW two moments, SGD with momentum one buffer,
     per trainable parameter, in the parameter's dtype (allocated lazily at the first step, so not in
     the free memory measured before it)."""
     group = optimizer.param_groups[0]
     buffers = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else int(group.get("momentum", 0) > 0)
-    return buffers * sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
-
-
-def gradient_bytes(head: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in head.parameters() if p.requires_grad)
+    return buffers * gradient_bytes(head)
 
 
 def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device,

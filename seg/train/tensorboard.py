@@ -90,20 +90,20 @@ class TensorBoardLog:
 
     def _source_images(self, size) -> list[Optional[np.ndarray]]:
         if self._images is None:
-            import cv2
-
             from seg.cache import format as cf
+            from seg.data.augment import Augmenter
             from seg.data.decode import read_image
 
             m = self.val_split.manifest
             data_dir = m["splits"][self.val_split.name]["data_dir"]
             self._images = []
+            resize = Augmenter("none", (size[1], size[0]))
             for k in self.samples:
                 name, _ = self.val_split.sample_info(int(k))
                 path = cf.source_files(cf.layout_of(m), data_dir, self.val_split.name, name)[0]
                 try:
-                    image = read_image(path)
-                    self._images.append(cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+                    # resized as the cache's masks were (its resize-only augmenter)
+                    self._images.append(resize(read_image(path), None, name, 0)[0])
                 except (SegError, OSError):
                     self._images.append(None)
         return self._images
