@@ -252,9 +252,25 @@ class Trainer:
                                                            "world_size": self.d.world}))
 
     def _run(self, resume: bool) -> dict:
-        cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         self._start(resume)
-        train_src, val_src = self._sources()
+        sources = self._sources()
+        try:
+            stopped_early = self._epochs(*sources)
+        finally:  # reader processes and preloaded device memory go now, not when collected
+            for s in sources:
+                s.close()
+        cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
+        if stopped_early:
+            self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs "
+                     f"(best {st.best['miou']:.4f} at epoch {st.best['epoch']})")
+        if st.history and main:
+            plots.curves(st.history, out / "curves.png")
+        metrics_path = out / "metrics.json"
+        return json.loads(metrics_path.read_text()) if main and metrics_path.exists() else {}
+
+    def _epochs(self, train_src, val_src) -> bool:
+        """Trains the remaining epochs; True when early stopping ended them."""
+        cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         stopped_early, spent = False, []
         tb = self._tensorboard() if main and self.opts.tensorboard else None
         for epoch in range(st.start_epoch, cfg.epochs):
@@ -288,13 +304,7 @@ class Trainer:
                 self.opts.on_epoch(epoch, row)  # after the checkpoint: a sweep that prunes here keeps it
         if tb is not None:
             tb.close()
-        if stopped_early:
-            self.log(f"early stop: no val mIoU gain for {cfg.patience} epochs "
-                     f"(best {st.best['miou']:.4f} at epoch {st.best['epoch']})")
-        if st.history and main:
-            plots.curves(st.history, out / "curves.png")
-        metrics_path = out / "metrics.json"
-        return json.loads(metrics_path.read_text()) if main and metrics_path.exists() else {}
+        return stopped_early
 
     def _refuse_non_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
         """Never checkpoint weights or results that are not finite numbers."""

@@ -113,14 +113,43 @@ def test_epoch_draw_is_one_seed_per_image():
     assert sorted(epoch_indices(5, 3, 0, 0, all_seeds=True)) == list(range(15))
 
 
-def test_preloaded_and_streamed_batches_are_identical(small_cache):
+def test_preloaded_and_streamed_batches_are_identical_every_epoch_from_one_set_of_readers(small_cache):
     split = FeatureCache(small_cache).split("train")
-    batches = batches_of(epoch_indices(len(split.images), len(split.seeds), 0, 0, all_seeds=True), 5)
-    pre = list(PreloadedSplit(split, torch.device("cpu")).batches(batches))
-    streamed = list(StreamedSplit(split, torch.device("cpu"), workers=2).batches(batches))
-    assert len(pre) == len(streamed) == 3
-    for (t1, m1), (t2, m2) in zip(pre, streamed):
-        assert torch.equal(t1, t2) and torch.equal(m1, m2)
+    pre, streamed = PreloadedSplit(split, torch.device("cpu")), StreamedSplit(split, torch.device("cpu"), workers=2)
+    pids = None
+    # epochs of other draws and lengths, an empty one too (a DDP rank's empty validation slice)
+    for epoch, size in [(0, 5), (1, 4), (2, 5), (3, 0), (4, 5)]:
+        idx = epoch_indices(len(split.images), len(split.seeds), epoch, 0, all_seeds=True)[:None if size else 0]
+        batches = batches_of(idx, size or 1)
+        got, want = list(streamed.batches(batches)), list(pre.batches(batches))
+        assert len(got) == len(want) == len(batches)
+        for (t1, m1), (t2, m2) in zip(want, got):
+            assert torch.equal(t1, t2) and torch.equal(m1, m2)
+        # the same reader processes serve every epoch (private, but the pids are the point)
+        now = [w.pid for w in streamed.loader()._iterator._workers]
+        assert pids is None or now == pids
+        pids = now
+    streamed.close()
+    assert streamed._loader is None
+
+
+def test_streaming_readers_start_under_spawn(small_cache):
+    """Python 3.14 starts processes by forkserver on Linux, macOS by spawn: the reader processes
+    then get the split by pickling, not by fork."""
+    import multiprocessing
+
+    split = FeatureCache(small_cache).split("train")
+    batches = batches_of(np.arange(len(split)), 4)
+    before = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        streamed = StreamedSplit(split, torch.device("cpu"), workers=1)
+        got = list(streamed.batches(batches))
+        streamed.close()
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    want = list(PreloadedSplit(split, torch.device("cpu")).batches(batches))
+    assert len(got) == len(want) and all(torch.equal(a[0], b[0]) for a, b in zip(got, want))
 
 
 def test_preload_modes_train_identically(learnable_cache, tmp_path):
@@ -228,9 +257,8 @@ def test_gpu_readiness_by_construction(small_cache):
     from seg.train.sources import choose_preload
 
     split = FeatureCache(small_cache).split("train")
-    batches = batches_of(np.arange(4), 2)
-    assert StreamedSplit(split, torch.device("cuda"), workers=0).loader(batches).pin_memory
-    assert not StreamedSplit(split, torch.device("cpu"), workers=0).loader(batches).pin_memory
+    assert StreamedSplit(split, torch.device("cuda"), workers=0).loader().pin_memory
+    assert not StreamedSplit(split, torch.device("cpu"), workers=0).loader().pin_memory
     # README: a 6 GB laptop GPU (about 5.8 GB free) preloads about 1,400 vitb14_reg @ 644x364 samples
     # of 26x46x768 float16 tokens + a 364x644 uint8 mask (2,071,472 bytes) on its own (auto: half the free memory)
     vitb = ([1, 768, 26, 46], [364, 644])

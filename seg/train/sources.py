@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from seg.cache import CacheSplit
 from seg.runtime.device import worker_count
@@ -97,19 +97,38 @@ class PreloadedSplit:
             idx = torch.from_numpy(b).to(self.device)
             yield self.split.dequantize(self.tokens[idx]), self.masks[idx]
 
+    def close(self) -> None:
+        """Frees the device memory now (a sweep trains many heads in one process)."""
+        self.tokens = self.masks = None
 
-class _BatchReads(Dataset):
-    def __init__(self, split: CacheSplit, batches: list[np.ndarray]) -> None:
-        self.split, self.batches = split, batches
+
+class _Rows(Dataset):
+    """One batch of rows, asked for as (rows, the next batch's rows or None)."""
+
+    def __init__(self, split: CacheSplit) -> None:
+        self.split = split
+
+    def __getitem__(self, key: tuple[np.ndarray, Optional[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, ahead = key
+        if ahead is not None:  # the disk fetches the next batch while this one trains
+            self.split.advise(ahead)
+        tokens, masks = self.split.read_rows(rows)
+        return torch.from_numpy(tokens), torch.from_numpy(masks)
+
+
+class _EpochBatches(Sampler):
+    """The batches of the epoch being run. It lives in the training process and is refilled every
+    epoch, so the reader processes, which outlive epochs, need not be started again."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if j + 1 < len(self.batches):  # the disk fetches the next batch while this one trains
-            self.split.advise(self.batches[j + 1])
-        tokens, masks = self.split.read_rows(self.batches[j])
-        return torch.from_numpy(tokens), torch.from_numpy(masks)
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+        b = self.batches
+        return ((b[j], b[j + 1] if j + 1 < len(b) else None) for j in range(len(b)))
 
 
 class StreamedSplit:
@@ -124,16 +143,28 @@ class StreamedSplit:
         if workers is None:
             workers = worker_count(4) if device.type == "cuda" else 0
         self.workers = workers
+        self._epoch = _EpochBatches()
+        self._loader: Optional[DataLoader] = None
 
-    def loader(self, batches: list[np.ndarray]) -> DataLoader:
-        """Reader processes; for a GPU, batches land in pinned host memory so that the copies below
-        overlap with compute (non_blocking)."""
-        return DataLoader(_BatchReads(self.split, batches), batch_size=None, shuffle=False,
-                          num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=4 if self.workers else None)
+    def loader(self) -> DataLoader:
+        """One loader for the whole run: its reader processes start once and keep their open shards
+        (a loader per epoch forked them again and reopened every shard each epoch; under the spawn
+        and forkserver start methods each start also imports torch). For a GPU, batches land in
+        pinned host memory so that the copies below overlap with compute (non_blocking)."""
+        if self._loader is None:
+            self._loader = DataLoader(_Rows(self.split), sampler=self._epoch, batch_size=None,
+                                      num_workers=self.workers, persistent_workers=self.workers > 0,
+                                      pin_memory=self.device.type == "cuda",
+                                      prefetch_factor=4 if self.workers else None)
+        return self._loader
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for tokens, masks in self.loader(batches):
+        self._epoch.batches = batches
+        for tokens, masks in self.loader():
             # int8 rows cross to the device as bytes and become float16 tokens there
             yield (self.split.dequantize(tokens.to(self.device, non_blocking=True)),
                    masks.to(self.device, non_blocking=True))
+
+    def close(self) -> None:
+        """Stops the reader processes (dropping the last reference to the loader shuts them down)."""
+        self._loader = None
