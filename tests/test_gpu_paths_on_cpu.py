@@ -212,3 +212,26 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
     p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHON": sys.executable})
     assert p.returncode == 0 and "gpu_check: no CUDA device visible to torch" in p.stdout, p.stdout + p.stderr
+
+
+def test_gpu_figures_rehearse_every_step_on_the_cpu(tmp_path):
+    """The figures gpu_check.sh prints on a GPU, rehearsed small on the CPU: the script runs the
+    same extraction, head step and cached epoch, so an API change cannot break it unseen."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_figures.py"
+    out = tmp_path / "figures.json"
+    p = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = json.loads(out.read_text())
+    assert f["device"] == "cpu"
+    for k in ("bf16_matmul_GFLOPs", "extract_images_per_s", "phase3_head_step_ms", "phase3_head_step_floor_ms",
+              "cached_epoch_s"):
+        assert f[k] > 0, k
+    assert 0 < f["extract_fraction_of_bf16_rate"] < 2
+    # one-stage = the cached epoch + the backbone on the epoch's 4 train + 2 val images
+    assert f["onestage_epoch_s_projected"] == pytest.approx(f["cached_epoch_s"] + 6 / f["extract_images_per_s"])
+    assert f["cached_vs_onestage"] == pytest.approx(f["onestage_epoch_s_projected"] / f["cached_epoch_s"])
+    assert "cached_vs_onestage" in p.stdout
