@@ -109,19 +109,20 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
             raise SegError(f"--full-res reads the original masks from {mask_dir}, which is not there")
     decoder = decoder_for(cf.layout_of(split.manifest), run.class_table)
     h, w = split.manifest["mask_shape"]
+    amp = run.amp_dtype(device)
     bar = progress_bar(enabled=opts.progress, total=n, unit="img", desc=f"eval {opts.split}")
     for b0 in range(start, start + n, opts.batch_size):
         rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
         tokens, masks = split.read_rows(rows)
         tokens = split.dequantize(torch.from_numpy(tokens).to(device))
         if data_dir is None:
-            logits = head_logits(run.head, tokens, (h, w), run.record["config"]["amp"], run.grid)
+            logits = head_logits(run.head, tokens, (h, w), amp, run.grid)
             cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
         else:
             for i, row in enumerate(rows):
                 path = cf.source_files(layout, data_dir, opts.split, split.images[int(row) % n])[1]
                 full = torch.from_numpy(decoder.read(path)).to(device)
-                logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), run.record["config"]["amp"], run.grid)
+                logits = head_logits(run.head, tokens[i:i + 1], tuple(full.shape), amp, run.grid)
                 cm += confusion_matrix(logits.argmax(1)[0], full, cm.shape[0])
         bar.update(len(rows))
     bar.close()

@@ -136,12 +136,11 @@ class Trainer:
     def _tensorboard(self):
         from seg.train.tensorboard import TensorBoardLog
 
-        amp = self.amp_dtype is not None
         grid = self.epochs.grid
 
         def logits_of(rows, size):
             tokens = self.val_split.dequantize(torch.from_numpy(rows).to(self.device))
-            return head_logits(self.head, tokens, tuple(size), amp, grid)
+            return head_logits(self.head, tokens, tuple(size), self.amp_dtype, grid)
 
         self.log(f"tensorboard: {self.out / 'tensorboard'} (tensorboard --logdir {self.out / 'tensorboard'})")
         return TensorBoardLog(self.out, self.names, list(self.cache.class_table.colors), self.val_split, logits_of)

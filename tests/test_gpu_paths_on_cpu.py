@@ -235,3 +235,54 @@ def test_gpu_figures_rehearse_every_step_on_the_cpu(tmp_path):
     assert f["onestage_epoch_s_projected"] == pytest.approx(f["cached_epoch_s"] + 6 / f["extract_images_per_s"])
     assert f["cached_vs_onestage"] == pytest.approx(f["onestage_epoch_s_projected"] / f["cached_epoch_s"])
     assert "cached_vs_onestage" in p.stdout
+
+
+def test_heads_run_in_the_dtype_they_trained_in(monkeypatch, token_cache, tmp_path, phase3_run):
+    """On a GPU with bf16 (Ampere and later) the default is fp16 autocast with a GradScaler, as the
+    published scripts trained; the head must then run in fp16, not in the device's default half type,
+    in training, validation, eval and predict alike."""
+    from seg.evaluate import EvalOptions, evaluate
+    from seg.infer.runs import load_run
+    from seg.infer.segmenter import Segmenter
+    from seg.runtime.device import run_amp_dtype
+    from seg.train.epochs import EpochRunner
+
+    head = build_head("convnext", 16, 3)
+    seen = []
+    conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tokens, masks = torch.randn(2, 1, 16, 5, 7).half(), torch.randint(0, 3, (2, 20, 28))
+    for amp in (torch.float16, True, None, False):
+        head_logits(head, tokens, (20, 28), amp)
+    assert seen == [torch.float16, torch.bfloat16, torch.float32, torch.float32]  # True: the CPU's half type
+    runner = EpochRunner(resolve(3, {}), head, head, lambda logits, m: logits.mean(), None, None, None,
+                         torch.device("cpu"), torch.float16, None, None, None, 3, Dist())
+    runner.forward_loss(tokens, masks)
+    assert seen[-1] == torch.float16  # the training step and validation use the run's dtype
+
+    # read back at inference where the device has it, else the device's half type
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert run_amp_dtype(True, "float16", gpu) == torch.float16
+    assert run_amp_dtype(True, "bfloat16", gpu) == torch.bfloat16
+    assert run_amp_dtype(True, "float16", cpu) == torch.bfloat16
+    assert run_amp_dtype(True, None, cpu) == torch.bfloat16  # runs recorded before the dtype was
+    assert run_amp_dtype(False, "float16", gpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert run_amp_dtype(True, "bfloat16", gpu) == torch.float16
+    assert run_amp_dtype(True, None, gpu) == torch.float16
+
+    # eval from the cache and the image path (predict, eval --data) use the run's dtype
+    import seg.evaluate
+    import seg.infer.runs
+
+    out = tmp_path / "r"
+    train(resolve(2, {"epochs": 1}), str(token_cache), str(out), RunOptions(device="cpu", progress=False), **QUIET)
+    monkeypatch.setattr(seg.infer.runs, "run_amp_dtype", lambda amp, recorded, device: torch.float16)  # as on a GPU
+    passed = []
+    real = seg.evaluate.head_logits
+    monkeypatch.setattr(seg.evaluate, "head_logits", lambda h, t, s, amp, g=None: passed.append(amp) or real(h, t, s, amp, g))
+    evaluate(EvalOptions(run=str(out), cache=str(token_cache), device="cpu", progress=False, out=str(tmp_path / "e")),
+             log=lambda s: None)
+    assert passed and set(passed) == {torch.float16}
+    assert Segmenter(load_run(phase3_run, cpu), None, cpu).amp == torch.float16

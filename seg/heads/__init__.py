@@ -3,8 +3,9 @@ training, evaluation and prediction share (`head_logits`)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from seg.heads.convnext import ConvNeXtHead
@@ -38,14 +39,17 @@ def tokens_to_input(tokens: Tensor) -> Tensor:
     return tokens.reshape(b, l * c, h, w).float()
 
 
-def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: bool,
+def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp: Union[bool, torch.dtype, None],
                 grid: Optional[tuple[int, int]] = None) -> Tensor:
     """Cached-format tokens -> float32 logits bilinearly upsampled to out_size (H, W).
-    The one path used by training, validation, evaluation and prediction. Tap tokens [B, T, C]
-    go through the tuned blocks of a TunedHead first, on their patch grid (Hp, Wp)."""
+    The one path used by training, validation, evaluation and prediction. amp: the autocast dtype
+    (a run's own: training records it, inference reads it back), True for the device's half type,
+    False or None for none. Tap tokens [B, T, C] go through the tuned blocks of a TunedHead first,
+    on their patch grid (Hp, Wp)."""
     from seg.runtime.device import autocast
 
-    with autocast(tokens.device, amp):
+    dtype = amp if isinstance(amp, torch.dtype) else None
+    with autocast(tokens.device, amp is not None and amp is not False, dtype):
         if tokens.dim() == 3:
             if grid is None:
                 raise ValueError("tap tokens need their patch grid")

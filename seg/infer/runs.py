@@ -13,6 +13,7 @@ from seg.backbones import build_backbone
 from seg.backbones.tail import BackboneTail
 from seg.runtime.checkpoint import load_torch_file
 from seg.data.classes import ClassTable
+from seg.runtime.device import run_amp_dtype
 from seg.runtime.errors import SegError
 from seg.heads import TunedHead, build_head
 from seg.train.presets import with_legacy_fields
@@ -42,6 +43,10 @@ class Run:
     def tap_block(self) -> Optional[int]:
         """Where the run's tuned blocks start (its head is a TunedHead), or None for a frozen run."""
         return self.backbone.get("tap_block")
+
+    def amp_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        """The head's autocast dtype on `device`: the one it trained in, where the device has it."""
+        return run_amp_dtype(bool(self.record["config"]["amp"]), self.record.get("amp_dtype"), device)
 
     @property
     def grid(self) -> Optional[tuple[int, int]]:

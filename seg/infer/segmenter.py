@@ -36,7 +36,7 @@ class Segmenter:
         # The cache's precision, not the device's default: image-based scores then match cache-based ones.
         self.compute_dtype = recorded_dtype(run.backbone["compute_dtype"], device)
         cast_matmul_weights_(self.backbone, self.compute_dtype)
-        self.amp = bool(run.record["config"]["amp"])
+        self.amp = run.amp_dtype(device)  # the head's training autocast, where the device has it
         self.patch = run.backbone["patch_size"]
 
     @torch.inference_mode()

@@ -57,6 +57,20 @@ def training_amp_dtype(choice: str, device: torch.device) -> torch.dtype:
     return AMP_DTYPES[choice]
 
 
+def run_amp_dtype(amp: bool, recorded: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype to run a trained head in: the one it trained in (its record's amp_dtype)
+    where this device has it, so that eval scores what training validated; else the device's half
+    type (a GPU's fp16 run on a CPU, a bf16 run on a pre-Ampere GPU). Runs recorded before the
+    dtype was (amp only) get the device's half type, as they always did. None without AMP."""
+    if not amp:
+        return None
+    if recorded == "float16" and device.type == "cuda":
+        return torch.float16
+    if recorded == "bfloat16" and has_native_bf16(device):
+        return torch.bfloat16
+    return half_dtype(device)
+
+
 def configure_matmul_precision() -> dict:
     """Set TF32 explicitly (PyTorch's defaults: off for matmuls, on for cuDNN convolutions) instead of
     leaving it to whatever an imported library changed, and return the setting for the records."""

@@ -53,7 +53,7 @@ class EpochRunner:
 
     def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head_logits(module or self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype is not None,
+        logits = head_logits(module or self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype,
                              self.grid)
         return logits, self.criterion(logits, masks)
 
