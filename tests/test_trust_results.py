@@ -153,6 +153,36 @@ def test_nan_weights_stop_extraction_at_the_first_sample(dataset, tmp_path):
     assert not list((tmp_path / "c").glob("*.h5"))
 
 
+@pytest.mark.parametrize("bad", [2, 3])
+def test_a_non_finite_batch_is_refused_before_its_shard_is_written(tmp_path, monkeypatch, bad):
+    """The loop copies a batch to the host while the next one computes: a bad batch that completes a
+    shard (2), or the split's last batch (3), is still refused before anything holding it is written."""
+    import seg.extraction.loop as loop
+    from seg.extract_features import ExtractConfig, extract
+    from seg.runtime.errors import SegError
+
+    real = loop.backbone_features
+    calls = []
+
+    def poisoned(model, x, *args):
+        feats = real(model, x, *args)
+        calls.append(len(x))
+        if sum(calls) - len(x) <= bad < sum(calls):  # the batch holding sample `bad`
+            feats[bad - (sum(calls) - len(x))].fill_(float("nan"))
+        return feats
+
+    monkeypatch.setattr(loop, "backbone_features", poisoned)
+    dataset, out = write_dataset(tmp_path / "d", {"train": 1, "val": 4, "test": 0}), tmp_path / "c"
+    with pytest.raises(SegError, match=rf"val_0000{bad}.png \(aug seed 0\): the backbone produced NaN or infinite"):
+        extract(ExtractConfig(data=str(dataset), out=str(out), backbone="vits14", size=SMALL_SIZE, random_init=True,
+                              splits=("val",), batch_size=2, shard_size=3, workers=0, progress=False), log=lambda s: None)
+    # shard 0 holds samples 0-2 (batches [0, 1] and [2]), shard 1 sample 3
+    assert sorted(f.name for f in out.glob("*.h5")) == ([] if bad == 2 else ["val-00000.h5"])
+    if bad == 3:  # the shard finished before the bad batch is whole and finite
+        with h5py.File(out / "val-00000.h5") as f:
+            assert len(f["tokens"]) == 3 and np.isfinite(f["tokens"][:].astype(np.float32)).all()
+
+
 # -- layers -----------------------------------------------------------------------------------
 
 def test_layers_are_normalised_and_checked(dataset, tmp_path):

@@ -57,68 +57,130 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    (row_shape, row_dtype), mask_shape = cf.stored_row(manifest), manifest["mask_shape"]
     quant = QuantSpec.of(manifest)
-    plan_iter = iter(plans)
-    plan = next(plan_iter)
-    buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
-    buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-    filled, written, max_abs = 0, 0, 0.0
-    sq_err = sq = 0.0  # int8: the shard's quantisation error, measured against the float16 tokens
     tap = cf.tap_block(manifest)
     dtype = recorded_dtype(manifest["compute_dtype"], device)
-    # Shards are written by one background thread while the backbone computes the next batches (the
-    # HDF5 image, the write and its fsync would leave the compute idle otherwise); each write is still
-    # atomic (temporary name, then rename), and its error surfaces here.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-shard-writer")
-    pending: Optional[Future] = None
+    shards = _Shards(plans, manifest, files, seeds, out, num_classes, tap is not None)
+    # One batch in flight: while the backbone computes a batch, the previous one's rows travel to
+    # the host (on a GPU, into pinned memory without waiting) and are checked and buffered there.
+    landing: Optional[_Landing] = None
     try:
         for batch in loader:
             if "error" in batch:
                 raise SegError(batch["error"])
             x = normalize(batch["image"].to(device, non_blocking=True))
             feats = backbone_features(model, x, layers, tap, device, dtype)
-            half = feats.to(torch.float16)
-            if not torch.isfinite(half).all():
-                _refuse_non_finite(feats, half, batch["k"], files, seeds)
-            if tap is not None:  # the range report of a tap cache; normed layers need none
-                max_abs = max(max_abs, half.abs().max().item())
-            if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
-                rows = quant.pack(half)
-                err = quant.dequantize(rows).float() - half.float()
-                sq_err += float(err.pow(2).sum(dtype=torch.float64))
-                sq += float(half.float().pow(2).sum(dtype=torch.float64))
-                tokens = rows.cpu().numpy()
-            else:
-                tokens = half.cpu().numpy()
-            b = tokens.shape[0]
-            buf_tokens[filled:filled + b] = tokens
-            buf_masks[filled:filled + b] = batch["mask"].numpy()
-            filled += b
-            bar.update(b)
-            if filled == plan.count:
-                ks = np.arange(plan.start, plan.start + plan.count)
-                attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
-                if tap is not None:
-                    attrs["max_abs"] = max_abs
-                if quant is not None:
-                    attrs["quant_error"] = np.array([sq_err, sq], np.float64)
-                if pending is not None:
-                    pending.result()  # at most one shard in flight: memory holds two shard buffers, not more
-                pending = writer.submit(_write, out / plan.file, buf_tokens, buf_masks, ks % len(files.names),
-                                        np.asarray(seeds)[ks // len(files.names)], attrs, num_classes)
-                written += plan.count
-                plan = next(plan_iter, None)
-                if plan is None:
-                    break
-                buf_tokens = np.empty((plan.count, *row_shape), row_dtype)
-                buf_masks = np.empty((plan.count, *mask_shape), np.uint8)
-                filled, max_abs, sq_err, sq = 0, 0.0, 0.0, 0.0
-        if pending is not None:
-            pending.result()
+            current = _Landing(feats, batch, quant, tap is not None, device)
+            if landing is not None:
+                bar.update(shards.add(landing))
+            landing = current
+        if landing is not None:
+            bar.update(shards.add(landing))
+        shards.flush()
     finally:
-        writer.shutdown(wait=True)  # an interrupted run still finishes (or cleanly fails) the shard in flight
-    return written
+        shards.close()  # an interrupted run still finishes (or cleanly fails) the shard in flight
+    return shards.written
+
+
+class _Landing:
+    """A computed batch on its way to the host: its stored rows (float16 tokens, or packed int8 rows)
+    and its statistics, copied without waiting for them; `wait` returns once they have landed."""
+
+    def __init__(self, feats: torch.Tensor, batch: dict, quant: Optional[QuantSpec], tap: bool,
+                 device: torch.device) -> None:
+        self.feats, self.batch = feats, batch
+        self.half = half = feats.to(torch.float16)
+        zero = torch.zeros((), dtype=torch.float64, device=half.device)
+        # (all finite, max |token| of a tap cache, int8: squared error and squared norm); read on the
+        # host only after the copy, so computing them costs the GPU no wait
+        stats = [torch.isfinite(half).all().double(), half.abs().max().double() if tap else zero, zero, zero]
+        rows = half
+        if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
+            rows = quant.pack(half)
+            err = quant.dequantize(rows).float() - half.float()
+            stats[2:] = [err.pow(2).sum(dtype=torch.float64), half.float().pow(2).sum(dtype=torch.float64)]
+        stats = torch.stack(stats)
+        self.event = None
+        if device.type == "cuda":
+            self.rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            self.rows.copy_(rows, non_blocking=True)
+            self.stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.stats.copy_(stats, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.rows, self.stats = rows, stats
+
+    def wait(self) -> tuple[np.ndarray, list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.rows.numpy(), self.stats.tolist()
+
+
+class _Shards:
+    """Fills one shard's buffers with landed batches, in order, and writes each full shard from a
+    background thread while the backbone computes (the HDF5 image, the write and its fsync would
+    leave the compute idle otherwise); each write is still atomic (temporary name, then rename), and
+    its error surfaces in the loop."""
+
+    def __init__(self, plans, manifest: dict, files: SplitFiles, seeds: list[int], out, num_classes: int,
+                 tap: bool) -> None:
+        (self.row_shape, self.row_dtype), self.mask_shape = cf.stored_row(manifest), manifest["mask_shape"]
+        self.files, self.seeds, self.out, self.num_classes, self.tap = files, seeds, out, num_classes, tap
+        self.quant = QuantSpec.of(manifest) is not None
+        self.plans = iter(plans)
+        self.written = 0
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-shard-writer")
+        self.pending: Optional[Future] = None
+        self._next_plan()
+
+    def _next_plan(self) -> None:
+        self.plan = next(self.plans, None)
+        if self.plan is not None:
+            self.tokens = np.empty((self.plan.count, *self.row_shape), self.row_dtype)
+            self.masks = np.empty((self.plan.count, *self.mask_shape), np.uint8)
+        self.filled, self.max_abs, self.sq_err, self.sq = 0, 0.0, 0.0, 0.0
+
+    def add(self, landing: _Landing) -> int:
+        """Checks and buffers one landed batch (batches cover the plans exactly, never crossing a
+        shard); returns its size."""
+        rows, (finite, max_abs, sq_err, sq) = landing.wait()
+        if not finite:
+            _refuse_non_finite(landing.feats, landing.half, landing.batch["k"], self.files, self.seeds)
+        b = rows.shape[0]
+        self.tokens[self.filled:self.filled + b] = rows
+        self.masks[self.filled:self.filled + b] = landing.batch["mask"].numpy()
+        self.filled += b
+        self.max_abs = max(self.max_abs, max_abs)
+        self.sq_err += sq_err
+        self.sq += sq
+        if self.filled == self.plan.count:
+            self._submit()
+        return b
+
+    def _submit(self) -> None:
+        plan = self.plan
+        ks = np.arange(plan.start, plan.start + plan.count)
+        attrs = {"split": plan.split, "shard": plan.index, "start": plan.start}
+        if self.tap:  # the range report of a tap cache; normed layers need none
+            attrs["max_abs"] = self.max_abs
+        if self.quant:  # the shard's quantisation error, measured against the float16 tokens
+            attrs["quant_error"] = np.array([self.sq_err, self.sq], np.float64)
+        if self.pending is not None:
+            self.pending.result()  # at most one shard in flight: memory holds two shard buffers, not more
+        n = len(self.files.names)
+        self.pending = self.writer.submit(_write, self.out / plan.file, self.tokens, self.masks, ks % n,
+                                          np.asarray(self.seeds)[ks // n], attrs, self.num_classes)
+        self.written += plan.count
+        self._next_plan()
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
 
 
 def _write(path, tokens, masks, image_index, aug_seed, attrs, num_classes: int) -> None:
