@@ -89,7 +89,7 @@ class Trainer:
         self.environment = environment(self.device)
         self.train_counts = self.cache.class_counts("train", persist=self.d.is_main)  # [samples, classes]
         self.sampler = self._rare_class_sampler()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState(self.out, self.names, self.log)
         self.rank_batch, self.rank_accum = rank_batching(cfg.batch_size, cfg.accum, self.d.world, opts.scale_batch)
 
@@ -220,7 +220,7 @@ class Trainer:
                                      self.device, self.out)  # older runs recorded none: kept as chosen
             if dtype != self.amp_dtype:
                 self.amp_dtype = dtype
-                self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+                self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
                 self.log(f"autocast: {self.amp_name}, as the run recorded")
         self._build()
         st.record = self._run_record()
