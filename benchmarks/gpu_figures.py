@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows["extract_fraction_of_bf16_rate"] = ips * vit_flops(c["backbone"], c["size"]) / (rows["bf16_matmul_GFLOPs"] * 1e9)
     rows["extract_wall_s"] = time.perf_counter() - t0
 
-    # the phase-3 head step (batch 2, autocast, Focal+Dice, AdamW) on the cache's token shape, against
+    # the phase-3 head step (batch 2, bf16 autocast, Focal+Dice, AdamW) on the cache's token shape, against
     # its FLOP floor
     manifest = FeatureCache(work / "cache").manifest
     layers, dim, gh, gw = manifest["token_shape"]
@@ -94,18 +94,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     for hook in hooks:
         hook.remove()
     step_flops = 3 * flops[0]  # forward + backward (about twice the forward)
-    times = []
-    for i in range(c["steps"]):
-        sync(dev)
-        t = time.perf_counter()
-        loss = crit(head_logits(head, tokens, (h, w), True), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(dev)
-        if i >= c["steps"] // 5:
-            times.append(time.perf_counter() - t)
-    rows["phase3_head_step_ms"] = 1000 * sorted(times)[len(times) // 2]
+
+    def step_ms(dtype: torch.dtype) -> float:
+        """Median ms of one training step under `dtype` autocast (fp16 with a GradScaler, as train-head)."""
+        scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+        times = []
+        for i in range(c["steps"]):
+            sync(dev)
+            t = time.perf_counter()
+            loss = crit(head_logits(head, tokens, (h, w), dtype), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sync(dev)
+            if i >= c["steps"] // 5:
+                times.append(time.perf_counter() - t)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    rows["phase3_head_step_ms"] = step_ms(torch.bfloat16)
+    # train-head's default on a GPU (fp16 autocast + GradScaler, as published), and with cuDNN's
+    # autotuner on (not seg's default: it makes the algorithm choice vary from run to run)
+    rows["phase3_head_step_fp16_scaler_ms"] = step_ms(torch.float16)
+    torch.backends.cudnn.benchmark = True
+    rows["phase3_head_step_fp16_scaler_cudnn_benchmark_ms"] = step_ms(torch.float16)
+    torch.backends.cudnn.benchmark = False
     rows["phase3_head_step_floor_ms"] = 1000 * step_flops / (rows["bf16_matmul_GFLOPs"] * 1e9)
 
     # a cached epoch against a one-stage epoch (the backbone on every sample): measured parts

@@ -229,7 +229,7 @@ def test_gpu_figures_rehearse_every_step_on_the_cpu(tmp_path):
     f = json.loads(out.read_text())
     assert f["device"] == "cpu"
     for k in ("bf16_matmul_GFLOPs", "extract_images_per_s", "phase3_head_step_ms", "phase3_head_step_floor_ms",
-              "cached_epoch_s"):
+              "phase3_head_step_fp16_scaler_ms", "phase3_head_step_fp16_scaler_cudnn_benchmark_ms", "cached_epoch_s"):
         assert f[k] > 0, k
     assert 0 < f["extract_fraction_of_bf16_rate"] < 2
     # one-stage = the cached epoch + the backbone on the epoch's 4 train + 2 val images
