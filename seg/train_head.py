@@ -18,7 +18,7 @@ import torch
 
 from seg.cache import FeatureCache
 from seg.cache import format as cf
-from seg.runtime.device import environment, resolve_device, training_amp_dtype
+from seg.runtime.device import deterministic_mode, environment, resolve_device, training_amp_dtype
 from seg.runtime.dirlock import DirLock
 from seg.runtime.distributed import Dist, on_main, rank_device
 from seg.runtime.errors import SegError
@@ -60,6 +60,7 @@ class RunOptions:
     init_from: Optional[str] = None  # a finished run whose best.pt weights the head starts from
     config_source: Optional[dict] = None  # where the settings came from (--config FILE): recorded
     on_epoch: Optional[Callable[[int, dict], None]] = None  # called after each saved epoch (sweeps prune here)
+    deterministic: bool = False     # bit-repeatable steps on one GPU (torch's deterministic mode; slower)
 
 
 class Trainer:
@@ -87,6 +88,9 @@ class Trainer:
                                                     if self.amp_dtype == torch.float16 else "")
                      + ("" if opts.amp_dtype != "auto" else "; --amp-dtype bf16|fp16 chooses"))
         self.environment = environment(self.device)
+        if opts.deterministic:
+            self.log("deterministic: torch's deterministic algorithms, cuDNN's without autotuning, matrix upsampling "
+                     "and pooling in the head (slower; steps repeat bit for bit on one GPU)")
         self.train_counts = self.cache.class_counts("train", persist=self.d.is_main)  # [samples, classes]
         self.sampler = self._rare_class_sampler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -190,6 +194,7 @@ class Trainer:
             "class_weights": self.class_weights,
             # the autocast dtype this run trains in: a resume elsewhere must keep it (fp16 needs a GradScaler)
             "amp_dtype": self.amp_name,
+            "deterministic": self.opts.deterministic,
             "environment": self.environment,
         }
 
@@ -207,7 +212,8 @@ class Trainer:
 
         try:
             mode = on_main(self.d, claim)
-            return self._run(mode == "resume")
+            with deterministic_mode(self.opts.deterministic):
+                return self._run(mode == "resume")
         finally:
             lock.release()
 

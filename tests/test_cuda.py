@@ -1,6 +1,6 @@
 """The GPU paths, run where a CUDA device exists (skipped otherwise): extraction, training in bf16
 and in fp16 with a GradScaler, preloading onto the GPU, int8 rows dequantised on the GPU, eval and
-predict, and 2-process DDP with NCCL when two GPUs are present. `benchmarks/gpu_check.sh` runs them
+predict, bit-repeatable --deterministic runs, and 2-process DDP with NCCL when two GPUs are present. `benchmarks/gpu_check.sh` runs them
 and prints the GPU's figures."""
 
 import json
@@ -78,6 +78,24 @@ def test_training_on_the_gpu_preloads_there_and_uses_the_asked_precision(gpu_cac
     from_cache = json.loads((out / "eval-val" / "eval.json").read_text())["miou"]
     from_images = json.loads((tmp_path / "e-data" / "eval.json").read_text())["miou"]
     assert abs(from_cache - from_images) < 0.02
+
+
+@pytest.mark.parametrize("head", ["upernet", "upernet-ms"])
+def test_deterministic_runs_repeat_bit_for_bit_on_the_gpu(gpu_cache, dataset, tmp_path, head):
+    """--deterministic: two runs of the same settings end with identical weights (fp16 + GradScaler,
+    the GPU default; upernet-ms adds transposed convolutions and the FPN's upsampling)."""
+    cache = gpu_cache
+    if head == "upernet-ms":  # four layers
+        cache = tmp_path / "c4"
+        r = run(*EXTRACT, "--layers", "2,5,8,11", "--data", dataset, "--out", cache)
+        assert r.exit_code == 0, r.output
+    heads = []
+    for name in ("a", "b"):
+        r = run("train-head", "--cache", cache, "--out", tmp_path / name, "--phase", "3", "--head", head,
+                "--epochs", "2", "--device", "cuda", "--deterministic", "--allow-mismatch")
+        assert r.exit_code == 0, r.output
+        heads.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["head"])
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
 def test_int8_rows_dequantise_on_the_gpu_to_the_same_values(tmp_path):

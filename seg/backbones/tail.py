@@ -4,11 +4,21 @@ frozen prefix again."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+
+def _attention_kernels() -> contextlib.AbstractContextManager:
+    """Under torch's deterministic mode, attention through the math kernel (matmuls and a softmax):
+    the fused CUDA attention kernels have no deterministic backward."""
+    if torch.are_deterministic_algorithms_enabled():
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 class BackboneTail(nn.Module):
@@ -34,10 +44,13 @@ class BackboneTail(nn.Module):
         if t != self.num_prefix + hp * wp:
             raise ValueError(f"{t} tokens do not make a {wp}x{hp} patch grid plus {self.num_prefix} prefix tokens")
         extra = (self.rope_embed(hp, wp),) if self.rope_embed is not None else ()
-        for blk in self.blocks:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(blk, tokens, *extra, use_reentrant=False)
-            else:
-                tokens = blk(tokens, *extra)
+        with _attention_kernels():
+            for blk in self.blocks:
+                if self.checkpointing and self.training and torch.is_grad_enabled():
+                    # the recomputation in backward runs outside this block: it gets the same kernels
+                    tokens = checkpoint(blk, tokens, *extra, use_reentrant=False,
+                                        context_fn=lambda: (_attention_kernels(), _attention_kernels()))
+                else:
+                    tokens = blk(tokens, *extra)
         patches = self.norm(tokens)[:, self.num_prefix:]
         return patches.reshape(b, hp, wp, c).permute(0, 3, 1, 2).contiguous()  # the layout frozen caches give the head

@@ -146,6 +146,9 @@ def extract(**kw) -> None:
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="Start the head from this finished run's best.pt (a new run: fresh optimizer and LR schedule).")
 @click.option("--tensorboard", is_flag=True, help="Log to RUN/tensorboard (needs: pip install 'seg[tensorboard]').")
+@click.option("--deterministic", is_flag=True,
+              help="Bit-repeatable training steps on one GPU: torch's deterministic algorithms (slower). "
+                   "A CPU run repeats without it.")
 @NO_PROGRESS
 @click.pass_context
 @user_errors(on_interrupt="interrupted; rerun with --resume to continue from the last finished epoch",
@@ -153,7 +156,7 @@ def extract(**kw) -> None:
                     "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
 def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch,
                no_verify, weights, checkpointing, no_progress, amp_dtype, scale_batch, config_file, init_from,
-               tensorboard, **overrides) -> None:
+               tensorboard, deterministic, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -180,7 +183,8 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
                                                         weights=weights, checkpointing=checkpointing,
                                                         progress=not no_progress, amp_dtype=amp_dtype,
                                                         scale_batch=scale_batch, tensorboard=tensorboard,
-                                                        init_from=init_from, config_source=source),
+                                                        init_from=init_from, config_source=source,
+                                                        deterministic=deterministic),
                         log=click.echo, dist_ctx=d)
     finally:
         distributed.shutdown(d)

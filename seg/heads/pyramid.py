@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg.heads.resize import upsample
 from seg.heads.upernet import PyramidPooling, conv_gn
 
 SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -74,9 +74,8 @@ class PyramidUPerNetHead(nn.Module):
         lat = [conv(f) for conv, f in zip(self.lateral, feats)]
         lat[3] = self.ppm_fuse(torch.cat([lat[3], *self.ppm(lat[3])], dim=1))
         for i in (2, 1, 0):  # top-down: coarse into fine
-            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="bilinear", align_corners=False)
+            lat[i] = lat[i] + upsample(lat[i + 1], lat[i].shape[-2:])
         outs = [s(l) for s, l in zip(self.smooth, lat[:3])] + [lat[3]]
         size = outs[0].shape[-2:]
-        fused = torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
-                                       for o in outs[1:]], dim=1)
+        fused = torch.cat([outs[0]] + [upsample(o, size) for o in outs[1:]], dim=1)
         return self.classifier(self.fuse(fused))

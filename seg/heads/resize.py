@@ -1,12 +1,18 @@
 """Bilinear resizing of logits as two small matrix products: the same numbers as
 F.interpolate(mode="bilinear", align_corners=False), but running (forward and backward) at matmul
-speed instead of through the scalar upsample kernel, which on a CPU cost more than the head's loss."""
+speed instead of through the scalar upsample kernel, which on a CPU cost more than the head's loss.
+
+Matrix products are also deterministic on a GPU, where the backward of the bilinear upsample kernel
+and of adaptive average pooling are not (they accumulate with atomics): under torch's deterministic
+mode (`seg train-head --deterministic`) the heads' own upsampling and pooling go through matrices
+too (`upsample`, `adaptive_pool`)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -18,6 +24,18 @@ def _weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) ->
     evaluation and training alike (an inference tensor cannot be saved for backward)."""
     with torch.inference_mode(False):
         return _build(n_in, n_out).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=32)
+def _pool_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[n_out, n_in]: row i averages adaptive pooling's bin i, inputs floor(i n_in / n_out) up to
+    ceil((i + 1) n_in / n_out), as F.adaptive_avg_pool2d bins them."""
+    with torch.inference_mode(False):
+        m = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m.to(device=device, dtype=dtype)
 
 
 def _build(n_in: int, n_out: int) -> Tensor:
@@ -41,3 +59,20 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     rows = _weights(h, size[0], x.device, x.dtype)
     cols = _weights(w, size[1], x.device, x.dtype)
     return rows @ x @ cols.T
+
+
+def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """The heads' bilinear upsampling: F.interpolate, or the matrix products under torch's deterministic
+    mode (the same numbers up to rounding)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return resize_bilinear(x, tuple(size))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def adaptive_pool(x: Tensor, size: int) -> Tensor:
+    """F.adaptive_avg_pool2d(x, size), or under torch's deterministic mode the same bins averaged by
+    two matrix products."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.adaptive_avg_pool2d(x, size)
+    h, w = x.shape[-2:]
+    return _pool_weights(h, size, x.device, x.dtype) @ x @ _pool_weights(w, size, x.device, x.dtype).T

@@ -4,8 +4,9 @@ multi-level head."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from seg.heads.resize import adaptive_pool, upsample
 
 
 def conv_gn(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -26,8 +27,7 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         size = x.shape[-2:]
-        return [F.interpolate(conv(F.adaptive_avg_pool2d(x, s)), size=size, mode="bilinear", align_corners=False)
-                for s, conv in zip(self.scales, self.convs)]
+        return [upsample(conv(adaptive_pool(x, s)), size) for s, conv in zip(self.scales, self.convs)]
 
 
 class UPerNetHead(nn.Module):

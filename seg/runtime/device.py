@@ -71,6 +71,28 @@ def run_amp_dtype(amp: bool, recorded: Optional[str], device: torch.device) -> O
     return half_dtype(device)
 
 
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """With `on`, for the duration: torch's deterministic mode (kernels that have a deterministic variant
+    use it, and seg's heads and losses switch to their matrix and scatter forms, see heads/resize.py
+    and train/losses.py), cuDNN's deterministic algorithms without autotuning, and cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG, read when CUDA creates its handle: set before the first matmul
+    on the GPU). The previous settings come back afterwards (a sweep or a notebook goes on)."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
 def configure_matmul_precision() -> dict:
     """Set TF32 explicitly (PyTorch's defaults: off for matmuls, on for cuDNN convolutions) instead of
     leaving it to whatever an imported library changed, and return the setting for the records."""

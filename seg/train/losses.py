@@ -77,6 +77,25 @@ def dice_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, 
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
+def _class_sums(classes: Tensor, weights: Tensor, k: int) -> Tensor:
+    """Per class, the sum of the weights of its pixels. bincount, whose CUDA kernel adds with atomics:
+    under torch's deterministic mode, scatter_add_, which torch then runs deterministically."""
+    if torch.are_deterministic_algorithms_enabled():
+        return torch.zeros(k, dtype=weights.dtype, device=weights.device).scatter_add_(0, classes, weights)
+    return torch.bincount(classes, weights=weights, minlength=k)
+
+
+def _mean_ce(logits: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """F.cross_entropy's weighted mean over valid pixels. Under torch's deterministic mode it is summed
+    from the per-pixel losses: CUDA's kernel for the mean adds with atomics, and torch refuses it there."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX)
+    per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = target != IGNORE_INDEX
+    total = valid.sum() if weight is None else (weight[torch.where(valid, target, 0)] * valid).sum()
+    return per_pixel.sum() / total
+
+
 class _FocalDice(torch.autograd.Function):
     """focal_loss + dice_weight x dice_loss in a few passes over the full-resolution logits, with the
     gradient written out by hand: softmax once, no one-hot, no boolean indexing, one saved tensor.
@@ -102,8 +121,8 @@ class _FocalDice(torch.autograd.Function):
         p_t = logp_t.exp()
         flat_t = t.flatten()
         p_sum = p.sum((0, 2, 3)) if all_valid else torch.einsum("bkhw,bhw->k", p, vf)
-        t_sum = torch.bincount(flat_t, weights=vf.flatten(), minlength=k).to(p.dtype)
-        inter = torch.bincount(flat_t, weights=(p_t * vf).flatten(), minlength=k).to(p.dtype)
+        t_sum = _class_sums(flat_t, vf.flatten(), k).to(p.dtype)
+        inter = _class_sums(flat_t, (p_t * vf).flatten(), k).to(p.dtype)
         den = p_sum + t_sum + smooth
         dice = 1.0 - ((2 * inter + smooth) / den).mean()
         ctx.save_for_backward(p, t, vf, w_t, ce, pt, p_t, den, inter)
@@ -170,10 +189,8 @@ class SegLoss(nn.Module):
         target = target.long()
         if not (target != IGNORE_INDEX).any():  # cross_entropy would return 0/0 = NaN
             return logits.sum() * 0.0
-        if self.kind == "ce":
-            return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
-        if self.kind == "weighted_ce":
-            return F.cross_entropy(logits.float(), target, weight=self.class_weights, ignore_index=IGNORE_INDEX)
+        if self.kind in ("ce", "weighted_ce"):
+            return _mean_ce(logits.float(), target, self.class_weights if self.kind == "weighted_ce" else None)
         if self.kind == "focal_dice" and self.fused:
             return focal_dice(logits, target, self.class_weights, self.gamma, self.dice_weight)
         focal = focal_loss if self.kind == "focal_dice" else lin_focal_loss
