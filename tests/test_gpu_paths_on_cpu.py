@@ -84,9 +84,13 @@ def test_device_mapping(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # below torch.cuda.set_device, whose own argument check then runs (it refuses a device without an index)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", chosen.append, raising=False)
     assert rank_device(Dist(rank=1, world=2, local_rank=1), "auto") == "cuda:1"
-    assert device_mod.resolve_device("cuda:1") == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+    assert device_mod.resolve_device("cuda:1") == torch.device("cuda:1") and chosen == [1]
+    assert device_mod.resolve_device("cuda") == torch.device("cuda:0") and chosen == [1, 0]
+    assert device_mod.resolve_device("auto") == torch.device("cuda:0") and chosen == [1, 0, 0]
     with pytest.raises(SegError, match="--device cuda:2: this machine has 2 CUDA device"):
         device_mod.resolve_device("cuda:2")
 

@@ -14,14 +14,16 @@ from seg.runtime.errors import SegError
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SegError(f"--device {name}: no CUDA device is available on this machine (use --device cpu or auto)")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise SegError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     device = torch.device(name)
     if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:  # plain "cuda": the current GPU, by its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
             raise SegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         # Make it the current device: kernels, caches and libraries that use "the" GPU follow it.
         torch.cuda.set_device(device)
