@@ -35,7 +35,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> floa
 # The GPU's figures; --tiny is a CPU-sized rehearsal of the same steps, which the test suite runs so
 # that this script cannot rot unseen on machines without a GPU.
 FULL = {"backbone": "vitb14_reg", "size": "644x364", "train": 64, "val": 16, "batch": 16, "matmul_n": 8192, "steps": 25}
-TINY = {"backbone": "vits14", "size": "224x126", "train": 4, "val": 2, "batch": 2, "matmul_n": 512, "steps": 4}
+TINY = {"backbone": "vits14", "size": "224x126", "train": 4, "val": 2, "batch": 2, "matmul_n": 512, "steps": 2}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
