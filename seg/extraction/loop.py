@@ -60,7 +60,7 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
     quant = QuantSpec.of(manifest)
     tap = cf.tap_block(manifest)
     dtype = recorded_dtype(manifest["compute_dtype"], device)
-    shards = _Shards(plans, manifest, files, seeds, out, num_classes, tap is not None)
+    shards = _Shards(plans, manifest, files, seeds, out, num_classes)
     # One batch in flight: while the backbone computes a batch, the previous one's rows travel to
     # the host (on a GPU, into pinned memory without waiting) and are checked and buffered there.
     landing: Optional[_Landing] = None
@@ -70,7 +70,7 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
                 raise SegError(batch["error"])
             x = normalize(batch["image"].to(device, non_blocking=True))
             feats = backbone_features(model, x, layers, tap, device, dtype)
-            current = _Landing(feats, batch, quant, tap is not None, device)
+            current = _Landing(feats, batch, quant, tap is not None)
             if landing is not None:
                 bar.update(shards.add(landing))
             landing = current
@@ -86,8 +86,7 @@ class _Landing:
     """A computed batch on its way to the host: its stored rows (float16 tokens, or packed int8 rows)
     and its statistics, copied without waiting for them; `wait` returns once they have landed."""
 
-    def __init__(self, feats: torch.Tensor, batch: dict, quant: Optional[QuantSpec], tap: bool,
-                 device: torch.device) -> None:
+    def __init__(self, feats: torch.Tensor, batch: dict, quant: Optional[QuantSpec], tap: bool) -> None:
         self.feats, self.batch = feats, batch
         self.half = half = feats.to(torch.float16)
         zero = torch.zeros((), dtype=torch.float64, device=half.device)
@@ -101,7 +100,7 @@ class _Landing:
             stats[2:] = [err.pow(2).sum(dtype=torch.float64), half.float().pow(2).sum(dtype=torch.float64)]
         stats = torch.stack(stats)
         self.event = None
-        if device.type == "cuda":
+        if half.is_cuda:
             self.rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             self.rows.copy_(rows, non_blocking=True)
             self.stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -123,11 +122,10 @@ class _Shards:
     leave the compute idle otherwise); each write is still atomic (temporary name, then rename), and
     its error surfaces in the loop."""
 
-    def __init__(self, plans, manifest: dict, files: SplitFiles, seeds: list[int], out, num_classes: int,
-                 tap: bool) -> None:
+    def __init__(self, plans, manifest: dict, files: SplitFiles, seeds: list[int], out, num_classes: int) -> None:
         (self.row_shape, self.row_dtype), self.mask_shape = cf.stored_row(manifest), manifest["mask_shape"]
-        self.files, self.seeds, self.out, self.num_classes, self.tap = files, seeds, out, num_classes, tap
-        self.quant = QuantSpec.of(manifest) is not None
+        self.files, self.seeds, self.out, self.num_classes = files, seeds, out, num_classes
+        self.tap, self.quant = cf.tap_block(manifest) is not None, QuantSpec.of(manifest) is not None
         self.plans = iter(plans)
         self.written = 0
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-shard-writer")

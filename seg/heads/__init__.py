@@ -48,8 +48,7 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
     on their patch grid (Hp, Wp)."""
     from seg.runtime.device import autocast
 
-    dtype = amp if isinstance(amp, torch.dtype) else None
-    with autocast(tokens.device, amp is not None and amp is not False, dtype):
+    with autocast(tokens.device, bool(amp), amp if isinstance(amp, torch.dtype) else None):
         if tokens.dim() == 3:
             if grid is None:
                 raise ValueError("tap tokens need their patch grid")

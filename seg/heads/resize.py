@@ -16,29 +16,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-@lru_cache(maxsize=32)
-def _weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[n_out, n_in]: row i holds the two linear-interpolation weights of output i, with PyTorch's
-    half-pixel rule (src = (i + 0.5) n_in / n_out - 0.5, clamped at 0; the far neighbour clamped).
-    Built outside inference mode even when first asked for inside it: the cached tensor then serves
-    evaluation and training alike (an inference tensor cannot be saved for backward)."""
+@lru_cache(maxsize=64)
+def _matrix(build, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """build(n_in, n_out) -> float64 [n_out, n_in], cached on the device in dtype. Built outside
+    inference mode even when first asked for inside it: the cached tensor then serves evaluation
+    and training alike (an inference tensor cannot be saved for backward)."""
     with torch.inference_mode(False):
-        return _build(n_in, n_out).to(device=device, dtype=dtype)
+        return build(n_in, n_out).to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=32)
-def _pool_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[n_out, n_in]: row i averages adaptive pooling's bin i, inputs floor(i n_in / n_out) up to
+def _pool(n_in: int, n_out: int) -> Tensor:
+    """Row i averages adaptive pooling's bin i, inputs floor(i n_in / n_out) up to
     ceil((i + 1) n_in / n_out), as F.adaptive_avg_pool2d bins them."""
-    with torch.inference_mode(False):
-        m = torch.zeros(n_out, n_in, dtype=torch.float64)
-        for i in range(n_out):
-            lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-            m[i, lo:hi] = 1.0 / (hi - lo)
-        return m.to(device=device, dtype=dtype)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
 
 
-def _build(n_in: int, n_out: int) -> Tensor:
+def _bilinear(n_in: int, n_out: int) -> Tensor:
+    """Row i holds the two linear-interpolation weights of output i, with PyTorch's half-pixel rule
+    (src = (i + 0.5) n_in / n_out - 0.5, clamped at 0; the far neighbour clamped)."""
     scale = n_in / n_out
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
     lo = src.floor().long().clamp_max(n_in - 1)
@@ -56,8 +55,8 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     h, w = x.shape[-2:]
     if (h, w) == tuple(size):
         return x
-    rows = _weights(h, size[0], x.device, x.dtype)
-    cols = _weights(w, size[1], x.device, x.dtype)
+    rows = _matrix(_bilinear, h, size[0], x.device, x.dtype)
+    cols = _matrix(_bilinear, w, size[1], x.device, x.dtype)
     return rows @ x @ cols.T
 
 
@@ -75,4 +74,4 @@ def adaptive_pool(x: Tensor, size: int) -> Tensor:
     if not torch.are_deterministic_algorithms_enabled():
         return F.adaptive_avg_pool2d(x, size)
     h, w = x.shape[-2:]
-    return _pool_weights(h, size, x.device, x.dtype) @ x @ _pool_weights(w, size, x.device, x.dtype).T
+    return _matrix(_pool, h, size, x.device, x.dtype) @ x @ _matrix(_pool, w, size, x.device, x.dtype).T
