@@ -9,6 +9,7 @@ from typing import Callable
 
 from seg.backbones import load_backbone
 from seg.runtime.errors import SegError
+from seg.runtime.output import Output
 from seg.evaluate import EvalOptions, evaluate
 from seg.extract_features import ExtractConfig, extract
 from seg.predict import PredictOptions, predict
@@ -43,11 +44,26 @@ def official_or_random(random_init: bool, log: Callable[[str], None]) -> bool:
         return True
 
 
+DEMO_PARTS = ("data", "cache", "run", "predictions")
+
+
+def demo_output(out: Path) -> Output:
+    """The claim on the demo folder: it holds the demo's four parts, each claimed again by the
+    command that fills it."""
+    return Output(out, "demo", lambda rel: "/" in rel and rel.partition("/")[0] in DEMO_PARTS, ".seg-demo.lock",
+                  what="demo")
+
+
 def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict:
-    t0 = time.perf_counter()
     out = Path(opts.out)
-    if (out / "run" / "last.pt").exists():
-        raise SegError(f"{out}: holds a finished demo; choose another --out or delete it")
+    with demo_output(out):
+        if (out / "run" / "last.pt").exists():
+            raise SegError(f"{out}: holds a finished demo; choose another --out or delete it")
+        return _run_demo(opts, out, log)
+
+
+def _run_demo(opts: DemoOptions, out: Path, log: Callable[[str], None]) -> dict:
+    t0 = time.perf_counter()
     n_eval = max(4, opts.train_images // 4)
     data = out / "data"
     log(f"[1/5] generating a procedural Falcon-layout dataset in {data} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from seg.heads import head_logits
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.scoring.metrics import confusion_matrix, format_table, jsonable, summarize
 from seg.cache import format as cf
-from seg.runtime.run_dir import EVAL_FILES, check_owned_dir
+from seg.runtime.output import Output, vouched_by
+from seg.runtime.run_dir import EVAL_FILES, EVAL_LOCK
 from seg.infer.runs import check_cache_compatible, load_run
 from seg.runtime.progress import progress_bar
 
@@ -59,8 +61,40 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
         raise SegError("--mode slide needs images (--data): cached tokens hold one resized view per image")
     device = resolve_device(opts.device)
     run = load_run(opts.run, device)
-    out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}"
-    check_owned_dir(out, EVAL_FILES, "eval")
+    out = Path(opts.out) if opts.out else run.path / f"eval-{opts.split}{variant_suffix(opts)}"
+    owns = vouched_by(out, "eval.json", {"run", "split", "mode", "confusion_matrix"}, EVAL_FILES)
+    with Output(out, "eval", owns, EVAL_LOCK, what="eval report"):
+        return _evaluate(run, opts, device, out, log)
+
+
+def variant_suffix(opts: EvalOptions) -> str:
+    """What tells one way of scoring a split from another, as a folder-name suffix: the default
+    folder of each way is its own, so scoring a split twice never replaces the other report."""
+    parts = []
+    if opts.data is not None:
+        parts.append("images")
+    if opts.mode == "slide":
+        parts.append("slide")
+    elif opts.full_res:
+        parts.append("fullres")
+    if opts.tta != "none":
+        parts.append("tta-" + opts.tta.replace("+", "-"))
+    return "".join("-" + p for p in parts)
+
+
+def _replaced(out: Path, result: dict) -> Optional[str]:
+    """A description of the earlier report in `out` when it scored another way, else None."""
+    try:
+        old = json.loads((out / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("split", "mode", "source", "tta", "scored_at")
+    if not isinstance(old, dict) or all(old.get(k) == result[k] for k in keys):
+        return None
+    return ", ".join(f"{k} {old.get(k)}" for k in keys)
+
+
+def _evaluate(run, opts: EvalOptions, device, out: Path, log: Callable[[str], None]) -> dict:
     k, names = run.class_table.num_classes, list(run.class_table.names)
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
     t0 = time.perf_counter()
@@ -70,13 +104,15 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
         n, scored_at = _eval_images(run, opts, device, cm)
     seconds = time.perf_counter() - t0
     summary = summarize(cm, names)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         "run": str(run.path), "split": opts.split, "mode": "cache" if opts.cache else "images",
         "source": opts.cache or opts.data, "tta": opts.tta, "scored_at": scored_at, "images": n,
         "seconds": seconds, "images_per_s": n / seconds if seconds else None,
         **summary, "confusion_matrix": cm.cpu().tolist(),
     }
+    earlier = _replaced(out, result)
+    if earlier:
+        log(f"NOTE: replacing the earlier report in {out} ({earlier})")
     write_json(out / "eval.json", jsonable(result))
     table = format_table(summary)
     write_text(out / "eval.txt", f"{opts.split}: {n} images scored at {scored_at} ({result['mode']}, tta {opts.tta})\n"

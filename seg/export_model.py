@@ -23,7 +23,8 @@ from seg.deploy.onnx_file import DEFAULT_OPSET, open_session, require_onnx, writ
 from seg.deploy.parity import LOGIT_BOUND, compare
 from seg.infer.runs import load_run
 from seg.infer.segmenter import Segmenter
-from seg.runtime.atomic import publish, tmp_name, write_json
+from seg.runtime.atomic import publish, write_json
+from seg.runtime.output import Output, temp_path
 from seg.runtime.errors import SegError
 
 # The ONNX protobuf holds at most 2 GiB; larger graphs need external data files, not written here.
@@ -47,12 +48,50 @@ def report_path(out: Path) -> Path:
     return out.with_suffix(".parity.json")
 
 
+def rejected_report_path(out: Path) -> Path:
+    """Where the report of a refused export goes: never over the accepted model's report."""
+    return out.with_suffix(".parity-rejected.json")
+
+
+def _is_export_report(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"onnx", "accepted", "onnx_sha256", "parity", "bound"}
+    return data if isinstance(data, dict) and keys <= set(data) else None
+
+
+def export_output(out: Path) -> Output:
+    """The claim on the model file and the reports beside it (seg.runtime.output): the model is seg's
+    only when its report records its sha256; each report only when it is a seg export report."""
+    sides = {out.name, report_path(out).name, rejected_report_path(out).name}
+
+    def owns(name: str) -> bool:
+        path = out.parent / name
+        if name == out.name:
+            report = _is_export_report(report_path(out))
+            return path.is_file() and report is not None and report["onnx_sha256"] == file_sha256(path)
+        return _is_export_report(path) is not None
+
+    return Output(out.parent, "export", owns, f".{out.name}.seg-export.lock", what="export",
+                  covers=sides.__contains__)
+
+
 def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict:
     """Export, check against the eager model, and publish the model only when within the bound.
     Returns the report (also written beside the model)."""
     require_onnx()
     out = Path(opts.out)
-    _check_target(out, opts.overwrite)
+    if out.suffix.lower() != ".onnx":
+        raise SegError(f"{out}: the model file must end in .onnx")
+    with export_output(out):
+        if out.exists() and not opts.overwrite:
+            raise SegError(f"{out}: already exists; pass --overwrite to replace an earlier seg export")
+        return _export(opts, out, log)
+
+
+def _export(opts: ExportOptions, out: Path, log: Callable[[str], None]) -> dict:
     cpu = torch.device("cpu")
     run = load_run(opts.run, cpu)
     patch = run.backbone["patch_size"]
@@ -67,7 +106,7 @@ def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict
     with torch.no_grad():
         eager_labels, eager_logits = graph(images)
 
-    tmp = tmp_name(out)
+    tmp = temp_path(out)
     table = run.class_table
     metadata = {"seg.classes": json.dumps(table.to_json()), "seg.size": f"{w}x{h}",
                 "seg.backbone": run.backbone["backbone"], "seg.head": run.record["config"]["head"]}
@@ -86,8 +125,12 @@ def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict
         accepted = checks[0].within_bound
         report = _report(opts, run, (w, h), checks, accepted, tmp if accepted else None)
         if accepted:
+            # the report first: a model under the final name always has its matching report
+            write_json(report_path(out), report)
             publish(tmp, out)
-        write_json(report_path(out), report)
+            rejected_report_path(out).unlink(missing_ok=True)
+        else:  # the earlier good model and its report stay as they were
+            write_json(rejected_report_path(out), report)
     finally:
         tmp.unlink(missing_ok=True)
     for line in _table(checks):
@@ -96,29 +139,10 @@ def export_onnx(opts: ExportOptions, log: Callable[[str], None] = print) -> dict
         c = checks[0]
         raise SegError(f"{out}: not written: onnxruntime differs from the eager graph by {c.max_abs_logit_diff:.3g} "
                        f"(bound {c.tolerance:.3g}) with {c.decided_disagreements} confidently labelled pixels "
-                       f"changed; see {report_path(out)}")
+                       f"changed; see {rejected_report_path(out)}"
+                       + ("; the earlier model there is unchanged" if out.exists() else ""))
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {report_path(out)}")
     return report
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    """Never replace a file seg export did not write: the one at --out must match the sha256 its
-    parity report recorded."""
-    if out.suffix.lower() != ".onnx":
-        raise SegError(f"{out}: the model file must end in .onnx")
-    if not out.exists():
-        if not out.parent.is_dir():
-            out.parent.mkdir(parents=True, exist_ok=True)
-        return
-    if not overwrite:
-        raise SegError(f"{out}: already exists; pass --overwrite to replace an earlier seg export")
-    try:
-        recorded = json.loads(report_path(out).read_text()).get("onnx_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if out.is_dir() or recorded != file_sha256(out):
-        raise SegError(f"{out}: not written by seg export (no matching {report_path(out).name}); "
-                       "refusing to overwrite it")
 
 
 def _sample_images(paths: Sequence[str], size: tuple[int, int]) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from seg.extraction.loop import extract_shards, f16_step
 from seg.extraction.manifest import build_manifest, parse_layers, stored_dtype
 from seg.extraction.samples import extraction_workers, scan_class_counts
 from seg.runtime.device import recorded_dtype, resolve_device
-from seg.runtime.dirlock import DirLock
+from seg.runtime.output import Output
 from seg.runtime.distributed import Dist, barrier, on_main, rank_device
 from seg.runtime.errors import SegError
 from seg.runtime.progress import progress_bar
@@ -103,12 +103,12 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             + ", ".join(f"{len(paste.sources[c])} images" for c in paste.classes))
     manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device, layout, paste)
     out = Path(cfg.out)
-    lock = DirLock(out, cf.LOCK, "extraction")
+    claim: list[Output] = []
 
     def prepare() -> None:
         old = check_cache_dir(out, manifest)
-        out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        owned = cf.owned_files(manifest) | (cf.owned_files(old) if old else set())
+        claim.append(Output(out, "extract", owned.__contains__, cf.LOCK, what="feature cache").claim())
         prepare_cache_dir(out, old, manifest, cfg.overwrite, say)
         if not (out / cf.MANIFEST).exists() or not cf.read_manifest(out).get("complete"):
             cf.write_manifest(out, manifest)
@@ -163,7 +163,8 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         ] + ([summary_tap] if summary_tap else []) + _quant_line(manifest)
         return summary
     finally:
-        lock.release()
+        for c in claim:
+            c.release()
 
 
 def _quant_line(manifest: dict) -> list[str]:

@@ -20,6 +20,7 @@ from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, 
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
+from seg.runtime.output import Output
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.api import Predictor
 from seg.infer.runs import load_run
@@ -103,25 +104,27 @@ def output_names(images: list[Path]) -> list[str]:
 
 
 PREDICT_RECORD = "predict.json"
+PREDICT_LOCK = ".seg-predict.lock"
 
 
-def check_predict_dir(out: Path) -> set[str]:
-    """--out must be new, empty, or an earlier seg predict output; returns the files seg wrote there."""
-    if out.exists() and not out.is_dir():
-        raise SegError(f"{out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return set()
-    record = out / PREDICT_RECORD
-    try:
-        written = set(json.loads(record.read_text())["written"])
-    except (OSError, ValueError, KeyError, TypeError):
-        first = sorted(p.name for p in out.iterdir())[0]
-        raise SegError(f"{out / first}: {out} is not empty and not a seg predict output; choose another --out") from None
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out).as_posix()
-        if p.is_file() and rel != PREDICT_RECORD and rel not in written:
-            raise SegError(f"{p}: not written by seg predict; seg will not overwrite it: choose another --out")
-    return written
+def predict_output(out: Path) -> tuple[Output, set[str]]:
+    """The claim on --out: new, empty, or an earlier seg predict output, whose predict.json lists the
+    files it wrote (only those may be replaced); returns it with that list."""
+    written: set[str] = set()
+    record_ok = False
+    if out.is_dir() and (out / PREDICT_RECORD).is_file():
+        try:
+            written = set(json.loads((out / PREDICT_RECORD).read_text())["written"])
+            record_ok = all(isinstance(w, str) for w in written)
+        except (OSError, ValueError, KeyError, TypeError):
+            written = set()
+    if not record_ok:
+        written = set()
+
+    def owns(rel: str) -> bool:
+        return rel in written or (record_ok and rel == PREDICT_RECORD)
+
+    return Output(out, "predict", owns, PREDICT_LOCK, what="predict output"), written
 
 
 def colorize(ids: np.ndarray, table: ClassTable) -> np.ndarray:
@@ -155,8 +158,16 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     run = load_run(opts.run, device)
     images, videos = collect_inputs(opts.images)
     names = output_names(images)
+    # videos get collision-free names the same way: drive.mp4 and drive.avi, or two drive.mp4
+    video_names = [n[: -len(".png")] for n in output_names(videos)]
     out = Path(opts.out)
-    previous = check_predict_dir(out)
+    claim, previous = predict_output(out)
+    with claim:
+        return _predict(opts, run, device, images, names, videos, video_names, out, previous, log)
+
+
+def _predict(opts: PredictOptions, run, device, images, names, videos, video_names, out: Path, previous: set[str],
+             log: Callable[[str], None]) -> dict:
     segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     table = run.class_table
     masks = [mask_beside(p) for p in images]
@@ -208,11 +219,12 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
                     outputs[str(images[i])] = name
                     bar.update(1)
         videos_by = Predictor(segmenter, opts.tta, opts.mode, opts.stride, opts.batch_size)
-        for video in videos:  # every frame kept: the annotated video has the input's frame count
-            n, files = predict_video(video, out / "video", videos_by, opts.overlay_alpha, opts.video_masks,
+        for video, stem in zip(videos, video_names):  # every frame kept: the output has the input's frame count
+            n, files = predict_video(video, out / "video", stem, videos_by, opts.overlay_alpha, opts.video_masks,
                                      opts.progress, colorize, overlay)
             written.extend(f"video/{f}" for f in files)
             frames[str(video)] = n
+            outputs[str(video)] = f"{stem}.mp4"
     finally:  # what was written is recorded even when a later image stops the run
         record = {"run": str(run.path), "written": sorted(set(written) | previous),
                   "outputs": outputs, "skipped": skipped, "video_frames": frames}
@@ -220,8 +232,9 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
     seconds = time.perf_counter() - t0
     done = len(outputs)
     rate = (done + sum(frames.values())) / seconds if seconds else float("nan")
+    unit = "images/s" if not frames else ("frames/s" if not done else "images and frames/s")
     log(f"predicted {done} images" + (f" and {sum(frames.values())} frames of {len(frames)} video(s)" if frames else "")
-        + f" in {seconds:.1f} s ({rate:.2f} images/s) -> {out}/{{{','.join(folders)}}}"
+        + f" in {seconds:.1f} s ({rate:.2f} {unit}) -> {out}/{{{','.join(folders)}}}"
         + (f"; skipped {len(skipped)} unreadable image(s) (see warnings above)" if skipped else ""))
     if not done and not frames:
         raise SegError(f"predicted nothing: all {len(images)} input image(s) were skipped as unreadable "

@@ -19,10 +19,9 @@ import torch
 from seg.cache import FeatureCache
 from seg.cache import format as cf
 from seg.runtime.device import deterministic_mode, environment, resolve_device, training_amp_dtype
-from seg.runtime.dirlock import DirLock
 from seg.runtime.distributed import Dist, on_main, rank_device
 from seg.runtime.errors import SegError
-from seg.runtime.run_dir import LOCK as RUN_LOCK, RUN_FORMAT, check_run_dir, clear_run_dir
+from seg.runtime.run_dir import RUN_FORMAT, check_run_dir, clear_run_dir, run_output
 from seg.runtime.atomic import write_json
 from seg.scoring import plots
 from seg.scoring.metrics import jsonable, summarize
@@ -200,12 +199,11 @@ class Trainer:
 
     def run(self) -> dict:
         out = self.out
-        lock = DirLock(out, RUN_LOCK, "training run")
+        lock = run_output(out)
 
         def claim() -> str:
             mode = check_run_dir(out, self.cache.path, self.opts.resume, self.opts.overwrite)
-            out.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            lock.claim()
             if mode == "replace":
                 clear_run_dir(out, self.log)
             return mode

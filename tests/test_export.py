@@ -205,8 +205,8 @@ def test_a_graph_outside_the_bound_is_refused_and_not_published(run_dir, tmp_pat
     r = export("--run", run_dir, "--out", out)
     assert r.exit_code == 1 and r.output.count("Error:") == 1 and r.output.splitlines()[-1].startswith("Error:")
     assert f"{out}: not written: onnxruntime differs from the eager graph by" in r.output
-    assert not out.exists() and not (tmp_path / "m.onnx.tmp").exists()
-    assert json.loads((tmp_path / "m.parity.json").read_text())["accepted"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.seg-export.lock", "m.parity-rejected.json"]
+    assert json.loads((tmp_path / "m.parity-rejected.json").read_text())["accepted"] is False
 
 
 def test_missing_export_extra_is_one_line(run_dir, tmp_path, monkeypatch):

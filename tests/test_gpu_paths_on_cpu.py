@@ -15,7 +15,7 @@ import torch
 
 from seg.heads import build_head, head_logits
 from seg.runtime import device as device_mod
-from seg.runtime.dirlock import DirLock
+from seg.runtime.output import Output
 from seg.runtime.distributed import Dist, rank_device
 from seg.runtime.errors import SegError
 from seg.train.losses import SegLoss
@@ -100,8 +100,8 @@ def test_a_lock_that_cannot_be_taken_says_why(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr("fcntl.lockf", no_locks)
-    with pytest.raises(SegError, match=r"\.lock: cannot lock it for the training run \(No locks available\)"):
-        DirLock(tmp_path, ".lock", "training run").acquire()
+    with pytest.raises(SegError, match=r"\.lock: cannot lock it \(No locks available\)"):
+        Output(tmp_path, "train-head", lambda rel: False, ".lock").claim()
 
 
 @pytest.mark.parametrize("kind", ["focal_dice", "weighted_ce", "lin_focal_dice"])

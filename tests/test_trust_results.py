@@ -287,13 +287,13 @@ def test_a_second_extraction_into_the_same_cache_is_refused(dataset, tmp_path):
     out = tmp_path / "c"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from seg.runtime.dirlock import DirLock; "
-        f"DirLock(sys.argv[1], '.seg-extract.lock', 'extraction').acquire(); print('held', flush=True); "
+        "import sys, time; from seg.runtime.output import Output; "
+        "Output(sys.argv[1], 'extract', lambda r: False, '.seg-extract.lock').claim(); print('held', flush=True); "
         "time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         one_line_error(run(*EXTRACT, "--data", dataset, "--out", out, "--splits", "val"),
-                       f"{out}: in use by another seg extraction (pid {holder.pid})")
+                       f"{out}: in use by another seg extract (pid {holder.pid})")
     finally:
         holder.kill()
         holder.wait()

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from seg.runtime.atomic import write_atomic, write_json
+from seg.runtime.output import temp_target
 from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
@@ -240,7 +241,7 @@ def write_shard(
     attrs: Optional[dict[str, Any]] = None,
     class_counts: Optional[np.ndarray] = None,
 ) -> None:
-    """One shard, written under <name>.tmp and renamed when complete.
+    """One shard, written under a temporary name and renamed when complete.
 
     Tokens and masks are stored uncompressed, one chunk per sample, fletcher32 on all: a reader
     that checked the file's sha256 reads each row with one pread at its chunk's offset (masks would
@@ -287,21 +288,21 @@ def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int]) ->
 
 
 def owned_files(manifest: dict) -> set[str]:
-    """Every file name a seg cache with this manifest may hold: its shards, their temporaries,
-    the manifest and the extraction lock."""
-    names = {MANIFEST, MANIFEST + ".tmp", LOCK, CLASS_COUNTS_FILE, CLASS_COUNTS_FILE + ".tmp"}
+    """Every file name a seg cache with this manifest may hold: its shards, the manifest and the
+    extraction lock (and, by seg.runtime.output's rule, seg's temporaries of these)."""
+    names = {MANIFEST, LOCK, CLASS_COUNTS_FILE}
     for name, split in manifest.get("splits", {}).items():
         for j, sh in enumerate(split.get("shards", [])):
             # Only the names seg itself gives shards: whatever else a manifest says is never seg's to touch.
             if isinstance(sh, dict) and sh.get("file") == shard_file(name, j) and plain_name(sh["file"]):
-                names |= {sh["file"], sh["file"] + ".tmp"}
+                names.add(sh["file"])
     return names
 
 
 def foreign_files(cache_dir: Path, *manifests: dict) -> list[str]:
     """Names in cache_dir that none of the manifests accounts for, sorted: never seg's to touch."""
     owned = set().union(*(owned_files(m) for m in manifests)) if manifests else {LOCK}
-    return sorted(p.name for p in Path(cache_dir).iterdir() if p.name not in owned)
+    return sorted(p.name for p in Path(cache_dir).iterdir() if (temp_target(p.name) or p.name) not in owned)
 
 
 def source_files(layout: str, data_dir: str | Path, split: str, image_name: str) -> tuple[Path, Path]:

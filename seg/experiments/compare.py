@@ -11,8 +11,11 @@ from typing import Callable, Optional
 from seg.runtime.atomic import write_json
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
+from seg.runtime.output import Output, vouched_by
 
 SWEEP_SETTINGS = "sweep-settings.json"
+COMPARE_LOCK = ".seg-compare.lock"
+COMPARE_FILES = ("compare.json", "compare.png", COMPARE_LOCK)
 
 
 @dataclass
@@ -65,6 +68,14 @@ def _labels(paths: list[Path]) -> list[str]:
 
 
 def compare(paths: list[str], out: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    if out is None:
+        return _compare(paths, None, log)
+    owns = vouched_by(Path(out), "compare.json", {"runs", "classes", "config_differences"}, COMPARE_FILES)
+    with Output(Path(out), "compare", owns, COMPARE_LOCK, what="comparison"):
+        return _compare(paths, Path(out), log)
+
+
+def _compare(paths: list[str], folder: Optional[Path], log: Callable[[str], None]) -> dict:
     folders = expand(paths)
     runs = [load_summary(p, label) for p, label in zip(folders, _labels(folders))]
     first = runs[0]
@@ -85,9 +96,7 @@ def compare(paths: list[str], out: Optional[str] = None, log: Callable[[str], No
     }
     log(_iou_table(runs))
     log(_config_table(runs, differs))
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
         write_json(folder / "compare.json", result)
         _plot(runs, folder / "compare.png")
         log(f"wrote {folder / 'compare.json'} and {folder / 'compare.png'}")

@@ -22,7 +22,10 @@ from typing import Any, Callable, Optional
 
 from seg.cache import FeatureCache
 from seg.experiments.space import Dimension, parse_space
+from seg.experiments.compare import COMPARE_FILES
 from seg.runtime.errors import SegError
+from seg.runtime.output import Output
+from seg.runtime.run_dir import owns_run_file
 from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
 
@@ -142,13 +145,16 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
         raise SegError("--trials must be at least 1")
     resolve(opts.phase, dict(opts.fixed))  # the shared settings are checked once, before any trial
     out = Path(opts.out)
-    _claim_folder(out)
     cache = FeatureCache(opts.cache)
     n_shards, n_bytes = cache.check_shards(cache.splits)  # once here; the trials read checked files
+    # The folder, the study and the settings file are set up by one process at a time: the others
+    # wait for the lock, then find the study and the settings in place and join them.
+    with sweep_output(out):
+        _check_settings(out, settings_record(opts, dims))
+        study = open_study(opts, dims)
+        _write_settings(out, settings_record(opts, dims))
     log(f"sweep {out}: {opts.trials} trials of phase {opts.phase} on {opts.cache} "
         f"({n_shards} shards, {n_bytes / 1e6:.0f} MB checked); searching " + "; ".join(d.describe() for d in dims))
-    study = open_study(opts, dims)
-    _write_settings(out, settings_record(opts, dims))
     requeued = requeue_interrupted(study)
     if requeued:
         log(f"{requeued} interrupted trial(s) queued again: they resume from their last finished epoch")
@@ -233,27 +239,44 @@ def _params_text(params: dict) -> str:
                      for k, v in params.items())
 
 
-def _claim_folder(out: Path) -> None:
-    """The sweep folder is new, empty, or an earlier seg sweep: never someone else's folder."""
-    if out.exists() and not out.is_dir():
-        raise SegError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS).is_file():
-        raise SegError(f"{out}: a folder that is not a seg sweep (no {SETTINGS}); give a new or empty --out")
-    out.mkdir(parents=True, exist_ok=True)
+SWEEP_FILES = (SETTINGS, DB, DB + "-journal", DB + "-wal", DB + "-shm", "sweep.json", "sweep.png", "best")
+SWEEP_LOCK = ".seg-sweep.lock"
 
 
-def _write_settings(out: Path, record: dict) -> None:
-    from seg.runtime.atomic import write_json
+def owns_sweep_file(rel: str) -> bool:
+    """What a sweep folder may hold: the study, settings and report, one run folder per trial, and a
+    `seg compare` of its trials in `compare/`."""
+    head, _, rest = rel.partition("/")
+    if not rest:
+        return head in SWEEP_FILES
+    if head == "compare":
+        return rest in COMPARE_FILES
+    return head.startswith("trial-") and head[6:].isdigit() and owns_run_file(rest)
 
+
+def sweep_output(out: Path) -> Output:
+    """The claim on the sweep folder. Several sweep processes share one folder on purpose, so a
+    process waits for the lock instead of being refused; it is held while the study is set up."""
+    return Output(out, "sweep", owns_sweep_file, SWEEP_LOCK, wait=True, what="sweep folder")
+
+
+def _check_settings(out: Path, record: dict) -> None:
+    """A folder holding files but no settings is not a sweep (the claim refuses foreign files; an
+    empty study.db alone is what a process that died at its start leaves)."""
     path = out / SETTINGS
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except ValueError:
-            old = None
-        if old is not None and old != record:
+            raise SegError(f"{path}: unreadable sweep settings; this folder is not a sweep seg can continue") from None
+        if old != record:
             diffs = sorted(k for k in record if record[k] != old.get(k))
             raise SegError(f"{out}: this sweep was started with other settings (differs in {', '.join(diffs)}); "
                            "use another --out to search differently")
-        return
-    write_json(path, record)
+
+
+def _write_settings(out: Path, record: dict) -> None:
+    from seg.runtime.atomic import write_json
+
+    if not (out / SETTINGS).is_file():
+        write_json(out / SETTINGS, record)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from seg.runtime.atomic import write_json
+from seg.runtime.output import temp_path
 
 BEST_LINK = "best"
 
@@ -52,8 +53,7 @@ def _link_best(out: Path, run_dir: str) -> None:
     link = out / BEST_LINK
     if link.exists() and not link.is_symlink():
         return  # never replace a file or folder seg did not make
-    tmp = out / (BEST_LINK + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(link)
     try:
         os.symlink(run_dir, tmp, target_is_directory=True)
         os.replace(tmp, link)

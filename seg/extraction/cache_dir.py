@@ -10,7 +10,6 @@ import h5py
 
 from seg.backbones import file_sha256
 from seg.cache import format as cf
-from seg.runtime.atomic import tmp_name
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
 
@@ -29,6 +28,12 @@ def _seg_manifest(out: Path) -> Optional[dict]:
     return data
 
 
+def cache_kind(manifest: dict) -> str:
+    """'int8 layer cache', 'float16 tap cache', ...: what a manifest describes, in words."""
+    dtype = "int8" if manifest.get("token_dtype") == "int8" else "float16"
+    return f"{dtype} {'tap' if cf.tap_block(manifest) is not None else 'layer'} cache"
+
+
 def check_cache_dir(out: Path, manifest: dict) -> Optional[dict]:
     """Refuse an --out that holds anything seg did not write; returns the old manifest, if any."""
     if not out.exists():
@@ -40,8 +45,8 @@ def check_cache_dir(out: Path, manifest: dict) -> Optional[dict]:
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         what = "is not part of the cache there" if old else "is there, and the directory is not a feature cache"
-        raise SegError(f"{out / foreign[0]}: {what}{more}; seg writes only into a new or empty directory "
-                       "or its own cache: choose another --out")
+        raise SegError(f"{out / foreign[0]}: {what} (not written by seg extract){more}; seg writes only into a "
+                       "new or empty directory or its own cache: choose another --out")
     return old
 
 
@@ -63,8 +68,10 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
             (out / n).unlink()
         return
     if old.get("format_version") != manifest["format_version"]:
-        raise SegError(f"{out}: holds a cache in format version {old.get('format_version')!r} (this seg writes "
-                       f"{manifest['format_version']} for it); pass --overwrite to replace it or choose another --out")
+        raise SegError(f"{out}: holds a {cache_kind(old)} (format version {old.get('format_version')!r}); this "
+                       f"extraction makes a {cache_kind(manifest)} (version {manifest['format_version']}), a "
+                       "different cache, not a newer one: choose another --out (--overwrite would DELETE the "
+                       "cache there)")
     diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
     if diffs:
         raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
@@ -82,8 +89,7 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
 def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> list[cf.ShardPlan]:
     missing = []
     for plan in shards:
-        path = out / plan.file
-        tmp_name(path).unlink(missing_ok=True)  # an interrupted write; it is redone
+        path = out / plan.file  # an interrupted write's temporary was cleared when the cache was claimed
         if not cf.shard_ok(path, plan, cf.stored_row(manifest)[0], manifest["mask_shape"]):
             path.unlink(missing_ok=True)
             missing.append(plan)

@@ -48,6 +48,8 @@ def as_rgb(image: Image) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         extra = " (RGBA: drop the alpha channel with image[..., :3])" if image.ndim == 3 and image.shape[2] == 4 else ""
         raise SegError(f"image array has shape {image.shape}; expected HxWx3 RGB{extra}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise SegError(f"image array has shape {image.shape}: an empty image has nothing to segment")
     return np.ascontiguousarray(image)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from seg.backbones import build_backbone
+from seg.backbones.named import BACKBONES, backbone_kwargs
 from seg.backbones.tail import BackboneTail
 from seg.runtime.checkpoint import load_torch_file
 from seg.data.classes import ClassTable
@@ -67,6 +68,13 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
     if not isinstance(record, dict) or not needed <= set(record):
         raise SegError(f"{best}: not a seg checkpoint (needs {', '.join(sorted(needed))})")
     table = ClassTable.from_json(record["class_table"], source=str(best))
+    check_backbone_record(record["backbone"], best)
+    bad = next((k for k, t in record["head"].items()
+                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None) \
+        if isinstance(record["head"], dict) else None
+    if bad is not None:
+        raise SegError(f"{best}: head weight {bad} holds NaN or infinite values (a diverged run or a damaged "
+                       "file); it would label every pixel alike: retrain, or use another run")
     try:
         head = build_run_head(record, table.num_classes)
         head.load_state_dict(record.pop("head"))
@@ -74,6 +82,35 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
         raise SegError(f"{best}: its head weights do not fit its recorded head ({str(exc).splitlines()[0][:160]})") from None
     head.to(device).eval().requires_grad_(False)
     return Run(path, record, head, table)
+
+
+def check_backbone_record(bb, best: Path) -> None:
+    """The backbone record a run keeps (what eval and predict rebuild the features from) must describe a
+    backbone seg knows, at a size its patches tile: one line naming best.pt and the field otherwise."""
+    def bad(field: str, problem: str) -> SegError:
+        return SegError(f"{best}: its backbone record's {field!r} {problem}; the file was edited or damaged: "
+                        "retrain the run or restore the file")
+
+    if not isinstance(bb, dict):
+        raise bad("backbone", "is missing")
+    name = bb.get("backbone")
+    if name not in BACKBONES:
+        raise bad("backbone", f"names no known backbone ({name!r})")
+    kwargs = backbone_kwargs(name)
+    patch, depth = kwargs["patch_size"], kwargs["depth"]
+    if bb.get("patch_size") != patch:
+        raise bad("patch_size", f"is {bb.get('patch_size')!r}, not {name}'s {patch}")
+    size = bb.get("size")
+    if not (isinstance(size, dict) and all(isinstance(size.get(k), int) and size[k] > 0 and size[k] % patch == 0
+                                           for k in ("width", "height"))):
+        raise bad("size", f"is {size!r}, not a width and height in multiples of {patch}")
+    tap = bb.get("tap_block")
+    if tap is not None and not (isinstance(tap, int) and 0 <= tap < depth):
+        raise bad("tap_block", f"is {tap!r}, not a block of {name} (0..{depth - 1})")
+    layers = bb.get("layers")
+    if not (isinstance(layers, list) and all(isinstance(i, int) and 0 <= i < depth for i in layers)
+            and (layers or tap is not None)):
+        raise bad("layers", f"is {layers!r}, not blocks of {name} (0..{depth - 1})")
 
 
 def build_run_head(record: dict, num_classes: int) -> nn.Module:

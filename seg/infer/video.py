@@ -13,6 +13,7 @@ from seg.data.file_names import check_utf8_name
 from seg.infer.api import Predictor
 from seg.runtime.atomic import write_atomic
 from seg.runtime.errors import SegError
+from seg.runtime.output import temp_path
 from seg.runtime.progress import progress_bar
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
@@ -39,18 +40,20 @@ def frames_of(path: Path, batch: int):
         cap.release()
 
 
-def predict_video(path: Path, out_dir: Path, predictor: Predictor, alpha: float, frame_masks: bool, progress: bool,
+def predict_video(path: Path, out_dir: Path, stem: str, predictor: Predictor, alpha: float, frame_masks: bool, progress: bool,
                   colorize: Callable, overlay: Callable) -> tuple[int, list[str]]:
     """(frames, files written, relative to out_dir): `<stem>.mp4` holds every input frame with its
-    overlay, at the input's frame rate; with frame_masks, `<stem>/NNNNNN.png` the colour masks. The
-    video is written under a temporary name and renamed when complete."""
+    overlay, at the input's frame rate; with frame_masks, `<stem>/NNNNNN.png` the colour masks. `stem`
+    is the output name predict gave this video (unique among its inputs). The video is written
+    under a temporary name and renamed when complete."""
     check_utf8_name(path)
     cap = cv2.VideoCapture(str(path))
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     cap.release()
     table = predictor.classes
-    final, partial = out_dir / f"{path.stem}.mp4", out_dir / f"{path.stem}.partial.mp4"
+    final = out_dir / f"{stem}.mp4"
+    partial = temp_path(final)
     writer, written, n = None, [], 0
     try:
         with progress_bar(enabled=progress, total=total, unit="frame", desc=path.name) as bar:
@@ -65,8 +68,8 @@ def predict_video(path: Path, out_dir: Path, predictor: Predictor, alpha: float,
                     writer.write(cv2.cvtColor(overlay(frame, color, alpha), cv2.COLOR_RGB2BGR))
                     n += 1
                     if frame_masks:
-                        name = f"{path.stem}/{n:06d}.png"
-                        (out_dir / path.stem).mkdir(exist_ok=True)
+                        name = f"{stem}/{n:06d}.png"
+                        (out_dir / stem).mkdir(exist_ok=True)
                         ok, buf = cv2.imencode(".png", cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
                         if not ok:
                             raise SegError(f"{out_dir / name}: could not encode PNG")

@@ -8,10 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from seg.runtime.errors import SegError
-
-
-def tmp_name(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+from seg.runtime.output import temp_path
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -24,9 +21,10 @@ def publish(tmp: Path, final: Path) -> None:
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), then rename it to path; on failure remove the partial file. What was
     under `path` before stays intact; a failed write (full disk, file-size limit) is one SegError
-    naming the path."""
+    naming the path. The temporary name is unique (seg.runtime.output), so two writers never share
+    one and a user's file is never taken for one."""
     path = Path(path)
-    tmp = tmp_name(path)
+    tmp = temp_path(path)
     try:
         write(tmp)
         publish(tmp, path)

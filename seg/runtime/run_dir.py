@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Callable
 
 from seg.runtime.errors import SegError
+from seg.runtime.output import Output
 
 RUN_FORMAT = "seg-run"
 LOCK = ".seg-train.lock"
 RUN_FILES = ("config.json", "last.pt", "best.pt", "history.csv", "history.json", "metrics.json", "metrics.txt",
              "curves.png", "per_class_iou.png", LOCK)
-EVAL_FILES = ("eval.json", "eval.txt", "confusion.png", "per_class_iou.png")
+EVAL_LOCK = ".seg-eval.lock"
+EVAL_FILES = ("eval.json", "eval.txt", "confusion.png", "per_class_iou.png", EVAL_LOCK)
 
 
-def _ours(name: str, files: tuple[str, ...]) -> bool:
-    return name in files or (name.endswith(".tmp") and name[:-4] in files)
+def owns_run_file(rel: str) -> bool:
+    """A file a seg run directory may hold ('/'-separated, relative): the run's own files, eval
+    reports in `eval-*/`, TensorBoard logs."""
+    head, _, name = rel.partition("/")
+    if not name:
+        return head in RUN_FILES
+    if head.startswith("eval-"):
+        return name in EVAL_FILES
+    return head == "tensorboard" and "/" not in name and name.startswith("events.out.tfevents.")
 
 
 def is_seg_run(out: Path) -> bool:
@@ -34,15 +43,14 @@ def is_seg_run(out: Path) -> bool:
                                       or {"config", "cache_fingerprint", "class_table"} <= set(cfg))
 
 
-def _eval_dir_is_ours(path: Path) -> bool:
-    return path.is_dir() and path.name.startswith("eval-") and all(
-        _ours(p.name, EVAL_FILES) for p in path.iterdir())
+def run_output(out: Path) -> Output:
+    """The claim train-head takes on its run directory."""
+    return Output(out, "train-head", owns_run_file, LOCK, what="run directory")
 
 
 def run_dir_foreign(out: Path) -> list[str]:
-    """Entries of a seg run directory that seg did not write, sorted."""
-    return sorted(p.name for p in out.iterdir()
-                  if not (_ours(p.name, RUN_FILES) or _eval_dir_is_ours(p)))
+    """Files of a seg run directory that seg did not write, sorted."""
+    return run_output(out).foreign()
 
 
 def check_run_dir(out: Path, cache_dir: Path, resume: bool, overwrite: bool) -> str:
@@ -61,7 +69,8 @@ def check_run_dir(out: Path, cache_dir: Path, resume: bool, overwrite: bool) -> 
         return "fresh"
     if not is_seg_run(out):
         first = sorted(p.name for p in out.iterdir() if p.name != LOCK)[0]
-        raise SegError(f"{out / first}: {out} is not a seg run directory and is not empty; seg writes runs only "
+        raise SegError(f"{out / first}: not written by seg train-head ({out} is not a seg run directory and is not "
+                       "empty); seg writes runs only "
                        "into a new or empty directory: choose another --out")
     foreign = run_dir_foreign(out)
     if foreign:
@@ -87,16 +96,3 @@ def clear_run_dir(out: Path, log: Callable[[str], None]) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-def check_owned_dir(out: Path, files: tuple[str, ...], what: str) -> None:
-    """An output folder seg fills with `files` must hold nothing else (a user's file of the same name
-    would be overwritten)."""
-    if out.exists() and not out.is_dir():
-        raise SegError(f"{out}: exists and is not a directory")
-    if not out.exists():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, files))
-    if foreign:
-        raise SegError(f"{out / foreign[0]}: not a {what} file; seg writes {what} output only into a new, empty "
-                       f"or earlier {what} folder: choose another --out")
