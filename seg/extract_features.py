@@ -18,6 +18,7 @@ from seg.data.augment import Augmenter, parse_size
 from seg.data.copy_paste import build_config, parse_copy_paste
 from seg.data.layouts import list_split, resolve_layout
 from seg.data.public_tables import decoder_for, table_for
+from seg.data.decode import palette_contradiction
 from seg.extraction.cache_dir import check_cache_dir, finalize_manifest, missing_shards, prepare_cache_dir
 from seg.extraction.config import DEFAULT_AUG_SEEDS, DEFAULT_SHARD_SIZE, ExtractConfig
 from seg.extraction.loop import extract_shards, f16_step
@@ -76,6 +77,10 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     table = table_for(layout, cfg.classes)
     decoder = decoder_for(layout, table)
     split_files = {s: list_split(cfg.data, s, layout=layout) for s in cfg.splits}
+    for files in split_files.values():  # once per split: its first mask stands for the rest
+        problem = palette_contradiction(files.mask_path(0), table) if files.has_masks and files.names else None
+        if problem:
+            say(f"WARNING: {problem}")
     model, info = load_backbone(cfg.backbone, cfg.weights, cfg.random_init, cfg.random_init_seed)
     if cfg.random_init:
         say(f"NOTICE: {cfg.backbone} has RANDOM weights (seed {cfg.random_init_seed}); features are not DINOv2's")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from seg.runtime.atomic import write_atomic, write_json
 from seg.data.classes import ClassTable
 from seg.data.decode import MaskDecoder
-from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, mask_name
+from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, is_hidden, mask_name
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
@@ -54,7 +54,8 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            found = sorted(q for q in p.iterdir()
+                           if not is_hidden(q.name) and q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
             if not found:
                 raise SegError(f"{p}: no images or videos ({', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
             paths += found
@@ -230,7 +231,7 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
                   "outputs": outputs, "skipped": skipped, "video_frames": frames}
         write_json(out / PREDICT_RECORD, record)
     seconds = time.perf_counter() - t0
-    done = len(outputs)
+    done = len(outputs) - len(frames)  # images; videos are counted by their frames
     rate = (done + sum(frames.values())) / seconds if seconds else float("nan")
     unit = "images/s" if not frames else ("frames/s" if not done else "images and frames/s")
     log(f"predicted {done} images" + (f" and {sum(frames.values())} frames of {len(frames)} video(s)" if frames else "")

@@ -89,4 +89,4 @@ def test_video_in_annotated_video_out_with_every_frame(run_dir, dataset, tmp_pat
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (240, 136)
     cap.release()
     assert sorted(p.name for p in (tmp_path / "p" / "video" / "clip").iterdir()) == [f"{i:06d}.png" for i in range(1, 8)]
-    assert not list((tmp_path / "p" / "video").glob("*.partial.mp4"))
+    assert not list((tmp_path / "p" / "video").glob(".*seg-tmp*"))

@@ -81,7 +81,8 @@ def test_sweep_refusals_are_one_line(cache, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     r = run("sweep", "--cache", cache, "--out", tmp_path / "mine", "--trials", "2", *SEARCH, *TRAIN)
-    assert r.exit_code == 1 and "not a seg sweep" in r.output and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert r.exit_code == 1 and "notes.txt: not written by seg sweep" in r.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def _sweep_process(cache, out, trials, seed, heartbeat="1"):

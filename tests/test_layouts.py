@@ -167,7 +167,7 @@ def test_eval_from_images_of_another_layout_scores_each_at_its_own_size(tmp_path
     r = run("eval", "--run", tmp_path / "r", "--data", tmp_path / "d", "--split", "train", "--full-res",
             "--device", "cpu", "--workers", "0")
     assert r.exit_code == 0, r.output
-    cm = np.asarray(json.loads((tmp_path / "r" / "eval-train" / "eval.json").read_text())["confusion_matrix"])
+    cm = np.asarray(json.loads((tmp_path / "r" / "eval-train-images-fullres" / "eval.json").read_text())["confusion_matrix"])
     # scored at the original sizes: 140x84 + 280x168 pixels, less the ignored annotation-0 pixels
     assert cm.sum() == (3 * ld.Q) + 3 * (4 * ld.Q)
 

@@ -139,7 +139,7 @@ def test_train_head_refuses_a_directory_of_user_files(token_cache, tmp_path):
     out.mkdir()
     (out / "config.json").write_text('{"my": "settings"}')
     for extra in ([], ["--overwrite"], ["--resume"]):
-        one_line_error(run(*train_args(token_cache, out, *extra)), f"{out / 'config.json'}: {out} is not a seg run")
+        one_line_error(run(*train_args(token_cache, out, *extra)), f"{out / 'config.json'}: not written by seg train-head ({out} is not a seg run")
     assert (out / "config.json").read_text() == '{"my": "settings"}' and len(list(out.iterdir())) == 1
     # a directory holding only the lock of a start that died is still new
     (tmp_path / "died").mkdir()

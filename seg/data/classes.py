@@ -105,7 +105,7 @@ class ClassTable:
                 if v in owner:
                     raise fail(where, f"raw value {v} is also given to {owner[v]!r}")
                 owner[v] = name
-            color = e.get("color", list(_fallback_color(i)))
+            color = e.get("color", list(fallback_color(i)))
             if not (isinstance(color, list) and len(color) == 3
                     and all(_is_int(c) and 0 <= c <= 255 for c in color)):
                 raise fail(where, f"color must be three integers in 0..255 (RGB), got {color!r}")
@@ -134,7 +134,7 @@ def _check_raw_value(v, fail) -> None:
         raise fail(f"raw value {v} is outside 0..65535 (uint16 masks)")
 
 
-def _fallback_color(i: int) -> tuple[int, int, int]:
+def fallback_color(i: int) -> tuple[int, int, int]:
     rng = np.random.default_rng(1000 + i)
     return tuple(int(c) for c in rng.integers(0, 256, 3))  # type: ignore[return-value]
 

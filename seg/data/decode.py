@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,12 +16,36 @@ from seg.data.file_names import check_utf8_name
 from seg.runtime.errors import SegError
 
 
+_TOLD_ORIENTATION: set[str] = set()
+
+
+def exif_orientation(path: Path) -> int:
+    """A JPEG's EXIF orientation tag (1 = as stored) from its header, without decoding the pixels."""
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        return 1
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            value = img.getexif().get(0x0112, 1)
+    except Exception:  # no readable EXIF: the pixels are what they are
+        return 1
+    return value if isinstance(value, int) else 1
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 HxWx3."""
+    """RGB uint8 HxWx3, the pixels as stored. An EXIF orientation tag is not applied (DESIGN: masks
+    carry no orientation and are drawn on the stored pixel array, as mmcv and PIL-based readers
+    assume); where a tag asks for a turn, seg says so once per process."""
     check_utf8_name(path)
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise SegError(f"{path}: cannot read image (missing, corrupt or not an image)")
+    orientation = exif_orientation(path)
+    if orientation != 1 and "told" not in _TOLD_ORIENTATION:
+        _TOLD_ORIENTATION.add("told")
+        warnings.warn(f"{path}: EXIF orientation {orientation} is not applied: seg reads images and masks as "
+                      "their pixels are stored (the tag only tells viewers to turn the picture)", stacklevel=2)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -115,6 +140,32 @@ def _is_palette_png(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25] == 3
+
+
+def palette_contradiction(path: Path, table: ClassTable) -> Optional[str]:
+    """Where a palette PNG's colours contradict the colours a class table gives (on purpose, not
+    seg's fallback colours): a sentence naming the file, the index and both colours; else None.
+    Palette masks are read by index whatever the colours say; a contradiction hints at a wrong table."""
+    from seg.data.classes import fallback_color
+
+    if not _is_palette_png(path):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            palette = img.getpalette() or []
+    except (OSError, ValueError):
+        return None
+    for i, (name, values, color) in enumerate(zip(table.names, table.raw_values, table.colors)):
+        if tuple(color) == fallback_color(i):
+            continue
+        for v in values:
+            if 0 <= v < len(palette) // 3 and tuple(palette[3 * v: 3 * v + 3]) != tuple(color):
+                return (f"{path}: its palette colours index {v} RGB {tuple(palette[3 * v: 3 * v + 3])}, but the "
+                        f"class table gives {name!r} (value {v}) RGB {tuple(color)}; palette masks are read by "
+                        "index, so those pixels are taken as " + repr(name) + ": check the table if that is wrong")
+    return None
 
 
 def _palette_indices(path: Path) -> np.ndarray:

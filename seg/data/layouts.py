@@ -15,8 +15,11 @@ layout turns (data dir, split, name) back into paths.
 
 from __future__ import annotations
 
+import functools
+import os
+import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 from seg.data.file_names import check_utf8_name
@@ -52,22 +55,51 @@ def mask_name(image_name: str) -> str:
     return Path(image_name).stem + ".png"
 
 
+def name_key(name: str) -> tuple[str, str]:
+    """How seg matches file names: the stem in one Unicode normal form (NFC; macOS writes NFD), the
+    extension in any case (S0.PNG is S0.png)."""
+    p = PurePath(name)
+    return unicodedata.normalize("NFC", p.stem), p.suffix.lower()
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files, macOS AppleDouble `._*` companions among them, are never samples."""
+    return name.startswith(".")
+
+
+@functools.lru_cache(maxsize=64)
+def _listing(folder: str) -> dict[tuple[str, str], str]:
+    try:
+        return {name_key(n): n for n in sorted(os.listdir(folder)) if not is_hidden(n)}
+    except OSError:
+        return {}
+
+
+def mask_file(folder: Path, image_name: str) -> Path:
+    """The mask of an image in `folder`: STEM.png, or the file whose name matches it by name_key."""
+    wanted = folder / mask_name(image_name)
+    if wanted.exists():
+        return wanted
+    found = _listing(str(folder)).get(name_key(wanted.name))
+    return folder / found if found else wanted
+
+
 def sample_paths(layout: str, data_dir: str | Path, split: str, name: str) -> tuple[Path, Path]:
     """(image, mask) of sample `name` of a split whose data dir is `data_dir`."""
     root = Path(data_dir)
     if layout == "falcon":
-        return root / "Color_Images" / name, root / "Segmentation" / mask_name(name)
+        return root / "Color_Images" / name, mask_file(root / "Segmentation", name)
     if layout == "folders":
-        return root / "images" / name, root / "masks" / mask_name(name)
+        return root / "images" / name, mask_file(root / "masks", name)
     if layout == "cityscapes":
         city = name.split("_")[0]
         stem = name[: -len(CITYSCAPES_IMAGE)]
         return (root / "leftImg8bit" / split / city / name, root / "gtFine" / split / city / (stem + CITYSCAPES_MASK))
     if layout == "ade20k":
         sub = ADE_SPLITS.get(split, split)
-        return root / "images" / sub / name, root / "annotations" / sub / mask_name(name)
+        return root / "images" / sub / name, mask_file(root / "annotations" / sub, name)
     if layout == "voc":
-        return root / "JPEGImages" / name, root / "SegmentationClass" / mask_name(name)
+        return root / "JPEGImages" / name, mask_file(root / "SegmentationClass", name)
     raise SegError(f"unknown dataset layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 
@@ -97,7 +129,8 @@ def _is_folders(root: Path) -> bool:
 
 
 def _is_cityscapes(root: Path) -> bool:
-    return (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()
+    # empty leftImg8bit/ and gtFine/ folders are not a Cityscapes dataset
+    return any((root / "leftImg8bit" / s).is_dir() for s in SPLITS) and (root / "gtFine").is_dir()
 
 
 DETECT = (("falcon", _is_falcon, "Color_Images/ under <split>/ or Offroad_Segmentation_*"),
@@ -111,9 +144,12 @@ def detect_layout(data_root: str | Path) -> str:
     root = Path(data_root)
     if not root.is_dir():
         raise SegError(f"{root}: no such dataset folder")
-    for name, test, _ in DETECT:
-        if test(root):
-            return name
+    found = [(name, what) for name, test, what in DETECT if test(root)]
+    if len(found) == 1:
+        return found[0][0]
+    if found:
+        raise SegError(f"{root}: matches {len(found)} layouts (" + "; ".join(f"{n}: {w}" for n, w in found)
+                       + f"); say which with --layout {'|'.join(n for n, _ in found)}")
     raise SegError(f"{root}: no known dataset layout found (looked for " + "; ".join(
         f"{name}: {what}" for name, _, what in DETECT) + "); pass --layout or arrange the folder as one of them")
 
@@ -159,7 +195,13 @@ def list_split(data_root: str | Path, split: str, require_masks: bool = True, la
 def _images_in(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise SegError(f"{folder}: image folder missing")
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    candidates = [p for p in folder.iterdir() if not is_hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES]
+    dangling = sorted(p for p in candidates if p.is_symlink() and not p.exists())
+    if dangling:
+        raise SegError(f"{dangling[0]}: a symbolic link to {os.readlink(dangling[0])}, which does not exist"
+                       + (f" (and {len(dangling) - 1} more)" if len(dangling) > 1 else "")
+                       + "; fix or remove the link")
+    names = sorted(p.name for p in candidates if p.is_file())
     for name in names:  # before anything is written: the manifest records every name as text
         check_utf8_name(folder / name)
     if not names:
@@ -174,18 +216,23 @@ def _pair_by_stem(split: str, data_dir: Path, layout: str, image_dir: Path, mask
         if require_masks:
             raise SegError(f"{mask_dir}: mask folder missing")
         return SplitFiles(split, data_dir, tuple(images), False, layout)
-    stems: dict[str, str] = {}
+    stems: dict[tuple[str, str], str] = {}
     for n in images:
-        if mask_name(n) in stems:
-            raise SegError(f"{image_dir / n}: shares its mask name {mask_name(n)} with "
-                           f"{stems[mask_name(n)]}; rename one of them")
-        stems[mask_name(n)] = n
-    masks = {p.name for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-    missing = [n for n in images if mask_name(n) not in masks]
+        key = name_key(mask_name(n))
+        if key in stems:
+            other = stems[key]
+            how = (f" (the names differ only in Unicode normalisation: {ascii(n)} and {ascii(other)})"
+                   if PurePath(n).stem != PurePath(other).stem else "")
+            raise SegError(f"{image_dir / n}: shares its mask name {mask_name(n)} with {other}{how}; "
+                           "rename one of them")
+        stems[key] = n
+    masks = {name_key(p.name): p.name for p in mask_dir.iterdir()
+             if not is_hidden(p.name) and p.suffix.lower() == ".png"}
+    missing = [n for n in images if name_key(mask_name(n)) not in masks]
     if missing:
         raise SegError(f"{image_dir / missing[0]}: no mask {mask_dir / mask_name(missing[0])}"
                        + (f" (and {len(missing) - 1} more images without masks)" if len(missing) > 1 else ""))
-    orphans = sorted(masks.difference(stems))
+    orphans = sorted(masks[k] for k in set(masks).difference(stems))
     if orphans:
         raise SegError(f"{mask_dir / orphans[0]}: mask without an image in {image_dir}"
                        + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
@@ -199,7 +246,7 @@ def _list_cityscapes(root: Path, split: str, require_masks: bool) -> SplitFiles:
     names = []
     for city in sorted(p for p in image_root.iterdir() if p.is_dir()):
         for p in sorted(city.iterdir()):
-            if not p.name.endswith(CITYSCAPES_IMAGE):
+            if is_hidden(p.name) or not p.name.endswith(CITYSCAPES_IMAGE):
                 continue  # anything else beside the frames is not a sample
             check_utf8_name(p)
             if p.name.split("_")[0] != city.name:

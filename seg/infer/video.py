@@ -53,7 +53,7 @@ def predict_video(path: Path, out_dir: Path, stem: str, predictor: Predictor, al
     cap.release()
     table = predictor.classes
     final = out_dir / f"{stem}.mp4"
-    partial = temp_path(final)
+    partial = temp_path(final, keep_suffix=True)
     writer, written, n = None, [], 0
     try:
         with progress_bar(enabled=progress, total=total, unit="frame", desc=path.name) as bar:

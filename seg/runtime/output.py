@@ -7,7 +7,7 @@
    on the same output is refused naming the holder. Commands that share an output on purpose (sweep
    workers) wait for it instead (`wait=True`), for as long as their setup takes.
 3. Temporaries. Every file is written under a unique temporary name, `.<name>.<pid>-<random>.seg-tmp`
-   (plus the final suffix, for writers that read it), and renamed into place when complete. Only
+   (a video keeps its suffix after that, for OpenCV), and renamed into place when complete. Only
    names of exactly that form, for a name the command owns, whose writing process is dead, are ever
    cleared; a user's `model.onnx.tmp` is just a foreign file.
 4. A refusal or failure leaves everything as it was: the checks run before anything is created, and
@@ -31,10 +31,13 @@ from seg.runtime.errors import SegError
 _TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.seg-tmp(\.[A-Za-z0-9]+)?$")
 
 
-def temp_path(final: Path) -> Path:
-    """A fresh temporary name beside `final`, unique to this process and call."""
+def temp_path(final: Path, keep_suffix: bool = False) -> Path:
+    """A fresh temporary name beside `final`, unique to this process and call. It ends in `.seg-tmp`,
+    so that no `*.png` or `*.h5` pattern takes it for a finished file; `keep_suffix` appends the
+    final suffix for writers that choose the format by it (OpenCV's video writer)."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.seg-tmp{final.suffix}")
+    tail = final.suffix if keep_suffix else ""
+    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.seg-tmp{tail}")
 
 
 def temp_target(name: str) -> Optional[str]:

@@ -29,8 +29,9 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return True
 
 
-def read_config_file(path: str | Path) -> tuple[int, dict]:
-    """(phase, settings) from a run's config.json ({"config": {...}, ...}) or a bare settings object."""
+def read_config_file(path: str | Path) -> tuple[int | None, dict]:
+    """(phase or None, settings) from a run's config.json ({"config": {...}, ...}) or a bare object
+    holding any subset of the training settings."""
     path = Path(path)
     data = read_json(path, "training config")
     settings = data.get("config", data) if isinstance(data, dict) else None
@@ -44,17 +45,20 @@ def read_config_file(path: str | Path) -> tuple[int, dict]:
         if not _type_ok(value, _FIELDS[key]):
             raise SegError(f"{path}: {key} is {value!r}, which is not a valid {_FIELDS[key]}")
     phase = settings.pop("phase", None)
-    if phase not in PRESETS:
+    if phase is not None and phase not in PRESETS:
         raise SegError(f"{path}: phase must be 1, 2 or 3, got {phase!r}")
     return phase, settings
 
 
-def config_from_file(path: str | Path, flags: dict, phase_flag: int | None) -> tuple[TrainConfig, dict]:
+def config_from_file(path: str | Path, flags: dict, phase_flag: int | None,
+                     default_phase: int = 3) -> tuple[TrainConfig, dict]:
     """The file's settings with the flags given on the command line on top; (config, the record of
-    where it came from). A --phase other than the file's is refused: which preset would it mean?"""
+    where it came from). The preset is the file's phase or --phase (else default_phase); a --phase
+    other than the file's is refused: which preset would it mean?"""
     phase, settings = read_config_file(path)
-    if phase_flag is not None and phase_flag != phase:
+    if phase is not None and phase_flag is not None and phase_flag != phase:
         raise SegError(f"--phase {phase_flag} differs from the phase {phase} in {path}; give one of them")
+    phase = phase if phase is not None else (phase_flag if phase_flag is not None else default_phase)
     given = {k: v for k, v in flags.items() if v is not None}
     cfg = resolve(phase, {**settings, **given}, keep_none=True)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,355 @@
+"""Hostile inputs, round four: outputs derived from several inputs never collide, runs and images that
+would be read wrong are refused in one line, EXIF orientation and palettes follow one stated rule,
+config files may hold any subset of the settings, layout detection says what it found, and the three
+bugs planted in round-three code that no test caught."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from seg.cli import main
+from seg.data.classes import ClassTable
+from seg.data.decode import MaskDecoder, palette_contradiction, read_pair
+from seg.data.layouts import detect_layout, list_split
+from seg.data.synthetic import LAYOUT, write_dataset
+from seg.deploy.parity import compare
+from seg.infer.segmenter import Segmenter
+from seg.runtime.errors import SegError
+from seg.train.sampling import RareClassSampler
+from test_hostile_round3 import TINY, one_line_error, tiny_data  # noqa: F401  (fixture)
+from token_cache import learnable_split, write_token_cache
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def edited_run(run_dir: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "edited-run"
+    shutil.copytree(run_dir, out)
+    record = torch.load(out / "best.pt", weights_only=True)
+    edit(record)
+    torch.save(record, out / "best.pt")
+    return out
+
+
+# -- runs that would be read wrong -------------------------------------------------------------
+
+def test_a_run_with_nan_head_weights_is_refused_everywhere(phase3_run, small_cache, tmp_path):
+    import seg
+
+    def nan_head(record):
+        key = next(k for k, v in record["head"].items() if v.is_floating_point())
+        record["head"][key][0] = float("nan")
+
+    bad = edited_run(phase3_run, tmp_path, nan_head)
+    for args in (["predict", "--run", bad, "--images", tmp_path, "--out", tmp_path / "p"],
+                 ["eval", "--run", bad, "--cache", small_cache, "--split", "val"]):
+        one_line_error(run(*args), f"{bad / 'best.pt'}: head weight", "NaN or infinite")
+    with pytest.raises(SegError, match="NaN or infinite"):
+        seg.load(bad, device="cpu")
+    assert not (tmp_path / "p").exists() and not (bad / "eval-val").exists()
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("size", {"width": 113, "height": 56}, "'size' is {'width': 113"),
+    ("patch_size", None, "'patch_size' is None, not vits14's 14"),
+    ("layers", [99], "'layers' is [99], not blocks of vits14 (0..11)"),
+    ("backbone", "vit_huge", "'backbone' names no known backbone"),
+])
+def test_a_hand_edited_backbone_record_is_one_line_naming_the_field(phase3_run, tmp_path, field, value, says):
+    def edit(record):
+        if value is None:
+            del record["backbone"][field]
+        else:
+            record["backbone"][field] = value
+
+    bad = edited_run(phase3_run, tmp_path, edit)
+    one_line_error(run("predict", "--run", bad, "--images", tmp_path, "--out", tmp_path / "p"),
+                   str(bad / "best.pt"), says)
+
+
+def test_the_api_refuses_an_empty_image(phase3_run):
+    import seg
+
+    model = seg.load(phase3_run, device="cpu")
+    for shape in ((0, 0, 3), (0, 12, 3), (12, 0, 3)):
+        with pytest.raises(SegError, match="empty image"):
+            model.predict(np.zeros(shape, np.uint8))
+
+
+# -- outputs derived from several inputs -------------------------------------------------------
+
+def write_video(path: Path, frames: int, colour: int, fourcc: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5.0, (64, 48))
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), (colour + 20 * i) % 256, np.uint8))
+    writer.release()
+
+
+def test_videos_with_one_name_get_outputs_of_their_own(phase3_run, tmp_path):
+    from seg.infer.video import frame_count
+
+    a, b, c = tmp_path / "a" / "drive.mp4", tmp_path / "b" / "drive.mp4", tmp_path / "a" / "drive.avi"
+    write_video(a, 2, 0, "mp4v")
+    write_video(b, 3, 100, "mp4v")
+    write_video(c, 4, 200, "MJPG")
+    out = tmp_path / "p"
+    r = run("predict", "--run", phase3_run, "--images", a, "--images", b, "--images", c, "--out", out,
+            "--video-masks", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "frames/s" in r.output and "images/s" not in r.output
+    record = json.loads((out / "predict.json").read_text())
+    names = [record["outputs"][str(p)] for p in (a, b, c)]
+    assert len(set(names)) == 3
+    for video, name, n in zip((a, b, c), names, (2, 3, 4)):
+        assert frame_count(out / "video" / name) == n == record["video_frames"][str(video)]
+        masks = sorted((out / "video" / name[: -len(".mp4")]).iterdir())
+        assert [m.name for m in masks] == [f"{i:06d}.png" for i in range(1, n + 1)]
+
+
+def test_eval_of_one_split_in_two_ways_keeps_both_reports(phase3_run, small_cache, dataset, tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(phase3_run, run_dir)
+    assert run("eval", "--run", run_dir, "--cache", small_cache, "--split", "val", "--device", "cpu").exit_code == 0
+    r = run("eval", "--run", run_dir, "--data", dataset, "--split", "val", "--full-res", "--device", "cpu",
+            "--workers", "0")
+    assert r.exit_code == 0, r.output
+    cache_report = json.loads((run_dir / "eval-val" / "eval.json").read_text())
+    image_report = json.loads((run_dir / "eval-val-images-fullres" / "eval.json").read_text())
+    assert cache_report["mode"] == "cache" and image_report["mode"] == "images"
+    assert image_report["scored_at"] == "original size"
+    # with one --out for both, the second says which report it replaced
+    one = tmp_path / "one"
+    run("eval", "--run", run_dir, "--cache", small_cache, "--split", "val", "--out", one, "--device", "cpu")
+    r = run("eval", "--run", run_dir, "--data", dataset, "--split", "val", "--out", one, "--device", "cpu",
+            "--workers", "0")
+    assert "NOTE: replacing the earlier report in" in r.output and "mode cache" in r.output
+
+
+def test_sweep_processes_started_together_on_one_folder_all_work(tmp_path):
+    pytest.importorskip("optuna")
+    rng = np.random.default_rng(0)
+    cache = write_token_cache(tmp_path / "c", {"train": learnable_split(4, rng), "val": learnable_split(2, rng)})
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "seg", "sweep", "--cache", str(cache), "--out", str(out), "--trials", "3",
+            "--phase", "1", "--epochs", "1", "--allow-mismatch", "--device", "cpu", "--search", "lr=1e-4:1e-2:log"]
+    procs = [subprocess.Popen(args + ["--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(4)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 3
+    assert not list(out.glob(".*seg-tmp*"))
+
+
+# -- images and masks read one way -------------------------------------------------------------
+
+def jpeg_with_orientation(path: Path, rgb: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_orientation_is_one_rule_for_image_and_mask(tmp_path, orientation, monkeypatch):
+    """Pixels as stored, for both: the mask drawn on the stored pixels lines up with them."""
+    import seg.data.decode as decode
+
+    monkeypatch.setattr(decode, "_TOLD_ORIENTATION", set())  # said once per process
+    rgb = np.zeros((84, 168, 3), np.uint8)
+    rgb[:, 84:] = 255                          # left half dark, right half bright, as stored
+    mask = np.zeros((84, 168), np.uint8)
+    mask[:, 84:] = 1
+    jpeg_with_orientation(tmp_path / "a.jpg", rgb, orientation)
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    table = ClassTable(("dark", "bright"), ((0,), (1,)), ((0, 0, 0), (255, 255, 255)), ())
+    with pytest.warns(UserWarning, match=f"a.jpg: EXIF orientation {orientation} is not applied"):
+        image, ids = read_pair(tmp_path / "a.jpg", tmp_path / "a.png", MaskDecoder.of(table))
+    assert image.shape == (84, 168, 3) and ids.shape == (84, 168)
+    assert image[:, :80].mean() < 10 and image[:, 88:].mean() > 245
+    assert (ids == mask).all()
+
+
+def test_a_palette_that_contradicts_the_table_warns_naming_a_file(tmp_path):
+    root = tmp_path / "d"
+    table = [{"id": 0, "name": "ground", "values": [0], "color": [10, 20, 30]},
+             {"id": 1, "name": "sky", "values": [1], "color": [40, 50, 60]}]
+    (tmp_path / "t.json").write_text(json.dumps({"classes": table}))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(2):
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / split / "images" / f"s{i}.png"), rng.integers(0, 255, (42, 70, 3), np.uint8))
+            m = Image.fromarray((np.arange(42 * 70).reshape(42, 70) % 2).astype(np.uint8), mode="P")
+            m.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)   # index 1 is red here, (40, 50, 60) in the table
+            m.save(root / split / "masks" / f"s{i}.png")
+    t = ClassTable.from_json(json.loads((tmp_path / "t.json").read_text()))
+    problem = palette_contradiction(root / "train" / "masks" / "s0.png", t)
+    assert "index 1 RGB (200, 0, 0)" in problem and "'sky' (value 1) RGB (40, 50, 60)" in problem
+    r = run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c", "--classes", tmp_path / "t.json")
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.output.splitlines() if ln.startswith("WARNING") and "palette" in ln]
+    assert len(warnings) == 2 and "train/masks/s0.png" in warnings[0] and "val/masks/s0.png" in warnings[1]
+    # a palette that agrees with the table says nothing
+    agree = Image.open(root / "val" / "masks" / "s1.png")
+    agree.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    agree.save(tmp_path / "ok.png")
+    assert palette_contradiction(tmp_path / "ok.png", t) is None
+
+
+# -- config files ------------------------------------------------------------------------------
+
+def test_a_config_file_may_hold_any_subset_of_the_settings(tmp_path):
+    from seg.train.config_file import config_from_file
+
+    (tmp_path / "lr.json").write_text(json.dumps({"lr": 0.001}))
+    cfg, _ = config_from_file(tmp_path / "lr.json", {}, 1)
+    assert cfg.phase == 1 and cfg.lr == 0.001 and cfg.head == "convnext"
+    cfg, _ = config_from_file(tmp_path / "lr.json", {}, None)
+    assert cfg.phase == 3 and cfg.lr == 0.001
+    (tmp_path / "p2.json").write_text(json.dumps({"phase": 2, "epochs": 4}))
+    assert config_from_file(tmp_path / "p2.json", {}, None)[0].phase == 2
+    with pytest.raises(SegError, match="--phase 1 differs from the phase 2"):
+        config_from_file(tmp_path / "p2.json", {}, 1)
+
+
+@pytest.mark.parametrize("settings,says", [({"lr": -1}, "--lr must be above 0, got -1"),
+                                           ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+                                           ({"momentum": 1.5}, "--momentum must be in [0, 1), got 1.5"),
+                                           ({"weight_decay": -0.1}, "--weight-decay must be 0 or more")])
+def test_impossible_settings_are_named(tmp_path, settings, says):
+    from seg.train.config_file import config_from_file
+
+    (tmp_path / "c.json").write_text(json.dumps(settings))
+    with pytest.raises(SegError) as err:
+        config_from_file(tmp_path / "c.json", {}, 1)
+    assert says in str(err.value)
+
+
+# -- layout detection --------------------------------------------------------------------------
+
+def folders_dataset(root: Path, mask_suffix: str = ".png", n: int = 2) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cv2.imwrite(str(root / split / "images" / f"S{i}.png"), rng.integers(0, 255, (42, 70, 3), np.uint8))
+            cv2.imwrite(str(root / split / "masks" / f"S{i}{mask_suffix}"), np.full((42, 70), i % 2, np.uint8))
+    return root
+
+
+def test_a_tree_of_two_layouts_names_both_and_asks_for_layout(tmp_path):
+    root = folders_dataset(tmp_path / "d")
+    write_dataset(root, {"train": 1})
+    assert (root / LAYOUT["train"]).is_dir()
+    with pytest.raises(SegError) as err:
+        detect_layout(root)
+    assert "matches 2 layouts (falcon:" in str(err.value) and "folders:" in str(err.value)
+    assert "--layout falcon|folders" in str(err.value)
+
+
+def test_empty_cityscapes_folders_do_not_hide_a_folders_dataset(tmp_path):
+    root = folders_dataset(tmp_path / "d")
+    (root / "leftImg8bit").mkdir()
+    (root / "gtFine").mkdir()
+    assert detect_layout(root) == "folders"
+
+
+def test_names_match_in_any_extension_case_skip_hidden_files_and_name_dangling_links(tmp_path):
+    root = folders_dataset(tmp_path / "d", mask_suffix=".PNG")
+    files = list_split(root, "train")
+    assert files.names == ("S0.png", "S1.png") and files.mask_path(0).name == "S0.PNG"
+    (root / "train" / "images" / "._S0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (root / "train" / "masks" / "._S0.PNG").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (root / "train" / "images" / ".DS_Store").write_bytes(b"Bud1")
+    assert list_split(root, "train").names == ("S0.png", "S1.png")
+    os.symlink(tmp_path / "gone.png", root / "train" / "images" / "S2.png")
+    cv2.imwrite(str(root / "train" / "masks" / "S2.png"), np.zeros((42, 70), np.uint8))
+    with pytest.raises(SegError, match=r"S2.png: a symbolic link to .*gone.png, which does not exist"):
+        list_split(root, "train")
+
+
+def test_names_are_compared_in_one_unicode_normal_form(tmp_path):
+    root = folders_dataset(tmp_path / "d", n=1)
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    img = cv2.imread(str(root / "train" / "images" / "S0.png"))
+    cv2.imwrite(str(root / "train" / "images" / f"{nfc}.png"), img)
+    cv2.imwrite(str(root / "train" / "masks" / f"{nfd}.png"), np.zeros((42, 70), np.uint8))
+    files = list_split(root, "train")
+    i = files.names.index(f"{nfc}.png")
+    assert files.mask_path(i).name == f"{nfd}.png" and files.mask_path(i).is_file()
+    cv2.imwrite(str(root / "train" / "images" / f"{nfd}.jpg"), img)   # a second image for the same mask
+    with pytest.raises(SegError, match="differ only in Unicode normalisation") as err:
+        list_split(root, "train")
+    assert ascii(f"{nfd}.jpg") in str(err.value)
+
+
+def test_an_int8_extraction_into_a_float16_cache_says_what_each_is(tiny_data, tmp_path):
+    out = tmp_path / "c"
+    assert run("extract", *TINY, "--data", tiny_data, "--out", out, "--splits", "val").exit_code == 0
+    line = one_line_error(run("extract", *TINY, "--data", tiny_data, "--out", out, "--splits", "val",
+                              "--token-dtype", "int8"),
+                          "holds a float16 layer cache", "makes a int8 layer cache", "not a newer one",
+                          "--overwrite would DELETE")
+    assert "outdated" not in line
+
+
+# -- the three planted bugs no test caught -----------------------------------------------------
+
+def test_parity_catches_a_graph_wrong_in_one_region_only():
+    """Mean and max of |dlogit| agree when every logit moves alike; here only a 4x4 patch is wrong."""
+    rng = np.random.default_rng(0)
+    eager = rng.normal(0, 3, (2, 5, 32, 48)).astype(np.float32)
+    onnx = eager.copy()
+    onnx[1, :, 10:14, 20:24] += 0.5
+    p = compare("x", onnx.argmax(1).astype(np.uint8), onnx, eager)
+    assert p.max_abs_logit_diff == pytest.approx(0.5, abs=1e-6)
+    assert not p.within_bound
+
+
+def test_flip_and_scales_views_of_a_non_square_image_are_resized_per_side():
+    seen = []
+    segmenter = object.__new__(Segmenter)
+    segmenter.patch, segmenter.scales = 14, (0.75, 1.0, 1.25)
+    x = torch.rand(1, 3, 126, 224)
+
+    def logits_of(v):
+        seen.append(v)
+        return torch.zeros(1, 2, 126, 224)
+
+    segmenter._views(x, "flip+scales", segmenter._rescale, logits_of)
+    sizes = {0.75: (98, 168), 1.0: (126, 224), 1.25: (154, 280)}   # round(side x scale / 14) x 14, per side
+    expected = []
+    for scale, size in sizes.items():
+        view = x if scale == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        expected += [view, view.flip(-1)]
+    assert [tuple(v.shape[-2:]) for v in seen] == [tuple(e.shape[-2:]) for e in expected]
+    for v, e in zip(seen, expected):
+        assert torch.equal(v, e)
+
+
+def test_a_sample_exactly_at_the_rare_class_threshold_holds_the_class():
+    counts = np.array([[500, 0, 0], [500, 3, 0], [500, 2, 7]])
+    sampler = RareClassSampler(counts, temperature=0.01, min_pixels=3)
+    assert sampler.holders[1].tolist() == [1]      # 3 pixels: at the threshold
+    assert sampler.holders[2].tolist() == [2]
+    draws, classes = sampler.draw(200, 0, 0)
+    assert set(draws[classes == 1].tolist()) == {1}
