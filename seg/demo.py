@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from seg.backbones import load_backbone
+from seg.data.augment import parse_size
 from seg.runtime.errors import SegError
 from seg.runtime.output import Output
 from seg.evaluate import EvalOptions, evaluate
@@ -56,6 +57,7 @@ def demo_output(out: Path) -> Output:
 
 def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict:
     out = Path(opts.out)
+    parse_size(opts.size, 14)  # a size the backbone cannot take is refused before anything is made
     with demo_output(out):
         if (out / "run" / "last.pt").exists():
             raise SegError(f"{out}: holds a finished demo; choose another --out or delete it")

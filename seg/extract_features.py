@@ -5,6 +5,7 @@ the cache directory it owns and resumes (`cache_dir`), and the loop that fills t
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,9 +110,11 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     manifest = build_manifest(cfg, info, model, layers, size, table, split_files, device, layout, paste)
     out = Path(cfg.out)
     claim: list[Output] = []
+    fresh: list[bool] = []
 
     def prepare() -> None:
         old = check_cache_dir(out, manifest)
+        fresh.append(old is None)
         owned = cf.owned_files(manifest) | (cf.owned_files(old) if old else set())
         claim.append(Output(out, "extract", owned.__contains__, cf.LOCK, what="feature cache").claim())
         prepare_cache_dir(out, old, manifest, cfg.overwrite, say)
@@ -167,9 +170,16 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             f"{summary.loop_images_per_s:.2f} images/s in the extraction loop{rank_note}",
         ] + ([summary_tap] if summary_tap else []) + _quant_line(manifest)
         return summary
+    except BaseException:
+        # A new cache that stored no shard is no cache: its manifest goes, so that the corrected
+        # rerun starts afresh instead of being asked for --overwrite (an earlier cache stays as it was).
+        shards = cf.owned_files(manifest) - {cf.MANIFEST, cf.LOCK, cf.CLASS_COUNTS_FILE}
+        if claim and fresh[0] and not any((out / n).exists() for n in shards):
+            (out / cf.MANIFEST).unlink(missing_ok=True)
+        raise
     finally:
         for c in claim:
-            c.release()
+            c.release(failed=sys.exc_info()[0] is not None)
 
 
 def _quant_line(manifest: dict) -> list[str]:

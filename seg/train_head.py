@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,7 @@ class Trainer:
             with deterministic_mode(self.opts.deterministic):
                 return self._run(mode == "resume")
         finally:
-            lock.release()
+            lock.release(failed=sys.exc_info()[0] is not None)
 
     def _start(self, resume: bool) -> None:
         """Build everything, restore last.pt on --resume, write config.json and say what runs."""

@@ -1,6 +1,7 @@
 """The output contract (seg.runtime.output), run on every command that takes --out. The commands are
 found from the CLI itself: a new one fails `test_every_command_with_out_is_covered` until it has a
 recipe here, and then goes through the same cases as the others:
+  0. a refusal on an output that did not exist leaves none;
   a. a foreign file in its output: refused in one line naming it, the file untouched;
   b. a foreign file named like one of its own side files: refused, untouched;
   c. another process holding the output: refused naming its pid (sweeps wait for it instead);
@@ -28,7 +29,7 @@ import torch
 from click.testing import CliRunner
 
 from seg.cli import main
-from seg.data.synthetic import LAYOUT
+from seg.data.synthetic import LAYOUT, write_dataset
 from conftest import SMALL_SIZE
 
 
@@ -83,6 +84,8 @@ class Recipe:
     bystanders: tuple[str, ...] = ()      # user files beside a file output that a good run never touches
     shared: bool = False                  # sweep: processes share the output and wait for the lock
     rerun_refused: bool = False           # demo: its finished output is kept, and a rerun says so
+    fails_fresh: Optional[Callable[[Path], list]] = None  # fails on a new output after claiming it
+                                                          # [default: refused_after]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,8 @@ def nan_run(phase3_run, tmp_path_factory) -> Path:
 def recipes(dataset, small_cache, phase3_run, nan_run, tmp_path_factory) -> dict[str, Recipe]:
     image = sorted((dataset / LAYOUT["val"] / "Color_Images").iterdir())[0]
     empty = tmp_path_factory.mktemp("norun")
+    broken = write_dataset(tmp_path_factory.mktemp("broken"), {"val": 1})  # its mask is not a PNG
+    next((broken / LAYOUT["val"] / "Segmentation").iterdir()).write_bytes(b"not a png")
     extract = ["extract", "--data", dataset, "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init",
                "--workers", "0", "--splits", "val", "--no-progress"]
     train = ["train-head", "--cache", small_cache, "--phase", "1", "--epochs", "1", "--device", "cpu",
@@ -113,9 +118,11 @@ def recipes(dataset, small_cache, phase3_run, nan_run, tmp_path_factory) -> dict
     return {
         "extract": Recipe(lambda o: [*extract, "--out", o],
                           lambda o: [*extract, "--out", o, "--batch-size", "3"],
-                          lambda o: [*extract, "--out", o], ".seg-extract.lock", ("manifest.json",)),
+                          lambda o: [*extract, "--out", o], ".seg-extract.lock", ("manifest.json",),
+                          fails_fresh=lambda o: [*extract[:2], broken, *extract[3:], "--out", o]),
         "train-head": Recipe(lambda o: [*train, "--out", o], lambda o: [*train, "--out", o],
-                             lambda o: [*train, "--out", o, "--overwrite"], ".seg-train.lock", ("config.json",)),
+                             lambda o: [*train, "--out", o, "--overwrite"], ".seg-train.lock", ("config.json",),
+                             fails_fresh=lambda o: [*train, "--out", o, "--init-from", nan_run]),
         "eval": Recipe(lambda o: [*evaluate, "--out", o],
                        lambda o: ["eval", "--run", nan_run, "--cache", small_cache, "--split", "val", "--out", o],
                        lambda o: [*evaluate, "--out", o], ".seg-eval.lock", ("eval.json",)),
@@ -133,9 +140,11 @@ def recipes(dataset, small_cache, phase3_run, nan_run, tmp_path_factory) -> dict
                           ("compare.json",)),
         "sweep": Recipe(lambda o: [*sweep, "--out", o],
                         lambda o: [*sweep[:-3], "lr=1e-3:1e-2:log", "--seed", "0", "--out", o],
-                        lambda o: [*sweep, "--out", o], ".seg-sweep.lock", ("sweep-settings.json",), shared=True),
+                        lambda o: [*sweep, "--out", o], ".seg-sweep.lock", ("sweep-settings.json",), shared=True,
+                        fails_fresh=lambda o: [*sweep, "--out", o, "--storage", "nosuchdb://x"]),
         "demo": Recipe(lambda o: [*demo, "--out", o], lambda o: [*demo, "--out", o], lambda o: [*demo, "--out", o],
-                       ".seg-demo.lock", ("run",), rerun_refused=True),
+                       ".seg-demo.lock", ("run",), rerun_refused=True,
+                       fails_fresh=lambda o: [*demo, "--out", o, "--size", "71x42"]),
     }
 
 
@@ -163,6 +172,10 @@ def test_the_output_contract(name, recipes, tmp_path):
     r = recipes[name]
     folder = tmp_path / "out"
     target = folder / r.file_output if r.file_output else folder
+
+    # 0. a failure on a new output leaves nothing behind, not even the folder
+    one_line_error(run(*(r.fails_fresh or r.refused_after)(folder)))
+    assert not folder.exists()
 
     # a. a foreign file: for a file output, a user's file under the output's own name
     folder.mkdir()

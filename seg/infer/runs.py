@@ -12,7 +12,7 @@ from torch import nn
 from seg.backbones import build_backbone
 from seg.backbones.named import BACKBONES, backbone_kwargs
 from seg.backbones.tail import BackboneTail
-from seg.runtime.checkpoint import load_torch_file
+from seg.runtime.checkpoint import check_finite_head, load_torch_file
 from seg.data.classes import ClassTable
 from seg.runtime.device import run_amp_dtype
 from seg.runtime.errors import SegError
@@ -69,12 +69,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> Run:
         raise SegError(f"{best}: not a seg checkpoint (needs {', '.join(sorted(needed))})")
     table = ClassTable.from_json(record["class_table"], source=str(best))
     check_backbone_record(record["backbone"], best)
-    bad = next((k for k, t in record["head"].items()
-                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None) \
-        if isinstance(record["head"], dict) else None
-    if bad is not None:
-        raise SegError(f"{best}: head weight {bad} holds NaN or infinite values (a diverged run or a damaged "
-                       "file); it would label every pixel alike: retrain, or use another run")
+    check_finite_head(record["head"], best)
     try:
         head = build_run_head(record, table.num_classes)
         head.load_state_dict(record.pop("head"))

@@ -35,3 +35,12 @@ def load_torch_file(path: Path, what: str) -> Any:
                        f"never loads ({first})") from None
     except Exception as exc:  # unpickling fails in many ways; all mean "not the file we need"
         raise SegError(f"{path}: {what} ({type(exc).__name__})") from None
+
+
+def check_finite_head(weights, best: Path) -> None:
+    """A head whose weights are NaN or infinite labels every pixel alike: one line, never a prediction."""
+    bad = next((k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()
+                and not torch.isfinite(t).all()), None) if isinstance(weights, dict) else None
+    if bad is not None:
+        raise SegError(f"{best}: head weight {bad} holds NaN or infinite values (a diverged run or a damaged "
+                       "file); it would label every pixel alike: retrain, or use another run")

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from seg.backbones.named import file_sha256
-from seg.runtime.checkpoint import load_torch_file
+from seg.runtime.checkpoint import check_finite_head, load_torch_file
 from seg.runtime.errors import SegError
 
 # What the old run's features and head must share with the new run's for its weights to mean the same
@@ -26,6 +26,7 @@ def init_head_from(head: nn.Module, run_dir: str | Path, record: dict) -> dict:
     old = load_torch_file(best, what="unreadable checkpoint; cannot initialise from it")
     if not isinstance(old, dict) or not {"head", "config", "backbone", "class_table"} <= set(old):
         raise SegError(f"{best}: not a seg run checkpoint")
+    check_finite_head(old["head"], best)
     if old["class_table"] != record["class_table"]:
         raise SegError(f"{best}: trained on other classes than this cache's; --init-from needs the same class table")
     for key in BACKBONE_FIELDS:
