@@ -212,7 +212,7 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
 @click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
 @click.option("--tta-scales", default=None,
               help="flip+scales: comma-separated scales [default: 0.75,1,1.25; DINOv2's +ms: 1,1.32,1.73,2.28,3].")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT].")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT from the cache; RUN/eval-SPLIT-images[-fullres|-slide][-tta-...] from images].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
