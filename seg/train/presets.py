@@ -92,14 +92,6 @@ CHOICES = {
 }
 
 
-# (setting, lower bound, upper bound or None, the rule in words): values no optimiser or loss takes
-_RANGES = (("lr", 0, None, "above 0"), ("backbone_lr", 0, None, "above 0"), ("weight_decay", 0, None, "0 or more"),
-           ("momentum", 0, 1, "in [0, 1)"), ("eta_min", 0, None, "0 or more"),
-           ("warmup_epochs", 0, None, "0 or more"), ("focal_gamma", 0, None, "0 or more"),
-           ("dice_weight", 0, None, "0 or more"), ("max_class_weight", 0, None, "above 0"),
-           ("rcs_temperature", 0, None, "above 0"), ("layer_decay", 0, None, "above 0"))
-
-
 def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> TrainConfig:
     """The phase preset with every non-None override applied and checked; with `keep_none`, None
     values apply too (a config file's "patience": null means never stop early, not the preset's)."""
@@ -127,13 +119,6 @@ def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> T
     for key in ("batch_size", "accum", "epochs"):
         if getattr(cfg, key) < 1:
             raise SegError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
-    for key, low, high, what in _RANGES:
-        value = getattr(cfg, key)
-        if value is None:
-            continue
-        too_low = value <= low if what.startswith("above") else value < low
-        if too_low or (high is not None and value >= high) or value != value:  # NaN too
-            raise SegError(f"--{key.replace('_', '-')} must be {what}, got {value}")
     if cfg.rcs_min_pixels is not None and cfg.rcs_min_pixels < 1:
         raise SegError(f"--rcs-min-pixels must be at least 1, got {cfg.rcs_min_pixels}")
     if cfg.sampling == "rare-class" and cfg.all_seeds:
