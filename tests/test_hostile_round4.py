@@ -6,8 +6,6 @@ bugs planted in round-three code that no test caught."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +28,6 @@ from seg.infer.segmenter import Segmenter
 from seg.runtime.errors import SegError
 from seg.train.sampling import RareClassSampler
 from test_hostile_round3 import TINY, one_line_error, tiny_data  # noqa: F401  (fixture)
-from token_cache import learnable_split, write_token_cache
 
 
 def run(*args):
@@ -139,23 +136,6 @@ def test_eval_of_one_split_in_two_ways_keeps_both_reports(phase3_run, small_cach
     r = run("eval", "--run", run_dir, "--data", dataset, "--split", "val", "--out", one, "--device", "cpu",
             "--workers", "0")
     assert "NOTE: replacing the earlier report in" in r.output and "mode cache" in r.output
-
-
-def test_sweep_processes_started_together_on_one_folder_all_work(tmp_path):
-    pytest.importorskip("optuna")
-    rng = np.random.default_rng(0)
-    cache = write_token_cache(tmp_path / "c", {"train": learnable_split(4, rng), "val": learnable_split(2, rng)})
-    out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "seg", "sweep", "--cache", str(cache), "--out", str(out), "--trials", "3",
-            "--phase", "1", "--epochs", "1", "--allow-mismatch", "--device", "cpu", "--search", "lr=1e-4:1e-2:log"]
-    procs = [subprocess.Popen(args + ["--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(4)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text
-    summary = json.loads((out / "sweep.json").read_text())
-    assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 3
-    assert not list(out.glob(".*seg-tmp*"))
 
 
 # -- images and masks read one way -------------------------------------------------------------
