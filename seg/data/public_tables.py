@@ -1,8 +1,8 @@
 """The class tables of public datasets, as their owners define them.
 
 - Cityscapes: mcordts/cityscapesScripts `helpers/labels.py`: the 19 training classes (trainId 0..18),
-  their names and colours, and the label ids (`*_gtFine_labelIds.png` values) that map to them; every
-  other id is ignored, as the benchmark does.
+  their names and colours, and the label ids (`*_gtFine_labelIds.png` values) that map to them; the
+  other ids of labels.py (0..33) are ignored, as the benchmark does, and a value past them is refused.
 - ADE20K SceneParsing: CSAILVision/sceneparsing `objectInfo150.txt`: 150 classes, the first of each
   entry's names; annotation value i + 1 is class i and 0 ("other") is ignored.
 - Pascal VOC 2012: 21 classes; the mask's palette index is the class, 255 (the void border) is
@@ -29,6 +29,8 @@ CITYSCAPES = [
     ("truck", 27, (0, 0, 70)), ("bus", 28, (0, 60, 100)), ("train", 31, (0, 80, 100)),
     ("motorcycle", 32, (0, 0, 230)), ("bicycle", 33, (119, 11, 32)),
 ]
+
+CITYSCAPES_IDS = 34  # labels.py's ids 0..33 (license plate, -1, never appears in a labelIds image)
 
 ADE20K = [
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -78,7 +80,10 @@ def cityscapes_table() -> ClassTable:
     used = {label_id for _, label_id, _ in CITYSCAPES}
     return ClassTable(names=tuple(n for n, _, _ in CITYSCAPES), raw_values=tuple((i,) for _, i, _ in CITYSCAPES),
                       colors=tuple(c for _, _, c in CITYSCAPES),
-                      ignore_values=tuple(v for v in range(256) if v not in used))
+                      # ids 0..33 that are not trained are ignored, as the benchmark does; any other value
+                      # is no Cityscapes label id and is refused naming the file (the official
+                      # evaluation stops with "Unknown label" there)
+                      ignore_values=tuple(v for v in range(CITYSCAPES_IDS) if v not in used))
 
 
 def ade20k_table() -> ClassTable:
