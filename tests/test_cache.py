@@ -23,7 +23,8 @@ from seg.data.normalize import normalize
 
 def test_manifest_has_every_agreed_field(small_cache):
     m = json.loads((small_cache / "manifest.json").read_text())
-    assert m["format_version"] == 3 and m["complete"] is True
+    # every layer cache is version 7: it stores each layer's prefix tokens (cls; vits14 has no registers)
+    assert m["format_version"] == 7 and m["complete"] is True and m["prefix_tokens"] == 1
     assert m["backbone"] == "vits14" and m["weights_sha256"] == "random-init" and m["random_init_seed"] == 0
     assert m["size"] == {"width": 224, "height": 126} and m["patch_grid"] == {"width": 16, "height": 9}
     assert m["embed_dim"] == 384 and m["depth"] == 12 and m["layers"] == [11] and m["token_dtype"] == "float16"
@@ -52,13 +53,16 @@ def test_shard_bytes_follow_the_format(small_cache):
         assert mk.dtype == np.uint8 and mk.shape == (4, 126, 224) and mk.chunks == (1, 126, 224)
         assert mk.fletcher32 and mk.compression is None  # plain rows: one pread each after the sha256 check
         assert f["image_index"].dtype == np.int32 and f["aug_seed"].dtype == np.int32
+        p = f["prefix"]  # [n, layers, cls + registers, C]
+        assert p.dtype == np.float16 and p.shape == (4, 1, 1, 384) and p.chunks == (1, 1, 1, 384) and p.fletcher32
         # seed-major order: samples 4..7 of 6 images x seeds [0, 1]
         assert f["image_index"][()].tolist() == [4, 5, 0, 1]
         assert f["aug_seed"][()].tolist() == [1, 1, 2, 2]
         masks = mk[()]
         assert set(np.unique(masks)) <= set(range(10)) | {255}
-    # uncompressed fp16 tokens and uint8 masks: the file is their raw bytes plus small overhead
-    raw = 4 * 384 * 9 * 16 * 2 + 4 * 126 * 224
+    # uncompressed fp16 tokens, uint8 masks and fp16 prefix tokens: the file is their raw bytes plus
+    # small overhead
+    raw = 4 * 384 * 9 * 16 * 2 + 4 * 126 * 224 + 4 * 1 * 1 * 384 * 2
     assert raw < (small_cache / "train-00001.h5").stat().st_size < raw * 1.05
 
 
@@ -80,6 +84,12 @@ def test_tokens_equal_backbone_output_for_seed0(small_cache, dataset):
         assert torch.equal(tokens[0], half[i])  # same batch as extraction: bit-identical
         assert ((tokens[0].float() - full[i]).abs().max() / full[i].abs().max()) < 0.05  # half vs fp32
         np.testing.assert_array_equal(mask.numpy(), pairs[i][1])
+    # the prefix tokens: the normed cls token of the same layer, as float16
+    with torch.inference_mode(), autocast(torch.device("cpu")):
+        cls = model.get_intermediate_layers(x, n=1, return_class_token=True)[0][1].to(torch.float16)
+    prefix = split.read_prefix(np.arange(3))
+    assert prefix.shape == (3, 1, 1, 384) and prefix.dtype == np.float16
+    assert torch.equal(torch.from_numpy(prefix[:, 0, 0]), cls)
 
 
 def test_load_whole_split_and_read_rows(small_cache):
@@ -181,3 +191,84 @@ def test_read_ahead_advice_names_exactly_the_rows_chunks(small_cache, monkeypatc
     calls.clear()
     FeatureCache(small_cache).split("train").advise(np.array([5]))  # unchecked shards: read through HDF5
     assert calls == []
+
+
+# -- version 7: prefix tokens ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone,size,prefix", [("vits14_reg", "56x28", 5), ("dinov3_vits16", "64x32", 5)])
+def test_prefix_tokens_are_cls_and_registers_of_every_stored_layer(dataset, tmp_path, backbone, size, prefix):
+    """Registers (DINOv2 reg4) and storage tokens (DINOv3) are stored beside the cls token, per layer,
+    normed like the patches."""
+    from seg.extract_features import ExtractConfig, extract
+
+    out = tmp_path / "c"
+    extract(ExtractConfig(data=str(dataset), out=str(out), backbone=backbone, size=size, random_init=True,
+                          splits=("val",), layers="2", batch_size=3, workers=0, progress=False), log=lambda s: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 7 and m["prefix_tokens"] == prefix
+    split = FeatureCache(out).split("val")
+    model, _ = load_backbone(backbone, random_init=True)
+    files = list_split(dataset, "val")
+    w, h = (int(v) for v in size.split("x"))
+    aug, lut = Augmenter("none", (w, h)), MaskDecoder.of(default_class_table())
+    x = normalize(torch.from_numpy(np.stack([aug(*read_split_pair(files, i, lut), files.names[i], 0)[0]
+                                             for i in range(3)])))
+    with torch.inference_mode(), autocast(torch.device("cpu")):
+        blocks = model.resolve_layers(2)
+        tokens = model.prepare_tokens(x) if backbone.startswith("vit") else None
+        expected = []
+        if tokens is not None:  # DINOv2: run the blocks by hand, norm the chosen ones, keep cls + registers
+            for i, blk in enumerate(model.blocks[: max(blocks) + 1]):
+                tokens = blk(tokens)
+                if i in blocks:
+                    expected.append(model.norm(tokens)[:, :prefix])
+        else:  # DINOv3: its own class + storage tokens
+            for layer in model.get_intermediate_layers(x, n=2, return_class_token=True, return_extra_tokens=True):
+                expected.append(torch.cat([layer[1][:, None], layer[2]], dim=1))
+        expected = torch.stack(expected, dim=1).to(torch.float16)
+    stored = torch.from_numpy(split.read_prefix(np.arange(3)))
+    assert stored.shape == (3, 2, prefix, m["embed_dim"])
+    assert torch.equal(stored, expected)
+    assert verify(out) == []
+    from seg.cache import describe
+
+    assert any(line.startswith(f"prefix       {prefix} token(s) per layer (cls + {prefix - 1} registers), normed, "
+                               "float16") for line in describe(out))
+
+
+def test_prefix_tokens_of_an_older_cache_are_refused_in_one_line_and_damage_is_found(small_cache, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from token_cache import learnable_split, write_token_cache
+
+    old = write_token_cache(tmp_path / "old", {"val": learnable_split(2, np.random.default_rng(0))})
+    assert json.loads((old / "manifest.json").read_text())["format_version"] == 3
+    with pytest.raises(SegError, match="a format version 3 cache holds no prefix tokens .* re-extract it"):
+        FeatureCache(old).split("val").read_prefix(np.arange(2))
+    # NaN prefix tokens: verify names them, read_prefix refuses them
+    copy = tmp_path / "copy"
+    shutil.copytree(small_cache, copy)
+    with h5py.File(copy / "val-00000.h5", "r+") as f:
+        f["prefix"][1, 0, 0, 5] = np.float16("nan")
+    m = json.loads((copy / "manifest.json").read_text())  # the checksum made to match: only the values are wrong
+    m["splits"]["val"]["shards"][0].update(sha256=file_sha256(copy / "val-00000.h5"),
+                                           bytes=(copy / "val-00000.h5").stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert verify(copy) == [f"{copy / 'val-00000.h5'}: prefix tokens hold NaN or infinite values"]
+    with pytest.raises(SegError, match="sample 1 holds NaN or infinite prefix tokens"):
+        FeatureCache(copy).split("val").read_prefix(np.arange(3))
+
+
+@pytest.mark.parametrize("edit,says", [(lambda m: m.pop("prefix_tokens"), "format version 7 with prefix_tokens None"),
+                                       (lambda m: m.update(format_version=3), "format version 3 with prefix_tokens 1")])
+def test_a_manifest_whose_version_and_prefix_tokens_disagree_is_refused(small_cache, tmp_path, edit, says):
+    from seg.cache.format import read_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_cache, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SegError, match=says):
+        read_manifest(copy)

@@ -77,7 +77,8 @@ def test_int8_cache_holds_the_float16_extraction_packed(dataset, tmp_path):
         assert r.exit_code == 0, r.output
     assert "int8 tokens: relative RMS error" in r.output
     m = json.loads((tmp_path / "int8" / "manifest.json").read_text())
-    assert m["format_version"] == cf.QUANT_FORMAT_VERSION and m["token_dtype"] == "int8"
+    # a layer cache: version 7 (prefix tokens too), int8 or not; the prefix stays float16 and equal
+    assert m["format_version"] == cf.PREFIX_FORMAT_VERSION and m["token_dtype"] == "int8"
     assert m["token_quant"]["group"] == 32 and 0 < m["token_quant_error"]["relative_rms"] < 0.01
     f16, i8 = (FeatureCache(tmp_path / d).split("val") for d in ("fp16", "int8"))
     t16, m16 = f16.read_rows(np.arange(3))
@@ -86,6 +87,7 @@ def test_int8_cache_holds_the_float16_extraction_packed(dataset, tmp_path):
     assert rows.dtype == np.uint8 and rows.shape == (3, spec.row_bytes)
     np.testing.assert_array_equal(rows, spec.pack(torch.from_numpy(t16)).numpy())
     np.testing.assert_array_equal(m8, m16)
+    np.testing.assert_array_equal(i8.read_prefix(np.arange(3)), f16.read_prefix(np.arange(3)))
     assert spec.row_bytes / t16[0].nbytes == pytest.approx(0.531, abs=1e-3)
     # dequantised where the rows are; the preload keeps the bytes
     tokens, _ = i8.load("cpu")

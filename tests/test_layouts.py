@@ -49,7 +49,7 @@ def test_public_layouts_extract_with_no_preparation(layout, tmp_path):
     assert f"extract: {layout} dataset" in r.output
     counts, manifest = train_counts(tmp_path / "c")
     np.testing.assert_array_equal(counts, expected["train"])
-    assert manifest["layout"] == layout and manifest["format_version"] == 5
+    assert manifest["layout"] == layout and manifest["format_version"] == 7  # a layer cache, with prefix tokens
     assert manifest["class_table"] == {"cityscapes": cityscapes_table, "ade20k": ade20k_table,
                                        "voc": voc_table}[layout]().to_json()
     assert run("cache", "verify", "--sources", tmp_path / "c").exit_code == 0

@@ -53,7 +53,7 @@ def test_old_format_caches_are_refused_with_a_reason(small_cache, tmp_path):
     m = json.loads((copy / "manifest.json").read_text())
     m["format_version"] = 1
     (copy / "manifest.json").write_text(json.dumps(m))
-    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4, 5, 6; re-extract it")
+    one_line_error(run("cache", "info", copy), "cache format version 1, this seg reads versions 2, 3, 4, 5, 6, 7; re-extract it")
 
 
 # -- integrity before use ---------------------------------------------------------------------
@@ -153,10 +153,12 @@ def test_nan_weights_stop_extraction_at_the_first_sample(dataset, tmp_path):
     assert not list((tmp_path / "c").glob("*.h5"))
 
 
+@pytest.mark.parametrize("where", ["patches", "prefix"])
 @pytest.mark.parametrize("bad", [2, 3])
-def test_a_non_finite_batch_is_refused_before_its_shard_is_written(tmp_path, monkeypatch, bad):
+def test_a_non_finite_batch_is_refused_before_its_shard_is_written(tmp_path, monkeypatch, bad, where):
     """The loop copies a batch to the host while the next one computes: a bad batch that completes a
-    shard (2), or the split's last batch (3), is still refused before anything holding it is written."""
+    shard (2), or the split's last batch (3), is still refused before anything holding it is written,
+    whether its patch tokens or its prefix tokens (cls, registers) are bad."""
     import seg.extraction.loop as loop
     from seg.extract_features import ExtractConfig, extract
     from seg.runtime.errors import SegError
@@ -164,12 +166,13 @@ def test_a_non_finite_batch_is_refused_before_its_shard_is_written(tmp_path, mon
     real = loop.backbone_features
     calls = []
 
-    def poisoned(model, x, *args):
-        feats = real(model, x, *args)
+    def poisoned(model, x, *args, **kwargs):
+        out = real(model, x, *args, **kwargs)
         calls.append(len(x))
         if sum(calls) - len(x) <= bad < sum(calls):  # the batch holding sample `bad`
-            feats[bad - (sum(calls) - len(x))].fill_(float("nan"))
-        return feats
+            poison = out[0] if where == "patches" else out[1]
+            poison[bad - (sum(calls) - len(x))].fill_(float("nan"))
+        return out
 
     monkeypatch.setattr(loop, "backbone_features", poisoned)
     dataset, out = write_dataset(tmp_path / "d", {"train": 1, "val": 4, "test": 0}), tmp_path / "c"

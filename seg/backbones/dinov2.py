@@ -211,6 +211,7 @@ class DinoVisionTransformer(nn.Module):
         reshape: bool = False,
         return_class_token: bool = False,
         norm: bool = True,
+        return_prefix_tokens: bool = False,
     ) -> tuple:
         take = self.resolve_layers(n)
         last = max(take)
@@ -223,11 +224,14 @@ class DinoVisionTransformer(nn.Module):
         if norm:
             outputs = [self.norm(o) for o in outputs]
         cls_tokens = [o[:, 0] for o in outputs]
+        prefix = [o[:, : 1 + self.num_register_tokens] for o in outputs]
         outputs = [o[:, 1 + self.num_register_tokens :] for o in outputs]
         if reshape:
             b, _, h, w = x.shape
             p = self.patch_size
             outputs = [o.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
+        if return_prefix_tokens:  # cls and registers, [B, 1 + R, C], normed like the patches
+            return tuple(zip(outputs, prefix))
         if return_class_token:
             return tuple(zip(outputs, cls_tokens))
         return tuple(outputs)

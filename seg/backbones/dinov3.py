@@ -240,7 +240,7 @@ class DinoV3VisionTransformer(nn.Module):
 
     def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                 return_class_token: bool = False, return_extra_tokens: bool = False,
-                                norm: bool = True) -> tuple:
+                                norm: bool = True, return_prefix_tokens: bool = False) -> tuple:
         take = self.resolve_layers(n)
         outputs = self._run(x, take)
         if norm:
@@ -253,6 +253,8 @@ class DinoV3VisionTransformer(nn.Module):
             b, _, h, w = x.shape
             p = self.patch_size
             patches = [o.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+        if return_prefix_tokens:  # cls and storage tokens, [B, 1 + S, C], normed like the patches
+            return tuple(zip(patches, [o[:, : s + 1] for o in outputs]))
         if return_class_token and return_extra_tokens:
             return tuple(zip(patches, cls, extra))
         if return_class_token:

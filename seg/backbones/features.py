@@ -3,7 +3,7 @@ evaluation and prediction from images, so that both see the same numbers."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,13 +12,20 @@ from seg.runtime.device import autocast
 
 
 def backbone_features(model: nn.Module, x: Tensor, layers: Sequence[int], tap_block: Optional[int],
-                      device: torch.device, dtype: torch.dtype) -> Tensor:
+                      device: torch.device, dtype: torch.dtype, prefix: bool = False
+                      ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Normalised images [B, 3, H, W] -> unrounded features, computed in `dtype`: the normed patch
     tokens of `layers` [B, L, C, Hp, Wp], or with `tap_block`, the un-normed residual stream entering
-    that block, all tokens [B, T, C]. The cache stores them as float16 (`.to(torch.float16)`)."""
+    that block, all tokens [B, T, C]. The cache stores them as float16 (`.to(torch.float16)`).
+    With `prefix` (layers only): also the layers' prefix tokens (cls, registers), normed like the
+    patches, [B, L, P, C]."""
     with autocast(device, dtype=dtype):
         if tap_block is not None:
             return model.tokens_entering(x, tap_block)
+        if prefix:
+            pairs = model.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True,
+                                                  return_prefix_tokens=True)
+            return torch.stack([p for p, _ in pairs], dim=1), torch.stack([t for _, t in pairs], dim=1)
         return torch.stack(model.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True), dim=1)
 
 

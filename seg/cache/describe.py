@@ -27,6 +27,10 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         + (f"layers {m['layers']}, normed" if cf.tap_block(m) is None else
            f"tap: the un-normed stream entering block {m['tap_block']} of {m['depth']}, all tokens; "
            f"largest |value| {_largest(m)}") + f"), computed in {m.get('compute_dtype')} on {m.get('device')}",
+        f"prefix       " + (f"{cf.prefix_tokens(m)} token(s) per layer (cls + {cf.prefix_tokens(m) - 1} registers), "
+                            "normed, float16: what mask-classification heads (PMT) also read"
+                            if cf.prefix_tokens(m) else "none stored (format version "
+                            f"{m['format_version']}; version {cf.PREFIX_FORMAT_VERSION} layer caches store them)"),
         f"bytes        {_bytes_per_sample(m)}",
         f"augmentation {m['augmentation']['policy']} (albumentations {m['augmentation']['albumentations']}); "
         f"{cf.augmented_views(m)} augmented view(s) per train image",

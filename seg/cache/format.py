@@ -44,7 +44,13 @@ LAYOUT_FORMAT_VERSION = 5
 # Falcon layout alone, must refuse it. Layer or tap cache alike; `tap_block` says which. Falcon
 # caches keep versions 3 and 4.
 # Version 6 (QUANT_FORMAT_VERSION, seg.cache.quant): 8-bit tokens, in any cache.
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+PREFIX_FORMAT_VERSION = 7
+# Version 7: a layer cache that also stores each stored layer's prefix tokens (cls and registers,
+# normed like the patches; `prefix_tokens` per layer) in a `prefix` dataset [n, L, P, C] float16,
+# for mask-classification heads (PMT). Every layer cache is written as version 7, of any layout and
+# token dtype; tap caches (whose stream holds every token already) keep versions 4 to 6. Older seg
+# versions refuse version 7 by its number; this seg reads every older version, without prefix tokens.
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 MANIFEST = "manifest.json"
 LOCK = ".seg-extract.lock"
 CLASS_COUNTS_FILE = "class-counts.json"
@@ -117,6 +123,8 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def format_version(tap_block: Optional[int], layout: str = "falcon", token_dtype: str = "float16") -> int:
+    if tap_block is None:
+        return PREFIX_FORMAT_VERSION
     if token_dtype != "float16":
         return QUANT_FORMAT_VERSION
     if layout != "falcon":
@@ -127,6 +135,11 @@ def format_version(tap_block: Optional[int], layout: str = "falcon", token_dtype
 def layout_of(manifest: dict) -> str:
     """The dataset layout the cache's image names belong to (caches before version 5: Falcon)."""
     return manifest.get("layout", "falcon")
+
+
+def prefix_tokens(manifest: dict) -> int:
+    """Prefix tokens (cls + registers) stored per layer and sample; 0 for caches before version 7."""
+    return int(manifest.get("prefix_tokens") or 0)
 
 
 def tap_block(manifest: dict) -> Optional[int]:
@@ -167,7 +180,12 @@ def read_manifest(cache_dir: Path, check: bool = True) -> dict:
     if version not in READABLE_VERSIONS:
         raise SegError(f"{path}: cache format version {version}, "
                        f"this seg reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-extract it")
-    if version in (QUANT_FORMAT_VERSION, LAYOUT_FORMAT_VERSION):
+    prefix = manifest.get("prefix_tokens")
+    if (version == PREFIX_FORMAT_VERSION) != (isinstance(prefix, int) and not isinstance(prefix, bool) and prefix > 0
+                                             and manifest.get("tap_block") is None):
+        raise SegError(f"{path}: format version {version} with prefix_tokens {prefix!r} and tap_block "
+                       f"{manifest.get('tap_block')!r}: a damaged or hand-edited manifest; re-extract it")
+    if version in (QUANT_FORMAT_VERSION, LAYOUT_FORMAT_VERSION, PREFIX_FORMAT_VERSION):
         pass  # layer or tap: `tap_block` says which
     elif (version == TAP_FORMAT_VERSION) != isinstance(manifest.get("tap_block"), int):
         raise SegError(f"{path}: format version {version} with tap_block "
@@ -195,7 +213,7 @@ def manifest_problems(manifest: dict) -> list[str]:
         return ["no splits"]
     if layout_of(manifest) not in LAYOUTS:
         return [f"dataset layout {layout_of(manifest)!r} is not one of {', '.join(LAYOUTS)}"]
-    token_problem = token_dtype_problem(manifest)
+    token_problem = token_dtype_problem(manifest, (QUANT_FORMAT_VERSION, PREFIX_FORMAT_VERSION))
     if token_problem:
         return [token_problem]
     return [p for name, s in splits.items() for p in split_problems(manifest, name, s)]
@@ -240,8 +258,10 @@ def write_shard(
     aug_seed: np.ndarray,
     attrs: Optional[dict[str, Any]] = None,
     class_counts: Optional[np.ndarray] = None,
+    prefix: Optional[np.ndarray] = None,
 ) -> None:
-    """One shard, written under a temporary name and renamed when complete.
+    """One shard, written under a temporary name and renamed when complete. `prefix`: the prefix
+    tokens [n, L, P, C] of a version-7 layer cache, float16.
 
     Tokens and masks are stored uncompressed, one chunk per sample, fletcher32 on all: a reader
     that checked the file's sha256 reads each row with one pread at its chunk's offset (masks would
@@ -264,6 +284,9 @@ def write_shard(
                          fletcher32=True)
         f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
                          fletcher32=True)
+        if prefix is not None:
+            f.create_dataset("prefix", data=prefix.astype(np.float16, copy=False), chunks=(1, *prefix.shape[1:]),
+                             fletcher32=True)
         if class_counts is not None:
             f.create_dataset("class_counts", data=class_counts.astype(np.int64, copy=False), fletcher32=True)
         for k, v in (attrs or {}).items():
@@ -274,7 +297,14 @@ def write_shard(
     write_atomic(Path(path), lambda tmp: tmp.write_bytes(image))
 
 
-def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int]) -> bool:
+def prefix_shape(manifest: dict) -> Optional[tuple[int, ...]]:
+    """[L, P, C] of one sample's prefix tokens in a version-7 cache, None before."""
+    p = prefix_tokens(manifest)
+    return (manifest["token_shape"][0], p, manifest["token_shape"][1]) if p else None
+
+
+def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int],
+             prefix: Optional[tuple[int, ...]] = None) -> bool:
     """Cheap check that a finished shard has the planned shapes (used when resuming)."""
     try:
         with h5py.File(path, "r") as f:
@@ -282,6 +312,7 @@ def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int]) ->
                 f["tokens"].shape == (plan.count, *token_shape)
                 and f["masks"].shape == (plan.count, *mask_shape)
                 and f["image_index"].shape == (plan.count,)
+                and (prefix is None or f["prefix"].shape == (plan.count, *prefix))
             )
     except Exception:  # any damage means "redo this shard"
         return False

@@ -129,14 +129,15 @@ def stored_row(manifest: dict) -> tuple[tuple[int, ...], np.dtype]:
     return (int(manifest["token_quant"]["row_bytes"]),), np.dtype(np.uint8)
 
 
-def token_dtype_problem(manifest: dict) -> Optional[str]:
+def token_dtype_problem(manifest: dict, int8_versions: tuple[int, ...] = (QUANT_FORMAT_VERSION,)) -> Optional[str]:
     """Whether the token dtype, its packing and the format version agree (an int8 row read as float16
     numbers, or the reverse, would be silently wrong values)."""
     dtype = manifest.get("token_dtype", "float16")
-    int8_version = manifest.get("format_version") == QUANT_FORMAT_VERSION
+    version = manifest.get("format_version")
     if dtype not in ("float16", "int8"):
         return f"token_dtype {dtype!r} is not float16 or int8"
-    if (dtype == "int8") != int8_version:
+    # int8 rows exist from version 6 on (int8_versions: the versions that may hold them)
+    if (dtype == "int8" and version not in int8_versions) or (dtype == "float16" and version == QUANT_FORMAT_VERSION):
         return f"token_dtype {dtype} in a format version {manifest.get('format_version')} manifest"
     if dtype == "int8":
         q = manifest.get("token_quant")

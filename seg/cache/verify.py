@@ -74,6 +74,8 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
         "image_index": ((plan.count,), np.int32),
         "aug_seed": ((plan.count,), np.int32),
     }
+    if cf.prefix_shape(m) is not None:  # version 7: the layers' cls and register tokens
+        expect["prefix"] = ((plan.count, *cf.prefix_shape(m)), np.float16)
     data = {}
     with h5py.File(f_path, "r") as f:
         for key, (shape, dtype) in expect.items():
@@ -109,6 +111,8 @@ def _check_contents(f_path: Path, plan: cf.ShardPlan, split: dict, m: dict) -> l
     elif cf.tap_block(m) is not None and (recorded_max is None or float(np.abs(data["tokens"]).max(initial=0))
                                           != float(recorded_max)):
         problems.append(f"the tokens' largest |value| differs from the recorded max_abs {recorded_max}")
+    if "prefix" in data and not np.isfinite(data["prefix"]).all():
+        problems.append("prefix tokens hold NaN or infinite values")
     if stored_counts is not None or "class_counts" in split:  # version 3: counts stored; older: nothing to check
         counted = class_counts(masks, len(m["class_table"]["classes"]))
         if stored_counts is not None and not np.array_equal(stored_counts, counted):

@@ -90,7 +90,8 @@ def missing_shards(out: Path, manifest: dict, shards: list[cf.ShardPlan]) -> lis
     missing = []
     for plan in shards:
         path = out / plan.file  # an interrupted write's temporary was cleared when the cache was claimed
-        if not cf.shard_ok(path, plan, cf.stored_row(manifest)[0], manifest["mask_shape"]):
+        if not cf.shard_ok(path, plan, cf.stored_row(manifest)[0], manifest["mask_shape"],
+                           cf.prefix_shape(manifest)):
             path.unlink(missing_ok=True)
             missing.append(plan)
     return missing

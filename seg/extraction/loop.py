@@ -29,12 +29,15 @@ def f16_step(value: float) -> float:
 
 
 def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor, files: SplitFiles,
-                      seeds: list[int]) -> None:
+                      seeds: list[int], prefix_half: Optional[torch.Tensor] = None) -> None:
     """Stop at the first sample whose tokens are not finite float16 numbers: a cache of NaNs is not a cache."""
-    bad = int((~torch.isfinite(half)).flatten(1).any(1).nonzero()[0, 0])
+    bad_rows = (~torch.isfinite(half)).flatten(1).any(1)
+    if prefix_half is not None:
+        bad_rows |= (~torch.isfinite(prefix_half)).flatten(1).any(1)
+    bad = int(bad_rows.nonzero()[0, 0])
     i, seed = cf.sample_of(int(ks[bad]), len(files.names), seeds)
     sample = feats[bad].float()
-    if torch.isfinite(sample).all():
+    if torch.isfinite(sample).all() and (prefix_half is None or torch.isfinite(prefix_half[bad]).all()):
         why = (f"values beyond the float16 range (max |value| {sample.abs().max().item():.4g} > 65504), "
                "which the cache cannot store")
     else:
@@ -60,6 +63,7 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
     quant = QuantSpec.of(manifest)
     tap = cf.tap_block(manifest)
     dtype = recorded_dtype(manifest["compute_dtype"], device)
+    with_prefix = cf.prefix_tokens(manifest) > 0
     shards = _Shards(plans, manifest, files, seeds, out, num_classes)
     # One batch in flight: while the backbone computes a batch, the previous one's rows travel to
     # the host (on a GPU, into pinned memory without waiting) and are checked and buffered there.
@@ -69,8 +73,11 @@ def extract_shards(model, device, layers, files, manifest, plans, augmenter, dec
             if "error" in batch:
                 raise SegError(batch["error"])
             x = normalize(batch["image"].to(device, non_blocking=True))
-            feats = backbone_features(model, x, layers, tap, device, dtype)
-            current = _Landing(feats, batch, quant, tap is not None)
+            if with_prefix:
+                feats, prefix = backbone_features(model, x, layers, tap, device, dtype, prefix=True)
+            else:
+                feats, prefix = backbone_features(model, x, layers, tap, device, dtype), None
+            current = _Landing(feats, batch, quant, tap is not None, prefix)
             if landing is not None:
                 bar.update(shards.add(landing))
             landing = current
@@ -86,13 +93,19 @@ class _Landing:
     """A computed batch on its way to the host: its stored rows (float16 tokens, or packed int8 rows)
     and its statistics, copied without waiting for them; `wait` returns once they have landed."""
 
-    def __init__(self, feats: torch.Tensor, batch: dict, quant: Optional[QuantSpec], tap: bool) -> None:
+    def __init__(self, feats: torch.Tensor, batch: dict, quant: Optional[QuantSpec], tap: bool,
+                 prefix: Optional[torch.Tensor] = None) -> None:
         self.feats, self.batch = feats, batch
         self.half = half = feats.to(torch.float16)
+        # prefix tokens (cls, registers) stay float16 in every cache: a handful of tokens per layer
+        self.prefix_half = prefix_half = None if prefix is None else prefix.to(torch.float16)
         zero = torch.zeros((), dtype=torch.float64, device=half.device)
         # (all finite, max |token| of a tap cache, int8: squared error and squared norm); read on the
         # host only after the copy, so computing them costs the GPU no wait
-        stats = [torch.isfinite(half).all().double(), half.abs().max().double() if tap else zero, zero, zero]
+        finite = torch.isfinite(half).all()
+        if prefix_half is not None:
+            finite = finite & torch.isfinite(prefix_half).all()
+        stats = [finite.double(), half.abs().max().double() if tap else zero, zero, zero]
         rows = half
         if quant is not None:  # packed on the compute device: 2x fewer bytes cross to the host
             rows = quant.pack(half)
@@ -101,19 +114,24 @@ class _Landing:
         stats = torch.stack(stats)
         self.event = None
         if half.is_cuda:
-            self.rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            self.rows.copy_(rows, non_blocking=True)
-            self.stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-            self.stats.copy_(stats, non_blocking=True)
+            self.rows, self.stats = _to_pinned(rows), _to_pinned(stats)
+            self.prefix = None if prefix_half is None else _to_pinned(prefix_half)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
-            self.rows, self.stats = rows, stats
+            self.rows, self.stats, self.prefix = rows, stats, prefix_half
 
-    def wait(self) -> tuple[np.ndarray, list[float]]:
+    def wait(self) -> tuple[np.ndarray, list[float], Optional[np.ndarray]]:
         if self.event is not None:
             self.event.synchronize()
-        return self.rows.numpy(), self.stats.tolist()
+        return self.rows.numpy(), self.stats.tolist(), None if self.prefix is None else self.prefix.numpy()
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, started without waiting for it."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class _Shards:
@@ -126,6 +144,7 @@ class _Shards:
         (self.row_shape, self.row_dtype), self.mask_shape = cf.stored_row(manifest), manifest["mask_shape"]
         self.files, self.seeds, self.out, self.num_classes = files, seeds, out, num_classes
         self.tap, self.quant = cf.tap_block(manifest) is not None, QuantSpec.of(manifest) is not None
+        self.prefix_shape = cf.prefix_shape(manifest)
         self.plans = iter(plans)
         self.written = 0
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-shard-writer")
@@ -137,16 +156,21 @@ class _Shards:
         if self.plan is not None:
             self.tokens = np.empty((self.plan.count, *self.row_shape), self.row_dtype)
             self.masks = np.empty((self.plan.count, *self.mask_shape), np.uint8)
+            self.prefix = (None if self.prefix_shape is None
+                           else np.empty((self.plan.count, *self.prefix_shape), np.float16))
         self.filled, self.max_abs, self.sq_err, self.sq = 0, 0.0, 0.0, 0.0
 
     def add(self, landing: _Landing) -> int:
         """Checks and buffers one landed batch (batches cover the plans exactly, never crossing a
         shard); returns its size."""
-        rows, (finite, max_abs, sq_err, sq) = landing.wait()
+        rows, (finite, max_abs, sq_err, sq), prefix = landing.wait()
         if not finite:
-            _refuse_non_finite(landing.feats, landing.half, landing.batch["k"], self.files, self.seeds)
+            _refuse_non_finite(landing.feats, landing.half, landing.batch["k"], self.files, self.seeds,
+                               landing.prefix_half)
         b = rows.shape[0]
         self.tokens[self.filled:self.filled + b] = rows
+        if self.prefix is not None:
+            self.prefix[self.filled:self.filled + b] = prefix
         self.masks[self.filled:self.filled + b] = landing.batch["mask"].numpy()
         self.filled += b
         self.max_abs = max(self.max_abs, max_abs)
@@ -168,7 +192,7 @@ class _Shards:
             self.pending.result()  # at most one shard in flight: memory holds two shard buffers, not more
         n = len(self.files.names)
         self.pending = self.writer.submit(_write, self.out / plan.file, self.tokens, self.masks, ks % n,
-                                          np.asarray(self.seeds)[ks // n], attrs, self.num_classes)
+                                          np.asarray(self.seeds)[ks // n], attrs, self.num_classes, self.prefix)
         self.written += plan.count
         self._next_plan()
 
@@ -181,5 +205,6 @@ class _Shards:
         self.writer.shutdown(wait=True)
 
 
-def _write(path, tokens, masks, image_index, aug_seed, attrs, num_classes: int) -> None:
-    cf.write_shard(path, tokens, masks, image_index, aug_seed, attrs=attrs, class_counts=class_counts(masks, num_classes))
+def _write(path, tokens, masks, image_index, aug_seed, attrs, num_classes: int, prefix) -> None:
+    cf.write_shard(path, tokens, masks, image_index, aug_seed, attrs=attrs, class_counts=class_counts(masks, num_classes),
+                   prefix=prefix)

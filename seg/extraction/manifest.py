@@ -110,6 +110,10 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
             "tap_block": tap,
             "token_layout": f"the un-normed residual stream entering block {tap}: cls, "
                             f"{model.num_register_tokens} register tokens, then the patches row by row"}),
+        **({} if tap is not None else {
+            "prefix_tokens": 1 + model.num_register_tokens,
+            "prefix_layout": f"per stored layer: cls, then {model.num_register_tokens} register tokens, normed like "
+                             "the patches, float16 (also in an int8 cache)"}),
         "token_dtype": stored_dtype(cfg.token_dtype),
         **({} if cfg.token_dtype == "fp16" else {"token_quant": QuantSpec.for_tokens(token_shape, tap is not None).record()}),
         "token_shape": token_shape,
