@@ -333,3 +333,17 @@ def test_a_sample_exactly_at_the_rare_class_threshold_holds_the_class():
     assert sampler.holders[2].tolist() == [2]
     draws, classes = sampler.draw(200, 0, 0)
     assert set(draws[classes == 1].tolist()) == {1}
+
+
+def test_help_texts_print_as_written():
+    """click does not %-format help: a '%%' in the source shows as '%%' to the user."""
+    import click
+
+    def paths(group, prefix=()):
+        for name, cmd in group.commands.items():
+            yield from paths(cmd, prefix + (name,)) if isinstance(cmd, click.Group) else [prefix + (name,)]
+
+    for path in paths(main):
+        text = run(*path, "--help").output
+        assert "%%" not in text, f"seg {' '.join(path)} --help: {text}"
+    assert "classes under 1% of train pixels" in " ".join(run("extract", "--help").output.split())

@@ -50,7 +50,7 @@ from seg.cli.group import main
 @click.option("--token-dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="How tokens are stored: float16, or int8 with a float16 scale per 32 channels (0.53x the bytes).")
 @click.option("--copy-paste", "copy_paste", default="none", show_default=True,
-              help="Paste instances of rare classes into train samples: none, auto (classes under 1%% of "
+              help="Paste instances of rare classes into train samples: none, auto (classes under 1% of "
                    "train pixels) or class names/ids, e.g. Logs,Rocks.")
 @click.option("--copy-paste-scale", default="0.5,1.5", show_default=True, help="Scale jitter LOW,HIGH of pasted instances.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
