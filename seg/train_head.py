@@ -243,6 +243,8 @@ class Trainer:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")
         eff = self.rank_batch * self.rank_accum * self.d.world
+        if cfg.warmup_note():
+            self.log(cfg.warmup_note())
         self.log("training config (phase preset + overrides):\n" + describe_config(
             cfg, {"effective_batch": f"{eff} per step = per-rank batch {self.rank_batch} x world {self.d.world} x "
                   f"accum {self.rank_accum}" + (" (--scale-batch)" if self.opts.scale_batch else

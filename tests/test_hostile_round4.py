@@ -347,3 +347,20 @@ def test_help_texts_print_as_written():
         text = run(*path, "--help").output
         assert "%%" not in text, f"seg {' '.join(path)} --help: {text}"
     assert "classes under 1% of train pixels" in " ".join(run("extract", "--help").output.split())
+
+
+def test_a_run_that_ends_inside_its_warmup_says_so(tmp_path):
+    from seg.train.presets import resolve
+    from seg.train_head import RunOptions, train
+    from token_cache import learnable_split, write_token_cache
+
+    assert resolve(3, {"epochs": 4}).warmup_note() is None            # warmup 3 + 1 cosine epoch
+    assert resolve(1, {"epochs": 1}).warmup_note() is None            # no warmup in phase 1
+    note = resolve(3, {"epochs": 2}).warmup_note()
+    assert note.startswith("NOTE: 2 epoch(s) end inside the 3-epoch warmup: the learning rate only reaches 0.0002 of 0.0003")
+    rng = np.random.default_rng(0)
+    cache = write_token_cache(tmp_path / "c", {"train": learnable_split(2, rng), "val": learnable_split(1, rng)})
+    lines = []
+    train(resolve(3, {"epochs": 1, "batch_size": 2, "accum": 1}), str(cache), str(tmp_path / "r"),
+          RunOptions(device="cpu", progress=False, allow_mismatch=True), log=lines.append)
+    assert any(line.startswith("NOTE: 1 epoch(s) end inside the 3-epoch warmup") for line in lines)

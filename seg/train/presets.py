@@ -50,6 +50,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def warmup_note(self) -> Optional[str]:
+        """A note when the run ends inside its warmup: the learning rate never reaches the base lr."""
+        if self.schedule != "warmup_cosine" or self.epochs >= self.warmup_epochs + 1 or self.warmup_epochs == 0:
+            return None
+        reached = self.lr * self.lr_factor(self.epochs - 1)
+        return (f"NOTE: {self.epochs} epoch(s) end inside the {self.warmup_epochs}-epoch warmup: the learning rate "
+                f"only reaches {reached:g} of {self.lr:g} and the cosine never starts; train at least "
+                f"{self.warmup_epochs + 1} epochs, or lower --warmup-epochs")
+
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of the base lr during 0-based `epoch` (the schedule steps once per epoch)."""
         if self.schedule == "none":
