@@ -17,17 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import h5py
-import numpy as np
-
-from seg.runtime.atomic import write_atomic, write_json
+from seg.runtime.atomic import write_json
 from seg.runtime.output import temp_target
 from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
 from seg.cache.quant import QUANT_FORMAT_VERSION, stored_row, token_dtype_problem  # noqa: F401 (cf.stored_row)
+from seg.cache.shard_file import shard_ok, write_shard  # noqa: F401 (cf.write_shard, cf.shard_ok)
 
 FORMAT = "seg-feature-cache"
 FORMAT_VERSION = 3
@@ -142,6 +140,12 @@ def prefix_tokens(manifest: dict) -> int:
     return int(manifest.get("prefix_tokens") or 0)
 
 
+def prefix_shape(manifest: dict) -> Optional[tuple[int, ...]]:
+    """[L, P, C] of one sample's prefix tokens in a version-7 cache, None before."""
+    p = prefix_tokens(manifest)
+    return (manifest["token_shape"][0], p, manifest["token_shape"][1]) if p else None
+
+
 def tap_block(manifest: dict) -> Optional[int]:
     """The block whose input a tap cache stores, or None for a cache of normed layer outputs."""
     return manifest.get("tap_block")
@@ -248,74 +252,6 @@ def split_problems(manifest: dict, name: str, s: dict) -> list[str]:
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
     write_json(Path(cache_dir) / MANIFEST, manifest)
-
-
-def write_shard(
-    path: Path,
-    tokens: np.ndarray,
-    masks: np.ndarray,
-    image_index: np.ndarray,
-    aug_seed: np.ndarray,
-    attrs: Optional[dict[str, Any]] = None,
-    class_counts: Optional[np.ndarray] = None,
-    prefix: Optional[np.ndarray] = None,
-) -> None:
-    """One shard, written under a temporary name and renamed when complete. `prefix`: the prefix
-    tokens [n, L, P, C] of a version-7 layer cache, float16.
-
-    Tokens and masks are stored uncompressed, one chunk per sample, fletcher32 on all: a reader
-    that checked the file's sha256 reads each row with one pread at its chunk's offset (masks would
-    compress 5-10x with lzf, but they are an eighth of a sample and decompressing them cost more
-    than reading all the tokens).
-    """
-    n = tokens.shape[0]
-    if not (masks.shape[0] == image_index.shape[0] == aug_seed.shape[0] == n):
-        raise ValueError("shard arrays disagree on the sample count")
-
-    # The HDF5 file is built in memory and written with one plain write: a full disk or a file-size
-    # limit is then one OSError naming the path, never an HDF5 error storm or a crash inside HDF5.
-    with h5py.File(f"{path}.image", "w", driver="core", backing_store=False) as f:
-        # float16 tokens, or an int8 cache's packed rows (uint8), stored as given
-        f.create_dataset("tokens", data=tokens if tokens.dtype == np.uint8 else tokens.astype(np.float16, copy=False),
-                         chunks=(1, *tokens.shape[1:]), fletcher32=True)
-        f.create_dataset("masks", data=masks.astype(np.uint8, copy=False), chunks=(1, *masks.shape[1:]),
-                         fletcher32=True)
-        f.create_dataset("image_index", data=image_index.astype(np.int32, copy=False), chunks=(n,),
-                         fletcher32=True)
-        f.create_dataset("aug_seed", data=aug_seed.astype(np.int32, copy=False), chunks=(n,),
-                         fletcher32=True)
-        if prefix is not None:
-            f.create_dataset("prefix", data=prefix.astype(np.float16, copy=False), chunks=(1, *prefix.shape[1:]),
-                             fletcher32=True)
-        if class_counts is not None:
-            f.create_dataset("class_counts", data=class_counts.astype(np.int64, copy=False), fletcher32=True)
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
-        f.flush()
-        image = f.id.get_file_image()
-
-    write_atomic(Path(path), lambda tmp: tmp.write_bytes(image))
-
-
-def prefix_shape(manifest: dict) -> Optional[tuple[int, ...]]:
-    """[L, P, C] of one sample's prefix tokens in a version-7 cache, None before."""
-    p = prefix_tokens(manifest)
-    return (manifest["token_shape"][0], p, manifest["token_shape"][1]) if p else None
-
-
-def shard_ok(path: Path, plan: ShardPlan, token_shape, mask_shape: list[int],
-             prefix: Optional[tuple[int, ...]] = None) -> bool:
-    """Cheap check that a finished shard has the planned shapes (used when resuming)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return (
-                f["tokens"].shape == (plan.count, *token_shape)
-                and f["masks"].shape == (plan.count, *mask_shape)
-                and f["image_index"].shape == (plan.count,)
-                and (prefix is None or f["prefix"].shape == (plan.count, *prefix))
-            )
-    except Exception:  # any damage means "redo this shard"
-        return False
 
 
 def owned_files(manifest: dict) -> set[str]:

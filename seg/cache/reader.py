@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seg.cache import format as cf
+from seg.cache.prefix_rows import read_prefix
 from seg.runtime.atomic import write_json
 from seg.backbones import file_sha256
 from seg.cache.quant import QuantSpec
@@ -282,27 +283,8 @@ class CacheSplit(Dataset):
         return tokens, masks
 
     def read_prefix(self, indices: np.ndarray) -> np.ndarray:
-        """Prefix tokens (cls, registers) of several samples, float16 [n, L, P, C], from a version-7
-        cache; an older cache is refused in one line saying to re-extract."""
-        shape = cf.prefix_shape(self.manifest)
-        if shape is None:
-            raise SegError(f"{self.path}: a format version {self.manifest.get('format_version')} cache holds no "
-                           "prefix tokens (cls, registers), which this needs; re-extract it with this seg "
-                           f"(version {cf.PREFIX_FORMAT_VERSION} stores them)")
-        indices = np.asarray(indices)
-        out = np.empty((len(indices), *shape), np.float16)
-        for pos in np.argsort(indices, kind="stable"):
-            j, row = self.locate(int(indices[pos]))
-            try:
-                self._file(j)["prefix"].read_direct(out, np.s_[row], np.s_[pos])
-            except Exception as exc:  # a missing dataset, fletcher32 mismatch, damaged file
-                raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
-        if not np.isfinite(out).all():
-            k = int(indices[int((~np.isfinite(out)).reshape(len(out), -1).any(1).nonzero()[0][0])])
-            j, _ = self.locate(k)
-            raise SegError(f"{self.path / self.shards[j].file}: sample {k} holds NaN or infinite prefix tokens; "
-                           f"the cache is damaged: run `seg cache verify {self.path}` and re-extract")
-        return out
+        """Prefix tokens (cls, registers) of several samples, float16 [n, L, P, C] (seg.cache.prefix_rows)."""
+        return read_prefix(self, indices)
 
     def load(self, device: torch.device | str = "cpu", progress: Optional[Callable[[int], None]] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
