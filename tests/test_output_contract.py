@@ -228,3 +228,17 @@ def test_the_output_contract(name, recipes, tmp_path):
         assert snapshot(folder) == before
     else:
         ok(run(*r.rerun(folder)))
+
+
+def test_an_older_segs_temporary_is_tolerated_beside_its_output_and_never_touched(dataset, tmp_path):
+    """Before round four seg wrote `<name>.tmp`: an interrupted older extraction resumes, and the
+    leftover is neither refused as foreign nor deleted (a user's file may carry such a name)."""
+    out = tmp_path / "c"
+    args = ["extract", "--data", dataset, "--backbone", "vits14", "--size", SMALL_SIZE, "--random-init",
+            "--workers", "0", "--splits", "val", "--no-progress", "--out", out, "--shard-size", "2"]
+    ok(run(*args))
+    (out / "val-00001.h5").rename(out / "val-00001.h5.tmp")   # as a kill mid-write left it
+    ok(run(*args))
+    assert (out / "val-00001.h5").is_file() and (out / "val-00001.h5.tmp").is_file()
+    (out / "notes.tmp").write_text("mine")                       # not the temporary of anything seg owns
+    one_line_error(run(*args), "notes.tmp")

@@ -46,6 +46,13 @@ def temp_target(name: str) -> Optional[str]:
     return m.group("final") if m else None
 
 
+def legacy_temp_target(name: str) -> Optional[str]:
+    """`<name>.tmp`, the temporary of seg before round four: left by an interrupted older seg, it is
+    tolerated beside its own output (not foreign) but never cleared, since a user's file may carry
+    such a name too."""
+    return name[: -len(".tmp")] if name.endswith(".tmp") and len(name) > 4 else None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -109,9 +116,9 @@ class Output:
         if rel == self.lock_path.name:
             return True
         head, _, name = rel.rpartition("/")
-        final = temp_target(name)
-        if final is not None:
-            return self.owns(f"{head}/{final}" if head else final)
+        final = temp_target(name) or legacy_temp_target(name)
+        if final is not None and self.owns(f"{head}/{final}" if head else final):
+            return True
         return self.owns(rel)
 
     def _entries(self) -> list[str]:
