@@ -67,11 +67,15 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
         for n in doomed:
             (out / n).unlink()
         return
-    if old.get("format_version") != manifest["format_version"]:
+    if cache_kind(old) != cache_kind(manifest):
         raise SegError(f"{out}: holds a {cache_kind(old)} (format version {old.get('format_version')!r}); this "
                        f"extraction makes a {cache_kind(manifest)} (version {manifest['format_version']}), a "
                        "different cache, not a newer one: choose another --out (--overwrite would DELETE the "
                        "cache there)")
+    if old.get("format_version") != manifest["format_version"]:
+        raise SegError(f"{out}: holds a {cache_kind(old)} in format version {old.get('format_version')!r}; this seg "
+                       f"writes version {manifest['format_version']} for it (a resume cannot mix them): pass "
+                       "--overwrite to re-extract it there, or choose another --out")
     diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
     if diffs:
         raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"

@@ -29,15 +29,19 @@ def f16_step(value: float) -> float:
 
 
 def _refuse_non_finite(feats: torch.Tensor, half: torch.Tensor, ks: torch.Tensor, files: SplitFiles,
-                      seeds: list[int], prefix_half: Optional[torch.Tensor] = None) -> None:
-    """Stop at the first sample whose tokens are not finite float16 numbers: a cache of NaNs is not a cache."""
+                      seeds: list[int], prefix: Optional[torch.Tensor] = None,
+                      prefix_half: Optional[torch.Tensor] = None) -> None:
+    """Stop at the first sample whose tokens are not finite float16 numbers: a cache of NaNs is not a
+    cache. `prefix` / `prefix_half`: the prefix tokens as computed and as stored."""
     bad_rows = (~torch.isfinite(half)).flatten(1).any(1)
     if prefix_half is not None:
         bad_rows |= (~torch.isfinite(prefix_half)).flatten(1).any(1)
     bad = int(bad_rows.nonzero()[0, 0])
     i, seed = cf.sample_of(int(ks[bad]), len(files.names), seeds)
     sample = feats[bad].float()
-    if torch.isfinite(sample).all() and (prefix_half is None or torch.isfinite(prefix_half[bad]).all()):
+    if prefix is not None:
+        sample = torch.cat([sample.flatten(), prefix[bad].float().flatten()])
+    if torch.isfinite(sample).all():
         why = (f"values beyond the float16 range (max |value| {sample.abs().max().item():.4g} > 65504), "
                "which the cache cannot store")
     else:
@@ -98,6 +102,7 @@ class _Landing:
         self.feats, self.batch = feats, batch
         self.half = half = feats.to(torch.float16)
         # prefix tokens (cls, registers) stay float16 in every cache: a handful of tokens per layer
+        self.prefix_computed = prefix
         self.prefix_half = prefix_half = None if prefix is None else prefix.to(torch.float16)
         zero = torch.zeros((), dtype=torch.float64, device=half.device)
         # (all finite, max |token| of a tap cache, int8: squared error and squared norm); read on the
@@ -166,7 +171,7 @@ class _Shards:
         rows, (finite, max_abs, sq_err, sq), prefix = landing.wait()
         if not finite:
             _refuse_non_finite(landing.feats, landing.half, landing.batch["k"], self.files, self.seeds,
-                               landing.prefix_half)
+                               landing.prefix_computed, landing.prefix_half)
         b = rows.shape[0]
         self.tokens[self.filled:self.filled + b] = rows
         if self.prefix is not None:
