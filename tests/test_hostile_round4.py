@@ -364,3 +364,15 @@ def test_a_run_that_ends_inside_its_warmup_says_so(tmp_path):
     train(resolve(3, {"epochs": 1, "batch_size": 2, "accum": 1}), str(cache), str(tmp_path / "r"),
           RunOptions(device="cpu", progress=False, allow_mismatch=True), log=lines.append)
     assert any(line.startswith("NOTE: 1 epoch(s) end inside the 3-epoch warmup") for line in lines)
+
+
+def test_an_older_cache_of_the_same_kind_says_this_seg_writes_a_newer_version(tiny_data, tmp_path):
+    out = tmp_path / "c"
+    assert run("extract", *TINY, "--data", tiny_data, "--out", out, "--splits", "val").exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 3                      # as a seg before prefix tokens wrote it
+    del m["prefix_tokens"], m["prefix_layout"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    one_line_error(run("extract", *TINY, "--data", tiny_data, "--out", out, "--splits", "val"),
+                   "holds a float16 layer cache in format version 3; this seg writes version 7 for it",
+                   "--overwrite to re-extract")
