@@ -9,7 +9,8 @@
 3. Temporaries. Every file is written under a unique temporary name, `.<name>.<pid>-<random>.seg-tmp`
    (a video keeps its suffix after that, for OpenCV), and renamed into place when complete. Only
    names of exactly that form, for a name the command owns, whose writing process is dead, are ever
-   cleared; a user's `model.onnx.tmp` is just a foreign file.
+   cleared; a user's `model.onnx.tmp` never is (an older seg's `<name>.tmp` beside that seg's own
+   output is tolerated, not refused, and left alone).
 4. A refusal or failure leaves everything as it was: the checks run before anything is created, and
    run again under the lock before the first write.
 """
