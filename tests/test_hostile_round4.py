@@ -376,3 +376,43 @@ def test_an_older_cache_of_the_same_kind_says_this_seg_writes_a_newer_version(ti
     one_line_error(run("extract", *TINY, "--data", tiny_data, "--out", out, "--splits", "val"),
                    "holds a float16 layer cache in format version 3; this seg writes version 7 for it",
                    "--overwrite to re-extract")
+
+
+# -- class tables for id masks without writing JSON --------------------------------------------
+
+def test_class_names_on_the_command_line_make_the_table_of_id_masks(tmp_path):
+    root = folders_dataset(tmp_path / "d")
+    r = run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c0")
+    one_line_error(r, "--classes ground,sky,tree", "seg classes --data ROOT")
+    r = run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c", "--classes", "ground,sky")
+    assert r.exit_code == 0, r.output
+    table = json.loads((tmp_path / "c" / "manifest.json").read_text())["class_table"]
+    assert [(c["name"], c["values"]) for c in table["classes"]] == [("ground", [0]), ("sky", [1])]
+    assert table["ignore_values"] == [255]
+    for bad, says in (("ground", "class table file not found"), ("ground,ground", "names must be unique"),
+                      ("ground,", "non-empty string name")):
+        one_line_error(run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c2",
+                           "--classes", bad), says)
+    assert not (tmp_path / "c2").exists()
+
+
+def test_seg_classes_prints_a_starting_table_from_the_mask_values(tmp_path):
+    root = folders_dataset(tmp_path / "d")
+    m = np.full((42, 70), 3, np.uint8)
+    m[:5] = 255
+    cv2.imwrite(str(root / "val" / "masks" / "S1.png"), m)
+    r = run("classes", "--data", root, "--no-progress")
+    assert r.exit_code == 0, r.output
+    table = json.loads(r.output)
+    assert [(c["id"], c["name"], c["values"]) for c in table["classes"]] == [(0, "class_0", [0]), (1, "class_1", [1]),
+                                                                           (2, "class_3", [3])]
+    assert table["ignore_values"] == [255]
+    (tmp_path / "t.json").write_text(r.output)  # what --classes takes, as printed
+    assert run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c",
+               "--classes", tmp_path / "t.json").exit_code == 0
+    colour = np.zeros((42, 70, 3), np.uint8)
+    colour[:, :10] = (0, 0, 200)
+    cv2.imwrite(str(root / "val" / "masks" / "S1.png"), colour)
+    one_line_error(run("classes", "--data", root, "--no-progress"), "S1.png: a colour mask")
+    r = run("classes")
+    assert r.exit_code == 2 and "--data ROOT" in r.output

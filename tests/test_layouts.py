@@ -85,7 +85,7 @@ def test_folders_layout_needs_a_table_and_takes_values_or_colours(tmp_path):
     table = tmp_path / "classes.json"
     table.write_text(json.dumps(ld.FOLDER_TABLE))
     one_line_error(run(*EXTRACT, "--data", tmp_path / "d", "--out", tmp_path / "x"),
-                   "the folders layout has no class table of its own: pass --classes FILE")
+                   "the folders layout has no class table of its own: pass --classes with the class names")
     r = run(*EXTRACT, "--data", tmp_path / "d", "--out", tmp_path / "c", "--classes", table)
     assert r.exit_code == 0, r.output
     counts, manifest = train_counts(tmp_path / "c")

@@ -43,9 +43,11 @@ from seg.cli.group import main
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", default=None, type=WORKERS, help="Decoding/augmentation worker processes [default: cores - 1, at most 8; none on a 2-core CPU].")
 @click.option("--shard-size", default=64, show_default=True, type=COUNT, help="Samples per HDF5 shard.")
-@click.option("--classes", default=None, type=click.Path(dir_okay=False),
-              help="JSON class table [default: the layout's own: Falcon's published 10 classes (600 -> Background), "
-                   "Cityscapes' 19 train ids, ADE20K's 150, VOC's 21; `seg classes` prints them].")
+@click.option("--classes", default=None,
+              help="Class names in id order for masks of ids 0..K-1 (e.g. ground,sky,tree; 255 ignored), or a JSON "
+                   "class table [default: the layout's own: Falcon's published 10 classes (600 -> Background), "
+                   "Cityscapes' 19 train ids, ADE20K's 150, VOC's 21; `seg classes` prints them, `seg classes "
+                   "--data ROOT` one from your masks].")
 @click.option("--fp32", is_flag=True, help="Compute in float32 instead of half precision.")
 @click.option("--token-dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="How tokens are stored: float16, or int8 with a float16 scale per 32 channels (0.53x the bytes).")

@@ -26,12 +26,44 @@ def demo(out, train_images, epochs, size, random_init, device) -> None:
                          device=device), log=click.echo)
 
 
-@main.command("classes", epilog=example("seg classes --layout falcon > my-classes.json"))
-@click.option("--layout", required=True, type=click.Choice(["falcon", "cityscapes", "ade20k", "voc"]),
-              help="The public layout whose built-in class table to print.")
+@main.command("classes", epilog=example("seg classes --layout falcon > my-classes.json",
+                                        "seg classes --data mydata > my-classes.json"))
+@click.option("--layout", default=None, type=click.Choice(["falcon", "cityscapes", "ade20k", "voc", "folders"]),
+              help="The public layout whose built-in class table to print (with --data: the layout of ROOT).")
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A dataset whose masks hold class ids: print a starting table with one class per id found.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
-def classes_cmd(layout: str) -> None:
-    """Print a layout's built-in class table as the JSON that --classes takes, to start your own from."""
+def classes_cmd(layout, data, no_progress) -> None:
+    """Print a class table as the JSON that --classes takes: a layout's built-in one, or, with --data,
+    one class per mask value found (rename the classes, then pass the file to --classes)."""
+    if data is not None:
+        from seg.data.classes import table_from_mask_values
+        from seg.data.decode import raw_mask_values
+        from seg.data.layouts import SPLITS, list_split, resolve_layout
+        from seg.runtime.errors import SegError
+        from seg.runtime.progress import progress_bar
+
+        found_layout = resolve_layout(data, layout or "auto")
+        masks = []
+        for split in SPLITS:
+            try:
+                files = list_split(data, split, layout=found_layout)
+            except SegError:  # a split the dataset does not have
+                continue
+            masks += [files.mask_path(i) for i in range(len(files.names))]
+        if not masks:
+            raise SegError(f"{data}: no masks found in its {found_layout} layout")
+        values: set[int] = set()
+        with progress_bar(enabled=not no_progress, total=len(masks), unit="mask", desc="classes") as bar:
+            for path in masks:
+                values |= {int(v) for v in raw_mask_values(path)}
+                bar.update(1)
+        click.echo(json.dumps(table_from_mask_values(sorted(values)), indent=2))
+        return
+    if layout is None or layout == "folders":
+        raise click.UsageError("give --layout falcon|cityscapes|ade20k|voc for a built-in table, or --data ROOT "
+                               "to make one from your masks")
     from seg.data.public_tables import builtin_table
 
     click.echo(json.dumps(builtin_table(layout).to_json(), indent=2))

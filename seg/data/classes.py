@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -148,6 +149,36 @@ def default_class_table() -> ClassTable:
 
 
 def load_class_table(path: Optional[str]) -> ClassTable:
+    """--classes: a JSON class table file, or class names in id order (`ground,sky,tree`)."""
     if path is None:
         return default_class_table()
+    names = class_names(path)
+    if names is not None:
+        return names_table(names)
     return ClassTable.from_json(read_json(path, "class table"), source=str(path))
+
+
+def class_names(text: str) -> Optional[list[str]]:
+    """The names of `--classes a,b,c`; None when the text names a file (it exists, or ends in .json,
+    or has no comma)."""
+    if "," not in text or text.lower().endswith(".json") or Path(text).exists():
+        return None
+    return [n.strip() for n in text.split(",")]
+
+
+def names_table(names: list[str]) -> ClassTable:
+    """Masks of class ids 0..K-1 named in id order; 255 is ignored (the usual void value)."""
+    data = {"classes": [{"name": n, "values": [i]} for i, n in enumerate(names)], "ignore_values": [255]}
+    if len(names) < 2:
+        raise SegError(f"--classes {','.join(names)}: segmentation needs at least two classes")
+    if len(names) > 255:
+        raise SegError(f"--classes: {len(names)} names, but id masks hold at most 255 classes (255 is ignored)")
+    return ClassTable.from_json(data, source="--classes")
+
+
+def table_from_mask_values(values: list[int], ignore: tuple[int, ...] = (255,)) -> dict:
+    """A starting class table (JSON) for id masks holding `values`: one class per value, in value
+    order, named class_<value>; values in `ignore` are ignored."""
+    kept = sorted(v for v in set(values) if v not in ignore)
+    return {"classes": [{"id": i, "name": f"class_{v}", "values": [v]} for i, v in enumerate(kept)],
+            "ignore_values": sorted(v for v in set(values) if v in ignore) or [255]}

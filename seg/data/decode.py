@@ -132,6 +132,24 @@ class MaskDecoder:
         return ids[inverse.reshape(packed.shape)]
 
 
+def raw_mask_values(path: Path) -> np.ndarray:
+    """The distinct raw values a single-channel (or palette) mask holds, sorted; a colour mask is
+    one line saying its classes are colours, which a table gives."""
+    check_utf8_name(path)
+    if _is_palette_png(path):
+        return np.unique(_palette_indices(path))
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise SegError(f"{path}: cannot read mask (missing, corrupt or not an image)")
+    if raw.ndim == 3:
+        bgr = raw[..., :3]
+        if not (np.array_equal(bgr[..., 0], bgr[..., 1]) and np.array_equal(bgr[..., 0], bgr[..., 2])):
+            raise SegError(f"{path}: a colour mask: its classes are colours, which only a JSON class table can "
+                           "name (`seg classes --layout voc` prints one with colours to start from)")
+        raw = bgr[..., 0]
+    return np.unique(raw)
+
+
 def _is_palette_png(path: Path) -> bool:
     """PNG colour type 3 (indexed), read from the IHDR chunk without decoding the image."""
     try:

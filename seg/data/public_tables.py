@@ -105,13 +105,14 @@ def builtin_table(layout: str) -> Optional[ClassTable]:
 
 
 def table_for(layout: str, classes: Optional[str]) -> ClassTable:
-    """--classes FILE when given, else the layout's own table."""
+    """--classes (a JSON file, or names in id order) when given, else the layout's own table."""
     if classes is not None:
         return load_class_table(classes)
     table = builtin_table(layout)
     if table is None:
-        raise SegError(f"the {layout} layout has no class table of its own: pass --classes FILE "
-                       "(`seg classes --layout falcon` prints one to start from)")
+        raise SegError(f"the {layout} layout has no class table of its own: pass --classes with the class "
+                       "names in id order (e.g. --classes ground,sky,tree for masks of ids 0, 1, 2; 255 is "
+                       "ignored) or a JSON table (`seg classes --data ROOT` prints one from your masks' values)")
     return table
 
 
