@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from seg.scoring import plots
 from seg.runtime.atomic import write_json, write_text
 from seg.cache import FeatureCache
-from seg.data.layouts import list_split
+from seg.data.layouts import DEFAULT_VAL_FRACTION, list_split
 from seg.data.public_tables import decoder_for
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
@@ -50,6 +50,7 @@ class EvalOptions:
     workers: Optional[int] = None
     progress: bool = True
     verify: bool = True         # sha256 of the split's shards before reading them (--cache)
+    val_fraction: float = DEFAULT_VAL_FRACTION  # --data a plain folder: the val share extraction used
 
 
 def evaluate(opts: EvalOptions, log: Callable[[str], None] = print) -> dict:
@@ -166,7 +167,7 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
 
 
 def _eval_images(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
-    files = list_split(opts.data, opts.split, layout=opts.layout)
+    files = list_split(opts.data, opts.split, layout=opts.layout, val_fraction=opts.val_fraction)
     segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
     dataset = ImageFolderSamples([files.image_path(i) for i in range(len(files.names))],
                                  [files.mask_path(i) for i in range(len(files.names))],

@@ -77,7 +77,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     layout = resolve_layout(cfg.data, cfg.layout)
     table = table_for(layout, cfg.classes)
     decoder = decoder_for(layout, table)
-    split_files = {s: list_split(cfg.data, s, layout=layout) for s in cfg.splits}
+    split_files = {s: list_split(cfg.data, s, layout=layout, val_fraction=cfg.val_fraction) for s in cfg.splits}
     for files in split_files.values():  # once per split: its first mask stands for the rest
         problem = palette_contradiction(files.mask_path(0), table) if files.has_masks and files.names else None
         if problem:

@@ -416,3 +416,60 @@ def test_seg_classes_prints_a_starting_table_from_the_mask_values(tmp_path):
     one_line_error(run("classes", "--data", root, "--no-progress"), "S1.png: a colour mask")
     r = run("classes")
     assert r.exit_code == 2 and "--data ROOT" in r.output
+
+
+# -- a plain folder: images/ and masks/ at the top ---------------------------------------------
+
+def plain_folder(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(2)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        cv2.imwrite(str(root / "images" / f"photo{i:03d}.jpg"), rng.integers(0, 255, (42, 70, 3), np.uint8))
+        cv2.imwrite(str(root / "masks" / f"photo{i:03d}.png"), np.full((42, 70), i % 3, np.uint8))
+    return root
+
+
+def test_a_plain_folder_is_split_by_a_hash_of_each_name_that_adding_images_never_moves(tmp_path):
+    from seg.data.layouts import in_val
+
+    root = plain_folder(tmp_path / "mydata", 30)
+    assert detect_layout(root) == "folders"
+    train, val = list_split(root, "train"), list_split(root, "val")
+    assert sorted(train.names + val.names) == sorted(p.name for p in (root / "images").iterdir())
+    assert not set(train.names) & set(val.names) and 2 <= len(val.names) <= 12   # 0.2 of 30, by hash
+    assert train.mask_path(0) == root / "masks" / train.names[0].replace(".jpg", ".png")
+    # the rule, by hand: the first 8 bytes of sha256(name) as a fraction of 2^64
+    import hashlib
+
+    hand = [n for n in sorted(train.names + val.names)
+            if int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big") / 2 ** 64 < 0.2]
+    assert list(val.names) == hand and all(in_val(n, 0.2) for n in val.names)
+    plain_folder(tmp_path / "more", 45)                          # 15 more images, the first 30 the same
+    more_val = set(list_split(tmp_path / "more", "val").names)
+    assert set(val.names) == {n for n in more_val if n in set(train.names + val.names)}
+    with pytest.raises(SegError, match="a plain folder .* has a train and a val split"):
+        list_split(root, "test")
+
+
+def test_a_plain_folder_extracts_in_one_command_and_records_its_split(tmp_path):
+    root = plain_folder(tmp_path / "mydata", 12)
+    out = tmp_path / "c"
+    r = run("extract", *TINY, "--size", "70x42", "--data", root, "--out", out, "--classes", "ground,bush,sky",
+            "--val-fraction", "0.3")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["layout"] == "folders" and m["val_split"]["val_fraction"] == 0.3
+    assert m["splits"]["val"]["images"] == list(list_split(root, "val", val_fraction=0.3).names)
+    assert any(line.startswith("val split    a plain folder: 0.3 of the images") for line in
+               run("cache", "info", out).output.splitlines())
+    one_line_error(run("extract", *TINY, "--size", "70x42", "--data", root, "--out", out, "--classes",
+                       "ground,bush,sky", "--val-fraction", "0.5"), "holds a cache with other settings")
+    # train, then score the same val images end to end from the folder
+    assert run("train-head", "--cache", out, "--out", tmp_path / "r", "--phase", "1", "--epochs", "1",
+               "--device", "cpu").exit_code == 0
+    r = run("eval", "--run", tmp_path / "r", "--data", root, "--split", "val", "--val-fraction", "0.3",
+            "--device", "cpu", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r" / "eval-val-images" / "eval.json").read_text())
+    assert report["images"] == len(m["splits"]["val"]["images"])

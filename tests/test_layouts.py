@@ -113,7 +113,8 @@ def test_auto_detection_and_its_refusal(tmp_path, dataset):
     assert detect_layout(tmp_path / "a" / "ADEChallengeData2016") == "ade20k"
     (tmp_path / "nothing" / "pics").mkdir(parents=True)
     with pytest.raises(SegError, match=r"nothing: no known dataset layout found \(looked for falcon: .*cityscapes: "
-                                       r"leftImg8bit/ and gtFine/.*folders: <split>/images/ and <split>/masks/\)"):
+                                       r"leftImg8bit/ and gtFine/.*folders: <split>/images/ and <split>/masks/, or "
+                                       r"images/ and masks/ at the top\); found: pics/"):
         detect_layout(tmp_path / "nothing")
 
 

@@ -44,6 +44,9 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
                      f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB")
     lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
+    if m.get("val_split"):
+        lines.append(f"val split    a plain folder: {m['val_split']['val_fraction']:g} of the images, by a hash of each "
+                     "name (adding images never moves old ones between splits)")
     cp = m["augmentation"].get("copy_paste")
     if cp:
         lines.append(f"copy-paste   {', '.join(cp['class_names'])} (scale {cp['scale'][0]}-{cp['scale'][1]}, "

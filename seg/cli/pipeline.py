@@ -55,6 +55,9 @@ from seg.cli.group import main
               help="Paste instances of rare classes into train samples: none, auto (classes under 1% of "
                    "train pixels) or class names/ids, e.g. Logs,Rocks.")
 @click.option("--copy-paste-scale", default="0.5,1.5", show_default=True, help="Scale jitter LOW,HIGH of pasted instances.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="A plain folder (images/ and masks/ at the top, no split folders): the share of images, "
+                   "chosen by a hash of each name, that form the val split.")
 @click.option("--overwrite", is_flag=True, help="Replace the seg cache in --out (deletes only the files its manifest lists).")
 @NO_PROGRESS
 @user_errors(on_interrupt="interrupted; rerun the same command to resume (finished shards are kept)",
@@ -70,7 +73,7 @@ def extract(**kw) -> None:
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         token_dtype=kw["token_dtype"], copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
-        progress=not kw["no_progress"],
+        progress=not kw["no_progress"], val_fraction=kw["val_fraction"],
     )
     from seg.runtime import distributed
 
@@ -214,6 +217,8 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
 @click.option("--stride", default=None, help="slide: window step WxH [default: 2/3 of the window].")
 @click.option("--tta-scales", default=None,
               help="flip+scales: comma-separated scales [default: 0.75,1,1.25; DINOv2's +ms: 1,1.32,1.73,2.28,3].")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--data a plain folder: the val share given to `seg extract` (the same images are val).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: RUN/eval-SPLIT from the cache; RUN/eval-SPLIT-images[-fullres|-slide][-tta-...] from images].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
@@ -221,15 +226,15 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the cache's shards (with --cache).")
 @NO_PROGRESS
 @user_errors
-def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mode, stride, tta_scales, out, batch_size,
-             device, workers, no_verify, no_progress) -> None:
+def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mode, stride, tta_scales, val_fraction,
+             out, batch_size, device, workers, no_verify, no_progress) -> None:
     """Per-class IoU, Dice, accuracy and confusion matrix of a run on a split."""
     from seg.evaluate import EvalOptions, evaluate
 
     evaluate(EvalOptions(run=run_dir, split=split, cache=cache_dir, data=data, layout=layout, weights=weights, tta=tta,
                          full_res=full_res, out=out, device=device, batch_size=batch_size, workers=workers,
                          verify=not no_verify, mode=mode, stride=parse_stride(stride),
-                         tta_scales=parse_scales(tta_scales), progress=not no_progress),
+                         tta_scales=parse_scales(tta_scales), progress=not no_progress, val_fraction=val_fraction),
              log=click.echo)
 
 

@@ -16,6 +16,7 @@ layout turns (data dir, split, name) back into paths.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -125,7 +126,24 @@ def _is_falcon(root: Path) -> bool:
 
 
 def _is_folders(root: Path) -> bool:
-    return any((root / s / "images").is_dir() for s in SPLITS)
+    return any((root / s / "images").is_dir() for s in SPLITS) or is_plain_folder(root)
+
+
+def is_plain_folder(root: Path) -> bool:
+    """images/ and masks/ at the top, no split folders: train and val are drawn by name (split_of)."""
+    return (root / "images").is_dir() and (root / "masks").is_dir() and \
+        not any((root / s / "images").is_dir() for s in SPLITS)
+
+
+DEFAULT_VAL_FRACTION = 0.2
+
+
+def in_val(name: str, val_fraction: float) -> bool:
+    """Whether an image of a plain folder is a validation sample: the first 8 bytes of the sha256 of
+    its name (NFC) as a fraction of 2^64 fall below val_fraction. Each name decides for itself, so
+    adding images never moves an old one between the splits."""
+    digest = hashlib.sha256(unicodedata.normalize("NFC", name).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
 
 
 def _is_cityscapes(root: Path) -> bool:
@@ -137,7 +155,7 @@ DETECT = (("falcon", _is_falcon, "Color_Images/ under <split>/ or Offroad_Segmen
           ("cityscapes", _is_cityscapes, "leftImg8bit/ and gtFine/"),
           ("ade20k", lambda r: _ade_root(r) is not None, "[ADEChallengeData2016/]images/training|validation"),
           ("voc", lambda r: _voc_root(r) is not None, "[VOCdevkit/VOC2012/]ImageSets/Segmentation and JPEGImages"),
-          ("folders", _is_folders, "<split>/images/ and <split>/masks/"))
+          ("folders", _is_folders, "<split>/images/ and <split>/masks/, or images/ and masks/ at the top"))
 
 
 def detect_layout(data_root: str | Path) -> str:
@@ -150,8 +168,11 @@ def detect_layout(data_root: str | Path) -> str:
     if found:
         raise SegError(f"{root}: matches {len(found)} layouts (" + "; ".join(f"{n}: {w}" for n, w in found)
                        + f"); say which with --layout {'|'.join(n for n, _ in found)}")
+    seen = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not is_hidden(p.name))
+    found = ", ".join(seen[:6]) + (f" and {len(seen) - 6} more" if len(seen) > 6 else "") if seen else "nothing"
     raise SegError(f"{root}: no known dataset layout found (looked for " + "; ".join(
-        f"{name}: {what}" for name, _, what in DETECT) + "); pass --layout or arrange the folder as one of them")
+        f"{name}: {what}" for name, _, what in DETECT) + f"); found: {found}. Arrange the folder as one of them "
+        "(the simplest: your images in ROOT/images, their masks as same-named .png in ROOT/masks), or pass --layout")
 
 
 def resolve_layout(data_root: str | Path, layout: str = "auto") -> str:
@@ -162,9 +183,11 @@ def resolve_layout(data_root: str | Path, layout: str = "auto") -> str:
     return layout
 
 
-def list_split(data_root: str | Path, split: str, require_masks: bool = True, layout: str = "auto") -> SplitFiles:
+def list_split(data_root: str | Path, split: str, require_masks: bool = True, layout: str = "auto",
+               val_fraction: float = DEFAULT_VAL_FRACTION) -> SplitFiles:
     """Every sample of a split, paired and checked: an image without a mask, a mask without an image,
-    two images sharing a mask, a list entry naming no image are each one line."""
+    two images sharing a mask, a list entry naming no image are each one line. In a plain folder
+    (images/ and masks/ at the top) `val_fraction` of the images, chosen by name, are val."""
     if split not in SPLITS:
         raise SegError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     root = Path(data_root)
@@ -181,6 +204,8 @@ def list_split(data_root: str | Path, split: str, require_masks: bool = True, la
                 tried.insert(0, root / FALCON_TEST / "Color_Images")
             raise SegError(f"{root}: no {split} split found (looked for {', '.join(map(str, tried))})")
     elif layout == "folders":
+        if is_plain_folder(root):
+            return _plain_split(root, split, require_masks, val_fraction)
         data_dir = root / split
     else:  # ade20k
         ade = _ade_root(root)
@@ -190,6 +215,21 @@ def list_split(data_root: str | Path, split: str, require_masks: bool = True, la
         data_dir = ade
     image_of, mask_of = (sample_paths(layout, data_dir, split, "x.png")[k].parent for k in (0, 1))
     return _pair_by_stem(split, data_dir, layout, image_of, mask_of, require_masks)
+
+
+def _plain_split(root: Path, split: str, require_masks: bool, val_fraction: float) -> SplitFiles:
+    if split not in ("train", "val"):
+        raise SegError(f"{root}: a plain folder (images/ and masks/ at the top) has a train and a val split, the "
+                       f"val images chosen by name (--val-fraction); for a {split} split put its images in "
+                       f"{root / split / 'images'} and its masks in {root / split / 'masks'}")
+    if not 0 < val_fraction < 1:
+        raise SegError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    files = _pair_by_stem(split, root, "folders", root / "images", root / "masks", require_masks)
+    names = tuple(n for n in files.names if in_val(n, val_fraction) == (split == "val"))
+    if not names:
+        raise SegError(f"{root}: none of its {len(files.names)} images falls in the {split} split at --val-fraction "
+                       f"{val_fraction:g}; add images or change --val-fraction")
+    return SplitFiles(split, root, names, files.has_masks, "folders")
 
 
 def _images_in(folder: Path) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from seg.data.copy_paste import copy_paste_requested
+from seg.data.layouts import DEFAULT_VAL_FRACTION
 
 DEFAULT_SHARD_SIZE = 64
 # The published runs drew a fresh augmentation every epoch (30-40 draws per image); K cached views
@@ -41,6 +42,7 @@ class ExtractConfig:
     progress: bool = True
     copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
+    val_fraction: float = DEFAULT_VAL_FRACTION  # a plain folder (images/, masks/): the share drawn for val
 
     @property
     def copy_paste_enabled(self) -> bool:

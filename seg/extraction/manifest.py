@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ from seg.cache.quant import TOKEN_DTYPES, QuantSpec
 from seg.data.augment import policy_params
 from seg.data.classes import IGNORE_INDEX, ClassTable
 from seg.data.copy_paste import CopyPasteConfig
-from seg.data.layouts import SplitFiles
+from seg.data.layouts import SplitFiles, is_plain_folder
 from seg.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from seg.backbones import is_dinov3
 from seg.extraction.config import ExtractConfig
@@ -90,6 +91,10 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         "format": cf.FORMAT,
         "format_version": cf.format_version(tap, layout, stored_dtype(cfg.token_dtype)),
         **({} if layout == "falcon" else {"layout": layout}),
+        # a plain folder: which images are val (a setting: a resume with another fraction is refused)
+        **({"val_split": {"val_fraction": cfg.val_fraction, "rule": "val when the first 8 bytes of the sha256 of "
+                          "the image name (NFC), as a fraction of 2^64, are below val_fraction"}}
+           if layout == "folders" and is_plain_folder(Path(cfg.data)) else {}),
         "seg_version": seg.__version__,
         "torch_version": torch.__version__,
         "complete": False,
