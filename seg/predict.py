@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from seg.runtime.atomic import write_atomic, write_json
+from seg.scoring import plots
 from seg.data.classes import ClassTable
 from seg.data.decode import MaskDecoder
 from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, is_hidden, mask_name
@@ -36,6 +37,7 @@ class PredictOptions:
     weights: Optional[str] = None
     overlay_alpha: float = 0.5
     save_raw: bool = False
+    save_ids: bool = False      # class-id maps: uint8 PNGs (uint16 past 255 classes) in ids/
     tta: str = "none"
     mode: str = "resize"        # resize | slide (windows of the training size over the original image)
     stride: Optional[tuple[int, int]] = None
@@ -105,6 +107,7 @@ def output_names(images: list[Path]) -> list[str]:
 
 
 PREDICT_RECORD = "predict.json"
+LEGEND = "legend.png"  # which colour is which class
 PREDICT_LOCK = ".seg-predict.lock"
 
 
@@ -174,7 +177,8 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
     masks = [mask_beside(p) for p in images]
     dataset = ImageFolderSamples(images, masks, run.size, MaskDecoder.of(table), full_res_masks=True,
                                  optional_masks=True)
-    folders = ((["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else []))
+    folders = ((["color", "overlay"] + (["compare"] if any(masks) else []) + (["raw"] if opts.save_raw else [])
+                + (["ids"] if opts.save_ids else []))
                if images else []) + (["video"] if videos else [])
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -217,6 +221,9 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
                         write("compare", name, np.concatenate([original, colorize(gt, table), color], axis=1))
                     if opts.save_raw:
                         write("raw", name, raw_values(ids, table))
+                    if opts.save_ids:  # class ids as they are: 8-bit below 256 classes
+                        write("ids", name, labels[j].cpu().numpy().astype(np.uint8 if table.num_classes < 256
+                                                                          else np.uint16))
                     outputs[str(images[i])] = name
                     bar.update(1)
         videos_by = Predictor(segmenter, opts.tta, opts.mode, opts.stride, opts.batch_size)
@@ -227,7 +234,11 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
             frames[str(video)] = n
             outputs[str(video)] = f"{stem}.mp4"
     finally:  # what was written is recorded even when a later image stops the run
+        plots.legend(table.names, table.colors, out / LEGEND, title=f"classes of {run.path.name}")
+        written.append(LEGEND)
         record = {"run": str(run.path), "written": sorted(set(written) | previous),
+                  "classes": [{"id": i, "name": n, "color": list(c)} for i, (n, c) in
+                              enumerate(zip(table.names, table.colors))],
                   "outputs": outputs, "skipped": skipped, "video_frames": frames}
         write_json(out / PREDICT_RECORD, record)
     seconds = time.perf_counter() - t0

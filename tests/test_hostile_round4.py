@@ -473,3 +473,22 @@ def test_a_plain_folder_extracts_in_one_command_and_records_its_split(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r" / "eval-val-images" / "eval.json").read_text())
     assert report["images"] == len(m["splits"]["val"]["images"])
+
+
+def test_predict_writes_a_legend_the_colour_map_and_class_id_maps(phase3_run, dataset, tmp_path):
+    image = sorted((dataset / LAYOUT["val"] / "Color_Images").iterdir())[0]
+    out = tmp_path / "p"
+    r = run("predict", "--run", phase3_run, "--images", image, "--out", out, "--save-ids", "--device", "cpu",
+            "--workers", "0", "--no-progress")
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "predict.json").read_text())
+    table = json.loads((phase3_run / "config.json").read_text())["class_table"]
+    assert [(c["name"], c["color"]) for c in record["classes"]] == [(c["name"], c["color"]) for c in table["classes"]]
+    assert "legend.png" in record["written"] and cv2.imread(str(out / "legend.png")) is not None
+    ids = cv2.imread(str(out / "ids" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+    colour = cv2.cvtColor(cv2.imread(str(out / "color" / f"{image.stem}.png")), cv2.COLOR_BGR2RGB)
+    assert ids.dtype == np.uint8 and ids.shape == colour.shape[:2] and ids.max() < len(table["classes"])
+    palette = np.array([c["color"] for c in table["classes"]], np.uint8)
+    assert (palette[ids] == colour).all()                         # the ids are what the colour mask draws
+    assert run("predict", "--run", phase3_run, "--images", image, "--out", out, "--save-ids", "--device", "cpu",
+               "--workers", "0", "--no-progress").exit_code == 0   # its own output, legend included

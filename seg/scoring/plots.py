@@ -65,3 +65,14 @@ def confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> None:
     ax.set_xlabel("predicted"), ax.set_ylabel("ground truth"), ax.set_title("confusion (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save(fig, path)
+
+
+def legend(names: Sequence[str], colors: Sequence[Sequence[int]], path: Path, title: str = "classes") -> None:
+    """The colour of each class, as the masks and overlays draw it: one swatch and name per row."""
+    fig, ax = plt.subplots(figsize=(3.2, 0.32 * len(names) + 0.6))
+    for i, (name, rgb) in enumerate(zip(names, colors)):
+        y = len(names) - 1 - i
+        ax.add_patch(plt.Rectangle((0, y + 0.1), 0.8, 0.8, color=np.asarray(rgb) / 255.0, ec="black", lw=0.5))
+        ax.text(1.1, y + 0.5, f"{i}  {name}", va="center", fontsize=9)
+    ax.set_xlim(0, 6), ax.set_ylim(0, len(names)), ax.axis("off"), ax.set_title(title, fontsize=10, loc="left")
+    _save(fig, path)
