@@ -20,6 +20,7 @@ from seg.data.copy_paste import build_config, parse_copy_paste
 from seg.data.layouts import list_split, resolve_layout
 from seg.data.public_tables import decoder_for, table_for
 from seg.data.decode import palette_contradiction
+from seg.extraction.data_check import check_data
 from seg.extraction.cache_dir import check_cache_dir, finalize_manifest, missing_shards, prepare_cache_dir
 from seg.extraction.config import DEFAULT_AUG_SEEDS, DEFAULT_SHARD_SIZE, ExtractConfig
 from seg.extraction.loop import extract_shards, f16_step
@@ -78,6 +79,9 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     table = table_for(layout, cfg.classes)
     decoder = decoder_for(layout, table)
     split_files = {s: list_split(cfg.data, s, layout=layout, val_fraction=cfg.val_fraction) for s in cfg.splits}
+    # every mask decoded once before the backbone is loaded: all problems in one run (on every rank,
+    # so that all stop together)
+    check_data(split_files, decoder, say, cfg.progress and d.is_main)
     for files in split_files.values():  # once per split: its first mask stands for the rest
         problem = palette_contradiction(files.mask_path(0), table) if files.has_masks and files.names else None
         if problem:

@@ -492,3 +492,26 @@ def test_predict_writes_a_legend_the_colour_map_and_class_id_maps(phase3_run, da
     assert (palette[ids] == colour).all()                         # the ids are what the colour mask draws
     assert run("predict", "--run", phase3_run, "--images", image, "--out", out, "--save-ids", "--device", "cpu",
                "--workers", "0", "--no-progress").exit_code == 0   # its own output, legend included
+
+
+def test_every_data_problem_is_listed_in_one_run_before_any_backbone_work(tmp_path, monkeypatch):
+    import seg.extract_features as ef
+
+    root = folders_dataset(tmp_path / "d", n=3)
+    m = np.zeros((42, 70), np.uint8)
+    m[0, 0] = 255
+    cv2.imwrite(str(root / "train" / "masks" / "S0.png"), m)                       # a void value
+    cv2.imwrite(str(root / "train" / "masks" / "S1.png"), np.zeros((21, 35), np.uint8))   # half size
+    cv2.imwrite(str(root / "val" / "masks" / "S2.png"), np.full((42, 70), 9, np.uint8))   # unknown id
+    monkeypatch.setattr(ef, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    (tmp_path / "t.json").write_text(json.dumps({"classes": [{"name": "a", "values": [0]},
+                                                             {"name": "b", "values": [1]}]}))
+    r = run("extract", *TINY, "--size", "70x42", "--data", root, "--out", tmp_path / "c", "--classes",
+            tmp_path / "t.json")
+    listed = [ln for ln in r.output.splitlines() if ln.startswith("data problem: ")]
+    assert len(listed) == 3
+    assert "S0.png: unknown mask value(s) 255" in listed[0] and "ignore_values" in listed[0]
+    assert "S1.png: mask is 35x21 but its image is 70x42" in listed[1] and "nearest" in listed[1]
+    assert "S2.png: unknown mask value(s) 9" in listed[2] and "a class's values" in listed[2]
+    one_line_error(r, "3 problems in the data (listed above; the first: ", "nothing was extracted")
+    assert not (tmp_path / "c").exists()

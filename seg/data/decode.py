@@ -59,7 +59,10 @@ def map_mask(raw: np.ndarray, lut: np.ndarray, path: Path) -> np.ndarray:
         shown = ", ".join(str(int(v)) for v in unknown[:10])
         raise SegError(f"{path}: unknown mask value(s) {shown}"
                        + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-                       + " (not in the class table; pass --classes FILE to map them)")
+                       + (" (not in the class table: 255 is usually 'void', which a table lists in ignore_values; "
+                          "--classes with names ignores it)" if 255 in unknown else
+                          " (not in the class table: give them to a class's values, or to ignore_values, in the "
+                          "table passed with --classes)"))
     return ids.astype(np.uint8)
 
 
