@@ -510,7 +510,7 @@ def test_every_data_problem_is_listed_in_one_run_before_any_backbone_work(tmp_pa
             tmp_path / "t.json")
     listed = [ln for ln in r.output.splitlines() if ln.startswith("data problem: ")]
     assert len(listed) == 3
-    assert "S0.png: unknown mask value(s) 255" in listed[0] and "ignore_values" in listed[0]
+    assert "S0.png: unknown mask value(s) 255" in listed[0] and "255 is usually 'void'" in listed[0]
     assert "S1.png: mask is 35x21 but its image is 70x42" in listed[1] and "nearest" in listed[1]
     assert "S2.png: unknown mask value(s) 9" in listed[2] and "a class's values" in listed[2]
     one_line_error(r, "3 problems in the data (listed above; the first: ", "nothing was extracted")
