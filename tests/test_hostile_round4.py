@@ -515,3 +515,16 @@ def test_every_data_problem_is_listed_in_one_run_before_any_backbone_work(tmp_pa
     assert "S2.png: unknown mask value(s) 9" in listed[2] and "a class's values" in listed[2]
     one_line_error(r, "3 problems in the data (listed above; the first: ", "nothing was extracted")
     assert not (tmp_path / "c").exists()
+
+
+def test_curves_of_a_one_epoch_run_are_readable(tmp_path, monkeypatch):
+    from seg.scoring import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    plots.curves([{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_miou": 0.6957}], tmp_path / "c.png")
+    loss_ax, miou_ax = figs[0].axes
+    assert loss_ax.get_ylim() == pytest.approx((0, 1.1)) and miou_ax.get_ylim() == (0, 1)
+    assert miou_ax.get_xlim() == (0.5, 1.5) and [t for t in miou_ax.get_xticks() if 0.5 <= t <= 1.5] == [1]
+    label = miou_ax.texts[0]
+    assert label.get_text() == "best 0.6957" and label.get_horizontalalignment() == "center"

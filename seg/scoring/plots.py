@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from seg.runtime.atomic import write_atomic  # noqa: E402
 
@@ -28,10 +29,23 @@ def curves(history: list[dict], path: Path) -> None:
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
     ax2.plot(epochs, [h["val_miou"] for h in history], "o-", color="C2")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("val mIoU"), ax2.grid(alpha=0.3)
+    # tidy with one or two epochs too: whole epochs on x with room beside the points, mIoU on its
+    # 0..1 scale, the loss from 0 (one point would otherwise get a +-4 % axis of unreadable ticks)
+    losses = [v for h in history for v in (h["train_loss"], h["val_loss"]) if v is not None and np.isfinite(v)]
+    ax1.set_ylim(0, 1.1 * max(losses) if losses else 1)
+    if len(epochs) < 3:  # longer runs keep the automatic scale, which shows small mIoU differences
+        ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        if len(epochs) <= 12:  # MaxNLocator falls back to fractions below two integers in view
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     best = int(np.nanargmax([h["val_miou"] if h["val_miou"] is not None else np.nan for h in history])) \
         if any(h["val_miou"] is not None for h in history) else None
     if best is not None:
-        ax2.annotate(f"best {history[best]['val_miou']:.4f}", (epochs[best], history[best]["val_miou"]))
+        ax2.annotate(f"best {history[best]['val_miou']:.4f}", (epochs[best], history[best]["val_miou"]),
+                     xytext=(0, 8), textcoords="offset points", ha="center")
     _save(fig, path)
 
 
