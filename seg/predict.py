@@ -22,6 +22,7 @@ from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.runtime.output import Output
+from seg.infer.panels import compare_panel
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.api import Predictor
 from seg.infer.runs import load_run
@@ -218,7 +219,7 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
                     if batch["mask_error"][j]:
                         log(f"WARNING: no compare panel for {images[i]}: {batch['mask_error'][j]}")
                     elif gt is not None:
-                        write("compare", name, np.concatenate([original, colorize(gt, table), color], axis=1))
+                        write("compare", name, compare_panel(original, colorize(gt, table), color, gt, ids, table))
                     if opts.save_raw:
                         write("raw", name, raw_values(ids, table))
                     if opts.save_ids:  # class ids as they are: 8-bit below 256 classes

@@ -84,7 +84,8 @@ def test_predict_outputs(run_dir, dataset, tmp_path):
         assert raw.dtype == np.uint16 and raw.shape == (540, 960)
         assert set(np.unique(raw)) <= {0, 100, 200, 300, 500, 550, 700, 800, 7100, 10000}
     # a ground truth sits beside the dataset images only
-    assert cv2.imread(str(tmp_path / "p" / "compare" / "test_00000.png")).shape == (540, 3 * 960, 3)
+    # image | truth | prediction, with a title bar above and a legend strip below (30 px each at 540)
+    assert cv2.imread(str(tmp_path / "p" / "compare" / "test_00000.png")).shape == (540 + 2 * 30, 3 * 960, 3)
     assert not (tmp_path / "p" / "compare" / "mine.png").exists()
     # colour mask and raw mask describe the same prediction
     color = cv2.cvtColor(cv2.imread(str(tmp_path / "p" / "color" / "test_00001.png")), cv2.COLOR_BGR2RGB)

@@ -528,3 +528,21 @@ def test_curves_of_a_one_epoch_run_are_readable(tmp_path, monkeypatch):
     assert miou_ax.get_xlim() == (0.5, 1.5) and [t for t in miou_ax.get_xticks() if 0.5 <= t <= 1.5] == [1]
     label = miou_ax.texts[0]
     assert label.get_text() == "best 0.6957" and label.get_horizontalalignment() == "center"
+
+
+def test_the_compare_panel_has_titles_and_a_legend_of_the_classes_it_shows():
+    from seg.infer.panels import compare_panel
+
+    table = ClassTable(("ground", "bush", "sky"), ((0,), (1,), (2,)), ((200, 0, 0), (0, 200, 0), (0, 0, 200)), ())
+    truth = np.zeros((90, 160), np.uint8)
+    truth[:30] = 2
+    pred = np.full((90, 160), 2, np.uint8)
+    palette = np.array(table.colors, np.uint8)
+    panel = compare_panel(np.full((90, 160, 3), 128, np.uint8), palette[truth], palette[pred], truth, pred, table)
+    bar = 20
+    assert panel.shape == (90 + 2 * bar, 480, 3)
+    titles, legend = panel[:bar], panel[-bar:]
+    for third in range(3):                       # a title over each of the three views
+        assert (titles[:, third * 160:(third + 1) * 160] < 100).any()
+    colours = {tuple(int(v) for v in px) for px in legend.reshape(-1, 3)}
+    assert (200, 0, 0) in colours and (0, 0, 200) in colours and (0, 200, 0) not in colours
