@@ -3,9 +3,12 @@
 import json
 
 import cv2
+import pytest
 from click.testing import CliRunner
 
 from seg.cli import main
+
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
 
 
 def test_demo_learns_on_random_weights(tmp_path):

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from seg.cli import main
 from token_cache import learnable_split, write_token_cache
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 EXTRACT = ["extract", "--backbone", "vits14", "--size", "224x126", "--random-init", "--aug-policy", "phase2",
            "--aug-seeds", "2", "--splits", "train,val", "--batch-size", "2", "--shard-size", "2", "--workers", "0"]
 

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from seg.cli import main
 from token_cache import learnable_split, write_token_cache
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 pytest.importorskip("optuna")
 
 TRAIN = ["--phase", "1", "--epochs", "2", "--allow-mismatch", "--device", "cpu"]

@@ -18,6 +18,8 @@ from seg.deploy.onnx_file import open_session, write_onnx
 from seg.deploy.parity import LOGIT_BOUND, compare
 from seg.heads import TunedHead, build_head
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 pytest.importorskip("onnxruntime")
 
 

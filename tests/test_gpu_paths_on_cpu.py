@@ -23,6 +23,8 @@ from seg.train.presets import resolve
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 QUIET = dict(log=lambda s: None)
 
 

@@ -16,6 +16,8 @@ from seg.train.cache_checks import recommended_layers
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 
 def multi_layer_split(n, rng, layers=4, grid=(4, 6)):
     """The learnable task in every layer, each with its own noise."""

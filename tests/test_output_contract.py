@@ -32,6 +32,8 @@ from seg.cli import main
 from seg.data.synthetic import LAYOUT, write_dataset
 from conftest import SMALL_SIZE
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])

@@ -20,6 +20,8 @@ from seg.train.presets import resolve
 from seg.train_head import RunOptions, Trainer, train
 from interrupt import train_interrupted_at
 
+pytestmark = pytest.mark.slow  # not in the quick lane (README: Development)
+
 QUIET = dict(log=lambda s: None)
 TAP = {"vits14_reg": ("224x126", 10), "dinov3_vits16": ("224x128", 9)}  # (size, tap block) of 12 blocks
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
