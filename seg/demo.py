@@ -101,5 +101,7 @@ def _run_demo(opts: DemoOptions, out: Path, log: Callable[[str], None]) -> dict:
     log(f"  training curves   {out / 'run' / 'curves.png'}")
     log(f"  per-class IoU     {Path(result['out']) / 'per_class_iou.png'}")
     log(f"  confusion matrix  {Path(result['out']) / 'confusion.png'}")
-    log(f"  overlays          {Path(pred['out']) / 'overlay'}  (and compare/: image | truth | prediction)")
+    log(f"  overlays          {Path(pred['out']) / 'overlay'}  (and compare/: image | truth | prediction, "
+        "titled, with a legend strip)")
+    log(f"  legend            {Path(pred['out']) / 'legend.png'}  (which colour is which class)")
     return {"miou": result["miou"], "seconds": seconds, "random_init": random_init, "eval": result}

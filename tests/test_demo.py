@@ -25,8 +25,9 @@ def test_demo_learns_on_random_weights(tmp_path):
     assert manifest["splits"]["train"]["seeds"] == [1, 2]  # every cached train sample augmented
     raw_mask = cv2.imread(str(next((out / "data").rglob("Segmentation/*.png"))), cv2.IMREAD_UNCHANGED)
     assert raw_mask.dtype.name == "uint16" and raw_mask.shape == (540, 960)
+    assert f"legend            {out / 'predictions' / 'legend.png'}" in r.output
     for p in ["run/curves.png", "run/eval-test/confusion.png", "predictions/overlay/test_00000.png",
-              "predictions/compare/test_00000.png"]:
+              "predictions/compare/test_00000.png", "predictions/legend.png"]:
         assert (out / p).is_file(), p
     again = CliRunner().invoke(main, ["demo", "--out", str(out), "--random-init"])
     assert again.exit_code == 1 and "holds a finished demo" in again.output

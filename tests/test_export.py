@@ -153,6 +153,9 @@ def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, tmp_path):
     r = export("--run", run_dir, "--out", out)
     assert r.exit_code == 0, r.output
     assert "eager float32 graph" in r.output and "seg predict path" in r.output
+    # the reported (unbounded) row shows no tolerance to read it against, and "sure flips" is explained
+    predict_row = next(ln for ln in r.output.splitlines() if ln.startswith("seg predict path"))
+    assert "(report)" in predict_row and "sure flips: pixels whose label changed" in r.output
     report = json.loads((tmp_path / "m.parity.json").read_text())
     assert report["accepted"] and report["parity"][0]["within_bound"]
     assert report["size"] == {"width": 224, "height": 126}
