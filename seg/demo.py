@@ -93,7 +93,8 @@ def _run_demo(opts: DemoOptions, out: Path, log: Callable[[str], None]) -> dict:
 
     log("[5/5] seg predict on the test images")
     pred = predict(PredictOptions(run=str(out / "run"), images=[str(data / LAYOUT["test"] / "Color_Images")],
-                                  out=str(out / "predictions"), device=opts.device, progress=opts.progress), log=log)
+                                  out=str(out / "predictions"), device=opts.device, progress=opts.progress,
+                                  overlay_legend=True), log=log)
     seconds = time.perf_counter() - t0
     log("")
     log(f"demo finished in {seconds:.0f} s ({'RANDOM' if random_init else 'official DINOv2'} backbone weights)")
@@ -101,7 +102,7 @@ def _run_demo(opts: DemoOptions, out: Path, log: Callable[[str], None]) -> dict:
     log(f"  training curves   {out / 'run' / 'curves.png'}")
     log(f"  per-class IoU     {Path(result['out']) / 'per_class_iou.png'}")
     log(f"  confusion matrix  {Path(result['out']) / 'confusion.png'}")
-    log(f"  overlays          {Path(pred['out']) / 'overlay'}  (and compare/: image | truth | prediction, "
-        "titled, with a legend strip)")
+    log(f"  overlays          {Path(pred['out']) / 'overlay'}  (with a legend strip; and compare/: image | truth | "
+        "prediction, titled)")
     log(f"  legend            {Path(pred['out']) / 'legend.png'}  (which colour is which class)")
     return {"miou": result["miou"], "seconds": seconds, "random_init": random_init, "eval": result}

@@ -22,7 +22,7 @@ from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
 from seg.runtime.output import Output
-from seg.infer.panels import compare_panel
+from seg.infer.panels import compare_panel, legend_strip, present
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.api import Predictor
 from seg.infer.runs import load_run
@@ -39,6 +39,7 @@ class PredictOptions:
     overlay_alpha: float = 0.5
     save_raw: bool = False
     save_ids: bool = False      # class-id maps: uint8 PNGs (uint16 past 255 classes) in ids/
+    overlay_legend: bool = False  # a legend strip of the classes shown under each overlay (the demo's)
     tta: str = "none"
     mode: str = "resize"        # resize | slide (windows of the training size over the original image)
     stride: Optional[tuple[int, int]] = None
@@ -214,7 +215,11 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
                     ids = labels[j].to(torch.uint8).cpu().numpy()
                     color = colorize(ids, table)
                     write("color", name, color)
-                    write("overlay", name, overlay(original, color, opts.overlay_alpha))
+                    shown = overlay(original, color, opts.overlay_alpha)
+                    if opts.overlay_legend:  # below the image: the overlay keeps its pixels aligned above
+                        shown = np.concatenate([shown, legend_strip(shown.shape[1], shown.shape[0],
+                                                                    present(table, ids), table)])
+                    write("overlay", name, shown)
                     gt = batch["mask"][j]
                     if batch["mask_error"][j]:
                         log(f"WARNING: no compare panel for {images[i]}: {batch['mask_error'][j]}")

@@ -26,6 +26,9 @@ def test_demo_learns_on_random_weights(tmp_path):
     raw_mask = cv2.imread(str(next((out / "data").rglob("Segmentation/*.png"))), cv2.IMREAD_UNCHANGED)
     assert raw_mask.dtype.name == "uint16" and raw_mask.shape == (540, 960)
     assert f"legend            {out / 'predictions' / 'legend.png'}" in r.output
+    # the demo's overlays carry a legend strip under the image
+    shown = cv2.imread(str(out / "predictions" / "overlay" / "test_00000.png"))
+    assert shown.shape == (540 + 30, 960, 3) and (shown[540:] < 100).any()
     for p in ["run/curves.png", "run/eval-test/confusion.png", "predictions/overlay/test_00000.png",
               "predictions/compare/test_00000.png", "predictions/legend.png"]:
         assert (out / p).is_file(), p

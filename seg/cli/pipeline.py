@@ -245,6 +245,7 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--weights", type=click.Path(), help="Backbone checkpoint file or folder (checked by sha256).")
 @click.option("--overlay-alpha", default=0.5, show_default=True, help="Mask opacity in overlays.")
+@click.option("--overlay-legend", is_flag=True, help="A legend strip of the classes shown under each overlay image.")
 @click.option("--save-raw", is_flag=True, help="Also write masks in the dataset's raw values (uint16, original size).")
 @click.option("--save-ids", is_flag=True,
               help="Also write class-id maps (ids/: uint8 PNGs, uint16 past 255 classes; the ids of legend.png).")
@@ -261,13 +262,13 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 @click.option("--video-masks", is_flag=True, help="Videos (mp4, avi, mkv, mov): also write each frame's colour mask.")
 @NO_PROGRESS
 @user_errors
-def predict(run_dir, images, out, weights, overlay_alpha, save_raw, save_ids, tta, mode, stride, tta_scales, batch_size,
+def predict(run_dir, images, out, weights, overlay_alpha, overlay_legend, save_raw, save_ids, tta, mode, stride, tta_scales, batch_size,
             device, workers, strict, video_masks, no_progress) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
-                       save_raw=save_raw, save_ids=save_ids, tta=tta, device=device, batch_size=batch_size, workers=workers,
+                       save_raw=save_raw, save_ids=save_ids, overlay_legend=overlay_legend, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales),
                        progress=not no_progress, video_masks=video_masks),
         log=click.echo)
