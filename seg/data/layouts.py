@@ -69,7 +69,8 @@ def is_hidden(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _listing(folder: str) -> dict[tuple[str, str], str]:
+def _listing(folder: str, mtime_ns: int) -> dict[tuple[str, str], str]:
+    """name_key -> file name in a folder; keyed by the folder's mtime, so a changed folder is read anew."""
     try:
         return {name_key(n): n for n in sorted(os.listdir(folder)) if not is_hidden(n)}
     except OSError:
@@ -81,7 +82,11 @@ def mask_file(folder: Path, image_name: str) -> Path:
     wanted = folder / mask_name(image_name)
     if wanted.exists():
         return wanted
-    found = _listing(str(folder)).get(name_key(wanted.name))
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except OSError:
+        return wanted
+    found = _listing(str(folder), mtime).get(name_key(wanted.name))
     return folder / found if found else wanted
 
 
@@ -130,7 +135,7 @@ def _is_folders(root: Path) -> bool:
 
 
 def is_plain_folder(root: Path) -> bool:
-    """images/ and masks/ at the top, no split folders: train and val are drawn by name (split_of)."""
+    """images/ and masks/ at the top, no split folders: train and val are drawn by name (in_val)."""
     return (root / "images").is_dir() and (root / "masks").is_dir() and \
         not any((root / s / "images").is_dir() for s in SPLITS)
 
