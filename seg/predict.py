@@ -17,7 +17,8 @@ from seg.runtime.atomic import write_atomic, write_json
 from seg.scoring import plots
 from seg.data.classes import ClassTable
 from seg.data.decode import MaskDecoder
-from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, is_hidden, mask_name
+from seg.data.file_names import is_hidden
+from seg.data.layouts import CITYSCAPES_IMAGE, CITYSCAPES_MASK, IMAGE_SUFFIXES, mask_name
 from seg.runtime.device import worker_count
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError

@@ -15,7 +15,6 @@ layout turns (data dir, split, name) back into paths.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import unicodedata
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Optional
 
-from seg.data.file_names import check_utf8_name
+from seg.data.file_names import check_utf8_name, is_hidden, listing, name_key
 from seg.runtime.errors import SegError
 
 LAYOUTS = ("falcon", "folders", "cityscapes", "ade20k", "voc")
@@ -56,27 +55,6 @@ def mask_name(image_name: str) -> str:
     return Path(image_name).stem + ".png"
 
 
-def name_key(name: str) -> tuple[str, str]:
-    """How seg matches file names: the stem in one Unicode normal form (NFC; macOS writes NFD), the
-    extension in any case (S0.PNG is S0.png)."""
-    p = PurePath(name)
-    return unicodedata.normalize("NFC", p.stem), p.suffix.lower()
-
-
-def is_hidden(name: str) -> bool:
-    """Hidden files, macOS AppleDouble `._*` companions among them, are never samples."""
-    return name.startswith(".")
-
-
-@functools.lru_cache(maxsize=64)
-def _listing(folder: str, mtime_ns: int) -> dict[tuple[str, str], str]:
-    """name_key -> file name in a folder; keyed by the folder's mtime, so a changed folder is read anew."""
-    try:
-        return {name_key(n): n for n in sorted(os.listdir(folder)) if not is_hidden(n)}
-    except OSError:
-        return {}
-
-
 def mask_file(folder: Path, image_name: str) -> Path:
     """The mask of an image in `folder`: STEM.png, or the file whose name matches it by name_key."""
     wanted = folder / mask_name(image_name)
@@ -86,7 +64,7 @@ def mask_file(folder: Path, image_name: str) -> Path:
         mtime = os.stat(folder).st_mtime_ns
     except OSError:
         return wanted
-    found = _listing(str(folder), mtime).get(name_key(wanted.name))
+    found = listing(str(folder), mtime).get(name_key(wanted.name))
     return folder / found if found else wanted
 
 
