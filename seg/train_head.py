@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from seg.cache import FeatureCache
@@ -34,11 +33,8 @@ from seg.train.presets import TrainConfig
 from seg.train.rank_batching import rank_batching
 from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
-from seg.train.sampling import RareClassSampler, default_min_pixels
-from seg.train.sources import (PreloadedSplit, StreamedSplit, choose_preload, gradient_bytes,
-                               optimizer_state_bytes)
 from seg.train.init_from import init_head_from
-from seg.heads import head_logits
+from seg.train.run_setup import choose_sources, describe_input, measure_step, rare_class_sampler, tensorboard_log
 
 
 @dataclass
@@ -76,7 +72,7 @@ class Trainer:
         check_cache_matches(cfg, m, where, opts.strict_preset and not opts.allow_mismatch, self.log)
         check_tuning(cfg, m, where)
         self.tap = cf.tap_block(m)
-        self._describe_input()
+        describe_input(self.cache.manifest, self.tap, self.log)
         check_head_fits(cfg, m, where)
         self.device = resolve_device(rank_device(self.d, opts.device))
         self.names = list(self.cache.class_table.names)
@@ -92,7 +88,7 @@ class Trainer:
             self.log("deterministic: torch's deterministic algorithms, cuDNN's without autotuning, matrix upsampling "
                      "and pooling in the head (slower; steps repeat bit for bit on one GPU)")
         self.train_counts = self.cache.class_counts("train", persist=self.d.is_main)  # [samples, classes]
-        self.sampler = self._rare_class_sampler()
+        self.sampler = rare_class_sampler(cfg, self.cache.manifest, self.train_counts, self.names, self.log)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState(self.out, self.names, self.log)
         self.rank_batch, self.rank_accum = rank_batching(cfg.batch_size, cfg.accum, self.d.world, opts.scale_batch)
@@ -101,29 +97,6 @@ class Trainer:
     def amp_name(self) -> Optional[str]:
         """'bfloat16' or 'float16' (the autocast dtype), None without AMP."""
         return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None
-
-    def _describe_input(self) -> None:
-        m = self.cache.manifest
-        L, C = cf.head_input(m)
-        hp, wp = m["patch_grid"]["height"], m["patch_grid"]["width"]
-        if self.tap is None:
-            self.log(f"head input: {L * C} channels = {L} layer(s) x {C} from blocks {m['layers']}, grid {wp}x{hp}")
-        else:
-            self.log(f"tuning blocks {self.tap}..{m['depth'] - 1} and the final norm of {m['backbone']} from the "
-                     f"cached stream entering block {self.tap}; head input: {C} channels, grid {wp}x{hp}")
-        views = cf.augmented_views(m)
-        self.log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
-                 + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
-
-    def _rare_class_sampler(self) -> Optional[RareClassSampler]:
-        cfg = self.cfg
-        if cfg.sampling != "rare-class":
-            return None
-        min_pixels = cfg.rcs_min_pixels or default_min_pixels(tuple(self.cache.manifest["mask_shape"]))
-        sampler = RareClassSampler(self.train_counts, cfg.rcs_temperature, min_pixels)
-        self.log("rare-class sampling (T {:g}, >= {} px): P(class) = ".format(cfg.rcs_temperature, min_pixels)
-                 + ", ".join(f"{n} {p:.3f}" for n, p in zip(self.names, sampler.probs)))
-        return sampler
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -137,51 +110,11 @@ class Trainer:
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
                                   self.state.last_good, self.rank_batch, self.rank_accum)
 
-    def _tensorboard(self):
-        from seg.train.tensorboard import TensorBoardLog
-
-        grid = self.epochs.grid
-
-        def logits_of(rows, size):
-            tokens = self.val_split.dequantize(torch.from_numpy(rows).to(self.device))
-            return head_logits(self.head, tokens, tuple(size), self.amp_dtype, grid)
-
-        self.log(f"tensorboard: {self.out / 'tensorboard'} (tensorboard --logdir {self.out / 'tensorboard'})")
-        return TensorBoardLog(self.out, self.names, list(self.cache.class_table.colors), self.val_split, logits_of)
-
-    def _measure_step(self) -> int:
-        """Peak GPU bytes of one forward and backward on a real batch (gradients and activations), in
-        eval mode so that no BatchNorm statistic moves; nothing is stepped."""
-        rows, masks = self.train_split.read_rows(np.arange(min(self.rank_batch, len(self.train_split))))
-        tokens = self.train_split.dequantize(torch.from_numpy(rows).to(self.device))
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.head.eval()
-        try:
-            _, loss = self.epochs.forward_loss(tokens, torch.from_numpy(masks).to(self.device), self.head)
-            loss.backward()
-            return int(torch.cuda.max_memory_allocated(self.device) - base)
-        finally:
-            self.head.zero_grad(set_to_none=True)
-            self.head.train()
-
     def _sources(self):
-        training, how = optimizer_state_bytes(self.head, self.opt), "optimizer state and gradients"
-        if self.opts.preload == "auto" and self.device.type == "cuda":
-            training, how = training + self._measure_step(), "optimizer state + one step measured"
-        else:
-            training += gradient_bytes(self.head)
-        preload, why = choose_preload(self.opts.preload, [self.train_split, self.val_split], self.device,
-                                      training=training, training_how=how)
-        self.log(why)
-        if preload:
-            t0 = time.perf_counter()
-            src = PreloadedSplit(self.train_split, self.device), PreloadedSplit(self.val_split, self.device)
-            self.log(f"preloaded {len(self.train_split) + len(self.val_split)} samples in {time.perf_counter() - t0:.1f} s")
-            return src
-        return (StreamedSplit(self.train_split, self.device, self.opts.workers),
-                StreamedSplit(self.val_split, self.device, self.opts.workers))
+        """The train and val sources: preloaded on the device when they fit, else streamed (run_setup)."""
+        return choose_sources(self.opts, self.head, self.opt, self.train_split, self.val_split, self.device,
+                              lambda: measure_step(self.train_split, self.head, self.epochs, self.rank_batch,
+                                                   self.device), self.log)
 
     def _run_record(self) -> dict:
         return {
@@ -278,7 +211,8 @@ class Trainer:
         """Trains the remaining epochs; True when early stopping ended them."""
         cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         stopped_early, spent = False, []
-        tb = self._tensorboard() if main and self.opts.tensorboard else None
+        tb = tensorboard_log(self.out, self.cache, self.val_split, self.head, self.amp_dtype, self.epochs.grid,
+                             self.device, self.log) if main and self.opts.tensorboard else None
         for epoch in range(st.start_epoch, cfg.epochs):
             if st.patience_exhausted(cfg.patience, cfg.select, epoch):
                 stopped_early = True

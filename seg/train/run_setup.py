@@ -1,0 +1,94 @@
+"""What a run sets up before its first epoch, apart from the story in train_head.py: the head's input
+in words, the rare-class sampler, where the batches come from (preloaded on the device or streamed,
+with the GPU memory one step takes measured first), and the TensorBoard log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from seg.cache import format as cf
+from seg.heads import head_logits
+from seg.train.presets import TrainConfig
+from seg.train.sampling import RareClassSampler, default_min_pixels
+from seg.train.sources import (PreloadedSplit, StreamedSplit, choose_preload, gradient_bytes,
+                               optimizer_state_bytes)
+
+
+def describe_input(m: dict, tap: Optional[int], log: Callable[[str], None]) -> None:
+    """What the head reads, and what each epoch draws, in two lines."""
+    L, C = cf.head_input(m)
+    hp, wp = m["patch_grid"]["height"], m["patch_grid"]["width"]
+    if tap is None:
+        log(f"head input: {L * C} channels = {L} layer(s) x {C} from blocks {m['layers']}, grid {wp}x{hp}")
+    else:
+        log(f"tuning blocks {tap}..{m['depth'] - 1} and the final norm of {m['backbone']} from the "
+            f"cached stream entering block {tap}; head input: {C} channels, grid {wp}x{hp}")
+    views = cf.augmented_views(m)
+    log(f"cache augmentation: {views} augmented view(s) per train image ({m['augmentation']['policy']}); "
+        + ("each epoch draws one of them per image" if views else "every epoch sees the plain resize"))
+
+
+def rare_class_sampler(cfg: TrainConfig, m: dict, train_counts: np.ndarray, names: list[str],
+                       log: Callable[[str], None]) -> Optional[RareClassSampler]:
+    if cfg.sampling != "rare-class":
+        return None
+    min_pixels = cfg.rcs_min_pixels or default_min_pixels(tuple(m["mask_shape"]))
+    sampler = RareClassSampler(train_counts, cfg.rcs_temperature, min_pixels)
+    log("rare-class sampling (T {:g}, >= {} px): P(class) = ".format(cfg.rcs_temperature, min_pixels)
+        + ", ".join(f"{n} {p:.3f}" for n, p in zip(names, sampler.probs)))
+    return sampler
+
+
+def measure_step(train_split, head: nn.Module, epochs, rank_batch: int, device: torch.device) -> int:
+    """Peak GPU bytes of one forward and backward on a real batch (gradients and activations), in
+    eval mode so that no BatchNorm statistic moves; nothing is stepped."""
+    rows, masks = train_split.read_rows(np.arange(min(rank_batch, len(train_split))))
+    tokens = train_split.dequantize(torch.from_numpy(rows).to(device))
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    head.eval()
+    try:
+        _, loss = epochs.forward_loss(tokens, torch.from_numpy(masks).to(device), head)
+        loss.backward()
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    finally:
+        head.zero_grad(set_to_none=True)
+        head.train()
+
+
+def choose_sources(opts, head: nn.Module, opt: torch.optim.Optimizer, train_split, val_split, device: torch.device,
+                   measure: Callable[[], int], log: Callable[[str], None]):
+    """(train, val) sources: preloaded on the device when data plus training fit, else streamed."""
+    training, how = optimizer_state_bytes(head, opt), "optimizer state and gradients"
+    if opts.preload == "auto" and device.type == "cuda":
+        training, how = training + measure(), "optimizer state + one step measured"
+    else:
+        training += gradient_bytes(head)
+    preload, why = choose_preload(opts.preload, [train_split, val_split], device, training=training,
+                                  training_how=how)
+    log(why)
+    if preload:
+        t0 = time.perf_counter()
+        src = PreloadedSplit(train_split, device), PreloadedSplit(val_split, device)
+        log(f"preloaded {len(train_split) + len(val_split)} samples in {time.perf_counter() - t0:.1f} s")
+        return src
+    return StreamedSplit(train_split, device, opts.workers), StreamedSplit(val_split, device, opts.workers)
+
+
+def tensorboard_log(out: Path, cache, val_split, head: nn.Module, amp_dtype, grid, device: torch.device,
+                    log: Callable[[str], None]):
+    from seg.train.tensorboard import TensorBoardLog
+
+    def logits_of(rows, size):
+        tokens = val_split.dequantize(torch.from_numpy(rows).to(device))
+        return head_logits(head, tokens, tuple(size), amp_dtype, grid)
+
+    log(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out / 'tensorboard'})")
+    return TensorBoardLog(out, list(cache.class_table.names), list(cache.class_table.colors), val_split, logits_of)
