@@ -119,14 +119,12 @@ def predict_output(out: Path) -> tuple[Output, set[str]]:
     files it wrote (only those may be replaced); returns it with that list."""
     written: set[str] = set()
     record_ok = False
-    if out.is_dir() and (out / PREDICT_RECORD).is_file():
-        try:
-            written = set(json.loads((out / PREDICT_RECORD).read_text())["written"])
-            record_ok = all(isinstance(w, str) for w in written)
-        except (OSError, ValueError, KeyError, TypeError):
-            written = set()
-    if not record_ok:
-        written = set()
+    try:  # a missing, unreadable or foreign record vouches for nothing
+        listed = set(json.loads((out / PREDICT_RECORD).read_text())["written"])
+        record_ok = all(isinstance(w, str) for w in listed)
+        written = listed if record_ok else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
 
     def owns(rel: str) -> bool:
         return rel in written or (record_ok and rel == PREDICT_RECORD)

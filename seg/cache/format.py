@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from seg.runtime.atomic import write_json
-from seg.runtime.output import legacy_temp_target, temp_target
+from seg.runtime.output import owned_name
 from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
@@ -269,8 +269,7 @@ def owned_files(manifest: dict) -> set[str]:
 def foreign_files(cache_dir: Path, *manifests: dict) -> list[str]:
     """Names in cache_dir that none of the manifests accounts for, sorted: never seg's to touch."""
     owned = set().union(*(owned_files(m) for m in manifests)) if manifests else {LOCK}
-    return sorted(p.name for p in Path(cache_dir).iterdir()
-                  if p.name not in owned and (temp_target(p.name) or legacy_temp_target(p.name)) not in owned)
+    return sorted(p.name for p in Path(cache_dir).iterdir() if not owned_name(p.name, owned.__contains__, LOCK))
 
 
 def source_files(layout: str, data_dir: str | Path, split: str, image_name: str) -> tuple[Path, Path]:

@@ -74,10 +74,18 @@ def read_pair(image_path: Path, mask_path: Optional[Path], decoder: Optional[Mas
     if mask_path is None or decoder is None:
         return image, None
     ids = decoder.read(mask_path)
-    if ids.shape[:2] != image.shape[:2]:
-        h, w = image.shape[:2]
-        raise SegError(f"{mask_path}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is {w}x{h}")
+    problem = mask_size_problem(mask_path, ids.shape[:2], image.shape[:2])
+    if problem:
+        raise SegError(problem)
     return image, ids
+
+
+def mask_size_problem(mask_path: Path, mask_hw: tuple[int, int], image_hw: tuple[int, int]) -> Optional[str]:
+    """The one-line problem of a mask whose size is not its image's, with the fix; None when they agree."""
+    if tuple(mask_hw) == tuple(image_hw):
+        return None
+    return (f"{mask_path}: mask is {mask_hw[1]}x{mask_hw[0]} but its image is {image_hw[1]}x{image_hw[0]} (masks must "
+            "have their image's size: resize with nearest-neighbour, or check that the mask belongs to this image)")
 
 
 def read_split_pair(files: SplitFiles, i: int, decoder: Optional[MaskDecoder]

@@ -149,10 +149,11 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
     n_shards, n_bytes = cache.check_shards(cache.splits)  # once here; the trials read checked files
     # The folder, the study and the settings file are set up by one process at a time: the others
     # wait for the lock, then find the study and the settings in place and join them.
+    settings = settings_record(opts, dims)
     with sweep_output(out):
-        _check_settings(out, settings_record(opts, dims))
+        _check_settings(out, settings)
         study = open_study(opts, dims)
-        _write_settings(out, settings_record(opts, dims))
+        _write_settings(out, settings)
     log(f"sweep {out}: {opts.trials} trials of phase {opts.phase} on {opts.cache} "
         f"({n_shards} shards, {n_bytes / 1e6:.0f} MB checked); searching " + "; ".join(d.describe() for d in dims))
     requeued = requeue_interrupted(study)

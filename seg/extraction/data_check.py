@@ -8,7 +8,7 @@ from typing import Callable
 
 from PIL import Image
 
-from seg.data.decode import MaskDecoder
+from seg.data.decode import MaskDecoder, mask_size_problem
 from seg.data.layouts import SplitFiles
 from seg.runtime.errors import SegError
 from seg.runtime.progress import progress_bar
@@ -40,10 +40,9 @@ def check_data(split_files: dict[str, SplitFiles], decoder: MaskDecoder, log: Ca
                 try:
                     ids = decoder.read(mask_path)
                     w, h = image_size(files.image_path(i))
-                    if w > 0 and ids.shape[:2] != (h, w):
-                        problems.append(f"{mask_path}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is {w}x{h}"
-                                        " (masks must have their image's size: resize with nearest-neighbour, or "
-                                        "check that the mask belongs to this image)")
+                    problem = mask_size_problem(mask_path, ids.shape[:2], (h, w)) if w > 0 else None
+                    if problem:
+                        problems.append(problem)
                 except SegError as exc:
                     problems.append(str(exc))
                 bar.update(1)

@@ -54,6 +54,18 @@ def legacy_temp_target(name: str) -> Optional[str]:
     return name[: -len(".tmp")] if name.endswith(".tmp") and len(name) > 4 else None
 
 
+def owned_name(rel: str, owns: Callable[[str], bool], lock_name: str) -> bool:
+    """Whether `rel` ('/'-separated) is a command's own: its lock, a file `owns` accepts, or a seg
+    temporary (or an older seg's `<name>.tmp`) of such a file."""
+    if rel == lock_name:
+        return True
+    head, _, name = rel.rpartition("/")
+    final = temp_target(name) or legacy_temp_target(name)
+    if final is not None and owns(f"{head}/{final}" if head else final):
+        return True
+    return owns(rel)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -114,13 +126,7 @@ class Output:
         self._created = False
 
     def _ours(self, rel: str) -> bool:
-        if rel == self.lock_path.name:
-            return True
-        head, _, name = rel.rpartition("/")
-        final = temp_target(name) or legacy_temp_target(name)
-        if final is not None and self.owns(f"{head}/{final}" if head else final):
-            return True
-        return self.owns(rel)
+        return owned_name(rel, self.owns, self.lock_path.name)
 
     def _entries(self) -> list[str]:
         if not self.folder.is_dir():
