@@ -29,6 +29,7 @@ from seg.runtime.output import Output, vouched_by
 from seg.runtime.run_dir import EVAL_FILES, EVAL_LOCK
 from seg.infer.runs import check_cache_compatible, load_run
 from seg.runtime.progress import progress_bar
+from seg.train.sources import read_batch
 
 
 @dataclass
@@ -150,11 +151,10 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     bar = progress_bar(enabled=opts.progress, total=n, unit="img", desc=f"eval {opts.split}")
     for b0 in range(start, start + n, opts.batch_size):
         rows = np.arange(b0, min(b0 + opts.batch_size, start + n))
-        tokens, masks = split.read_rows(rows)
-        tokens = split.dequantize(torch.from_numpy(tokens).to(device))
+        tokens, masks = read_batch(split, rows, device, run.levels)
         if data_dir is None:
             logits = head_logits(run.head, tokens, (h, w), amp, run.grid)
-            cm += confusion_matrix(logits.argmax(1), torch.from_numpy(masks).to(device), cm.shape[0])
+            cm += confusion_matrix(logits.argmax(1), masks, cm.shape[0])
         else:
             for i, row in enumerate(rows):
                 path = cf.source_files(layout, data_dir, opts.split, split.images[int(row) % n])[1]

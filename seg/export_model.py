@@ -101,7 +101,8 @@ def _export(opts: ExportOptions, out: Path, log: Callable[[str], None]) -> dict:
     if n_bytes > MAX_PARAM_BYTES:
         raise SegError(f"{run.backbone['backbone']}: {n_bytes / 1e9:.1f} GB of float32 weights exceed the 2 GB an "
                        "ONNX file holds without external data, which seg export does not write")
-    graph = PixelsToClasses(backbone, copy.deepcopy(run.head), run.backbone["layers"], run.tap_block, (h, w), patch)
+    graph = PixelsToClasses(backbone, copy.deepcopy(run.head), run.backbone["layers"], run.tap_block, (h, w), patch,
+                            run.levels)
     images = torch.from_numpy(np.stack(_sample_images(opts.samples, (w, h))))
     with torch.no_grad():
         eager_labels, eager_logits = graph(images)

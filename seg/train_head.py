@@ -33,7 +33,8 @@ from seg.train.presets import TrainConfig
 from seg.train.rank_batching import rank_batching
 from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
-from seg.train.init_from import init_head_from
+from seg.train.step_hooks import step_hook, steps_per_epoch
+from seg.train.init_from import starting_point
 from seg.train.run_setup import choose_sources, describe_input, measure_step, rare_class_sampler, tensorboard_log
 
 
@@ -54,6 +55,7 @@ class RunOptions:
     scale_batch: bool = False       # torchrun: every rank takes the whole batch (global = batch x accum x world)
     tensorboard: bool = False       # log scalars, confusion matrix and overlays under RUN/tensorboard
     init_from: Optional[str] = None  # a finished run whose best.pt weights the head starts from
+    init_from_pmt: Optional[str] = None  # a published PMT checkpoint whose decoder a pmt head starts from
     config_source: Optional[dict] = None  # where the settings came from (--config FILE): recorded
     on_epoch: Optional[Callable[[int, dict], None]] = None  # called after each saved epoch (sweeps prune here)
     deterministic: bool = False     # bit-repeatable steps on one GPU (torch's deterministic mode; slower)
@@ -72,6 +74,7 @@ class Trainer:
         check_cache_matches(cfg, m, where, opts.strict_preset and not opts.allow_mismatch, self.log)
         check_tuning(cfg, m, where)
         self.tap = cf.tap_block(m)
+        self.levels = cfg.head == "pmt"  # a mask decoder reads whole token sequences, prefix tokens included
         describe_input(self.cache.manifest, self.tap, self.log)
         check_head_fits(cfg, m, where)
         self.device = resolve_device(rank_device(self.d, opts.device))
@@ -103,18 +106,21 @@ class Trainer:
         head = build_head_for(cfg, self.cache, len(self.names), self.opts.weights, self.opts.checkpointing)
         self.head, self.model = wrap_distributed(head.to(self.device), self.device, self.d)
         self.criterion, self.class_weights = build_criterion(cfg, self.train_counts, self.device)
-        self.opt, self.sched = build_optimizer(cfg, self.head)
+        samples = len(self.train_split) if cfg.all_seeds else len(self.train_split.images)
+        per_epoch = steps_per_epoch(samples, self.rank_batch, self.d.world, self.rank_accum)
+        self.opt, self.sched = build_optimizer(cfg, self.head, cfg.epochs * per_epoch)
         grid = (self.cache.manifest["patch_grid"]["height"], self.cache.manifest["patch_grid"]["width"])
         self.epochs = EpochRunner(cfg, self.model, self.head, self.criterion, self.opt, self.sched, self.scaler,
                                   self.device, self.amp_dtype, grid if self.tap is not None else None, self.train_split,
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
-                                  self.state.last_good, self.rank_batch, self.rank_accum)
+                                  self.state.last_good, self.rank_batch, self.rank_accum,
+                                  step_hook(cfg, self.head, self.sched, per_epoch))
 
     def _sources(self):
         """The train and val sources: preloaded on the device when they fit, else streamed (run_setup)."""
         return choose_sources(self.opts, self.head, self.opt, self.train_split, self.val_split, self.device,
                               lambda: measure_step(self.train_split, self.head, self.epochs, self.rank_batch,
-                                                   self.device), self.log)
+                                                   self.device, self.levels), self.log, self.levels)
 
     def _run_record(self) -> dict:
         return {
@@ -162,15 +168,8 @@ class Trainer:
                 self.log(f"autocast: {self.amp_name}, as the run recorded")
         self._build()
         st.record = self._run_record()
-        # Where the settings and the starting weights came from: this run's options, else on resume
-        # what the run recorded when it started
-        saved_origin = saved or {}
-        origin = {"config_source": self.opts.config_source or saved_origin.get("config_source"),
-                  "init_from": saved_origin.get("init_from")}
-        if self.opts.init_from and saved is None:
-            origin["init_from"] = init_head_from(self.head, self.opts.init_from, st.record)
-            self.log(f"head initialised from {self.opts.init_from}/best.pt (epoch {origin['init_from']['epoch']}, val "
-                     f"mIoU {origin['init_from']['val_miou']:.4f}); the optimizer and the LR schedule start again at epoch 1")
+        origin = starting_point(self.head, self.opts.init_from, self.opts.init_from_pmt, self.opts.config_source,
+                                saved, st.record, self.log)
         st.record.update({k: v for k, v in origin.items() if v})
         if saved is not None:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
@@ -212,7 +211,7 @@ class Trainer:
         cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         stopped_early, spent = False, []
         tb = tensorboard_log(self.out, self.cache, self.val_split, self.head, self.amp_dtype, self.epochs.grid,
-                             self.device, self.log) if main and self.opts.tensorboard else None
+                             self.device, self.log, self.levels) if main and self.opts.tensorboard else None
         for epoch in range(st.start_epoch, cfg.epochs):
             if st.patience_exhausted(cfg.patience, cfg.select, epoch):
                 stopped_early = True
@@ -222,7 +221,8 @@ class Trainer:
             train_loss, sps = self.epochs.train_epoch(train_src, epoch)
             val_loss, cm = self.epochs.validate(val_src)
             self._refuse_non_finite(epoch, train_loss, val_loss)
-            self.sched.step()
+            if not cfg.per_step:  # a per-step schedule moved with every optimizer step (step_hooks)
+                self.sched.step()
             summary = summarize(cm, self.names)
             drawn = (self.train_counts[self.epochs.epoch_draw(epoch)] > 0).sum(0)  # drawn samples holding each class
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_miou": summary["miou"],

@@ -26,6 +26,7 @@ class HeadCase:
     tokens: Callable[[torch.Generator], torch.Tensor]   # a batch of cached-format tokens
     grid: Optional[tuple[int, int]] = None               # for tap tokens
     scale: int = 1                                       # raw logits lie on the patch grid x scale
+    channels: int = K                                    # raw logits' channels (a mask decoder: its queries)
 
 
 def layer_tokens(layers: int, dim: int):
@@ -45,6 +46,14 @@ def tuned(model_cls, fixture: str, start: int, head: str) -> HeadCase:
                     lambda g: torch.randn(2, prefix + GRID[0] * GRID[1], dim, generator=g).half(), GRID)
 
 
+def pmt_case() -> HeadCase:
+    """PMT's decoder on ViT-S/14-with-registers-shaped levels (6 heads, 5 prefix tokens, masks at 2x)."""
+    shape = dict(backbone="vits14_reg", embed_dim=48, grid=GRID, num_q=7, num_blocks=2, masked_attention=True)
+    return HeadCase("pmt", lambda: build_head("pmt", 4 * 48, K, layers=4, pmt=shape),
+                    lambda g: torch.randn(2, 4, 5 + GRID[0] * GRID[1], 48, generator=g).half(),
+                    scale=2, channels=7)
+
+
 HEADS = [
     HeadCase("convnext", lambda: build_head("convnext", 24, K), layer_tokens(1, 24)),
     HeadCase("upernet", lambda: build_head("upernet", 24, K), layer_tokens(1, 24)),
@@ -54,6 +63,7 @@ HEADS = [
              layer_tokens(4, 16), scale=4),
     tuned(DinoVisionTransformer, "dinov2_tiny_reg4_golden.pt", 1, "upernet"),
     tuned(DinoV3VisionTransformer, "dinov3_tiny_golden.pt", 2, "convnext"),
+    pmt_case(),
 ]
 
 
@@ -79,7 +89,8 @@ def test_output_shape_and_dtype_under_autocast(case):
     raw = []
     head.register_forward_hook(lambda mod, inp, out: raw.append(out))
     logits = logits_of(head, case, tokens, amp=True)
-    assert raw[0].dtype == torch.bfloat16 and raw[0].shape == (2, K, GRID[0] * case.scale, GRID[1] * case.scale)
+    out = raw[0][0][-1] if isinstance(raw[0], tuple) else raw[0]  # a mask decoder: its final mask logits
+    assert out.dtype == torch.bfloat16 and out.shape == (2, case.channels, GRID[0] * case.scale, GRID[1] * case.scale)
     assert logits.shape == (2, K, *OUT) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     assert logits_of(head, case, tokens, amp=False).dtype == torch.float32

@@ -11,21 +11,28 @@ from torch import Tensor, nn
 from seg.runtime.device import autocast
 
 
+def pack_levels(patches: Tensor, prefix: Tensor) -> Tensor:
+    """Layer tokens [B, L, C, Hp, Wp] and their prefix tokens [B, L, P, C] -> whole token sequences
+    [B, L, P + Hp * Wp, C] (prefix first, patches row-major): the levels a mask decoder (PMT) reads."""
+    return torch.cat((prefix.to(patches.dtype), patches.flatten(3).transpose(2, 3)), dim=2)
+
+
 def backbone_features(model: nn.Module, x: Tensor, layers: Sequence[int], tap_block: Optional[int],
-                      device: torch.device, dtype: torch.dtype, prefix: bool = False
+                      device: torch.device, dtype: torch.dtype, prefix: bool = False, levels: bool = False
                       ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Normalised images [B, 3, H, W] -> unrounded features, computed in `dtype`: the normed patch
     tokens of `layers` [B, L, C, Hp, Wp], or with `tap_block`, the un-normed residual stream entering
     that block, all tokens [B, T, C]. The cache stores them as float16 (`.to(torch.float16)`).
     With `prefix` (layers only): also the layers' prefix tokens (cls, registers), normed like the
-    patches, [B, L, P, C]."""
+    patches, [B, L, P, C]. With `levels`: the two packed into one tensor (`pack_levels`)."""
     with autocast(device, dtype=dtype):
         if tap_block is not None:
             return model.tokens_entering(x, tap_block)
-        if prefix:
+        if prefix or levels:
             pairs = model.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True,
                                                   return_prefix_tokens=True)
-            return torch.stack([p for p, _ in pairs], dim=1), torch.stack([t for _, t in pairs], dim=1)
+            patches, tokens = torch.stack([p for p, _ in pairs], dim=1), torch.stack([t for _, t in pairs], dim=1)
+            return pack_levels(patches, tokens) if levels else (patches, tokens)
         return torch.stack(model.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True), dim=1)
 
 

@@ -75,6 +75,12 @@ def backbone_kwargs(name: str) -> dict:
     return kwargs
 
 
+def prefix_count(name: str) -> int:
+    """Tokens before the patches in every layer of a named backbone: cls and registers."""
+    kwargs = backbone_kwargs(name)
+    return 1 + kwargs.get("num_register_tokens", kwargs.get("n_storage_tokens", 0))
+
+
 def split_name(name: str) -> tuple[str, bool]:
     if name not in BACKBONES or is_dinov3(name):
         raise SegError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -92,18 +92,28 @@ def extract(**kw) -> None:
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Feature cache from `seg extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, history, plots).")
 @click.option("--phase", type=click.IntRange(1, 3), default=3, show_default=True, help="Published preset to start from.")
-@click.option("--head", type=click.Choice(["convnext", "upernet", "linear", "upernet-ms"]),
-              help="Override the preset's head (linear: DINOv2's BN + 1x1 conv; upernet-ms: pyramid over 4 layers).")
+@click.option("--head", type=click.Choice(["convnext", "upernet", "linear", "upernet-ms", "pmt"]),
+              help="Override the preset's head (linear: DINOv2's BN + 1x1 conv; upernet-ms: pyramid over 4 layers; "
+                   "pmt: PMT's mask decoder with its published recipe).")
 @click.option("--ms-fusion", type=click.Choice(["reduce", "full"]),
               help="upernet-ms: fuse the 4 levels with a 1x1 reduction then a 3x3 conv (reduce), or mmseg's 3x3 over all (full). [default: reduce]")
-@click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice", "lin_focal_dice"]),
-              help="Override the loss (focal_dice = the published focal; lin_focal_dice = Lin et al.'s).")
+@click.option("--loss", type=click.Choice(["ce", "weighted_ce", "focal_dice", "lin_focal_dice", "mask_classification"]),
+              help="Override the loss (focal_dice = the published focal; lin_focal_dice = Lin et al.'s; "
+                   "mask_classification = PMT's, for --head pmt).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Override the optimizer.")
 @click.option("--lr", type=float, help="Base learning rate.")
 @click.option("--momentum", type=float, help="SGD momentum.")
 @click.option("--weight-decay", type=float, help="Weight decay.")
-@click.option("--schedule", type=click.Choice(["none", "cosine", "warmup_cosine"]), help="LR schedule (per epoch).")
+@click.option("--schedule", type=click.Choice(["none", "cosine", "warmup_cosine", "step_warmup_cosine"]),
+              help="LR schedule: per epoch, or step_warmup_cosine per optimizer step (PMT's).")
 @click.option("--warmup-epochs", type=int, help="Warmup epochs for warmup_cosine.")
+@click.option("--warmup-fraction", type=float, help="Share of all steps that warm up, for step_warmup_cosine.")
+@click.option("--grad-clip", type=float, help="Clip the gradients' global norm to this [pmt: 0.01; else never].")
+@click.option("--queries", type=int, help="pmt: learned queries [default: 100].")
+@click.option("--decoder-blocks", type=int, help="pmt: decoder blocks [default: 6].")
+@click.option("--masked-attention/--no-masked-attention", default=None,
+              help="pmt: masked attention before each block, annealed away during training [default: on].")
+@click.option("--mask-points", type=int, help="pmt: points the loss samples per mask [default: 12544].")
 @click.option("--eta-min", type=float, help="Cosine floor.")
 @click.option("--epochs", type=int, help="Epochs (cosine schedules span them).")
 @click.option("--batch-size", type=int, help="Samples per step.")
@@ -150,6 +160,9 @@ def extract(**kw) -> None:
               help="Start from a run's config.json (or a file of that shape); flags override it.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="Start the head from this finished run's best.pt (a new run: fresh optimizer and LR schedule).")
+@click.option("--init-from-pmt", type=click.Path(dir_okay=False),
+              help="pmt: start the decoder from a published PMT checkpoint (its class head dropped when the "
+                   "class count differs).")
 @click.option("--tensorboard", is_flag=True, help="Log to RUN/tensorboard (needs: pip install 'seg[tensorboard]').")
 @click.option("--deterministic", is_flag=True,
               help="Bit-repeatable training steps on one GPU: torch's deterministic algorithms (slower). "
@@ -161,7 +174,7 @@ def extract(**kw) -> None:
                     "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
 def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch,
                no_verify, weights, checkpointing, no_progress, amp_dtype, scale_batch, config_file, init_from,
-               tensorboard, deterministic, **overrides) -> None:
+               init_from_pmt, tensorboard, deterministic, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -188,7 +201,8 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
                                                         weights=weights, checkpointing=checkpointing,
                                                         progress=not no_progress, amp_dtype=amp_dtype,
                                                         scale_batch=scale_batch, tensorboard=tensorboard,
-                                                        init_from=init_from, config_source=source,
+                                                        init_from=init_from, init_from_pmt=init_from_pmt,
+                                                        config_source=source,
                                                         deterministic=deterministic),
                         log=click.echo, dist_ctx=d)
     finally:

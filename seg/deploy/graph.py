@@ -22,18 +22,19 @@ class PixelsToClasses(nn.Module):
     backbone and head because the head was trained on the cache's float16 tokens."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, layers: Sequence[int], tap_block: Optional[int],
-                 size: tuple[int, int], patch: int) -> None:
+                 size: tuple[int, int], patch: int, levels: bool = False) -> None:
         super().__init__()
         h, w = size
         if h % patch or w % patch:
             raise ValueError(f"the export size must be a multiple of the patch size {patch}, got {w}x{h}")
         self.backbone, self.head = backbone.float().eval(), head.float().eval()
-        self.layers, self.tap_block, self.size = list(layers), tap_block, (h, w)
+        self.layers, self.tap_block, self.size, self.levels = list(layers), tap_block, (h, w), levels
         self.grid = (h // patch, w // patch)
         fix_positions_(self, self.size, patch)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         x = normalize(image)
-        tokens = backbone_features(self.backbone, x, self.layers, self.tap_block, x.device, torch.float32)
+        tokens = backbone_features(self.backbone, x, self.layers, self.tap_block, x.device, torch.float32,
+                                   levels=self.levels)
         logits = head_logits(self.head, tokens.to(torch.float16), self.size, False, self.grid)
         return logits.argmax(1).to(torch.uint8), logits

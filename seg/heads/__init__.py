@@ -10,18 +10,25 @@ from torch import Tensor, nn
 
 from seg.heads.convnext import ConvNeXtHead
 from seg.heads.linear import LinearHead
+from seg.heads.pmt import PMTHead
 from seg.heads.pyramid import PyramidUPerNetHead
 from seg.heads.resize import resize_bilinear
 from seg.heads.tuned import TunedHead
 from seg.heads.upernet import PyramidPooling, UPerNetHead, conv_gn
 
-HEADS = ("convnext", "upernet", "linear", "upernet-ms")
+SCORE_FLOOR = 1e-12  # PMT scores below it are one class's "none here": log stays finite
+HEADS = ("convnext", "upernet", "linear", "upernet-ms", "pmt")
 
 
 def build_head(name: str, in_channels: int, num_classes: int, layers: int = 1,
-               ms_fusion: Optional[str] = None) -> nn.Module:
+               ms_fusion: Optional[str] = None, pmt: Optional[dict] = None) -> nn.Module:
     """in_channels = layers x embed_dim of the cached tokens; ms_fusion: the upernet-ms fusion
-    (reduce | full; None: reduce)."""
+    (reduce | full; None: reduce); pmt: the mask decoder's shape, `PMTHead.for_backbone`'s keywords
+    besides the class count (backbone, embed_dim, grid, num_q, num_blocks, masked_attention)."""
+    if name == "pmt":
+        if pmt is None:
+            raise ValueError("the pmt head needs its shape (backbone, grid, queries, blocks)")
+        return PMTHead.for_backbone(num_classes=num_classes, num_levels=layers, **pmt)
     if name == "convnext":
         return ConvNeXtHead(in_channels, num_classes)
     if name == "upernet":
@@ -45,9 +52,12 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
     The one path used by training, validation, evaluation and prediction. amp: the autocast dtype
     (a run's own: training records it, inference reads it back), True for the device's half type,
     False or None for none. Tap tokens [B, T, C] go through the tuned blocks of a TunedHead first,
-    on their patch grid (Hp, Wp)."""
+    on their patch grid (Hp, Wp). Packed levels [B, L, P + N, C] go through a mask decoder (PMT),
+    whose logits are the log of its semantic scores (argmax and softmax are PMT's own; DESIGN)."""
     from seg.runtime.device import autocast
 
+    if tokens.dim() == 4:
+        return pmt_logits(mask_predictions(head, tokens, amp, grid), out_size)
     with autocast(tokens.device, bool(amp), amp if isinstance(amp, torch.dtype) else None):
         if tokens.dim() == 3:
             if grid is None:
@@ -59,5 +69,24 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
     return resize_bilinear(logits.float(), out_size)
 
 
-__all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PyramidPooling", "PyramidUPerNetHead", "TunedHead", "UPerNetHead",
-           "build_head", "conv_gn", "head_logits", "tokens_to_input"]
+def mask_predictions(head: nn.Module, tokens: Tensor, amp: Union[bool, torch.dtype, None],
+                     grid: Optional[tuple[int, int]] = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Packed levels [B, L, P + N, C] -> a mask decoder's (mask logits, class logits) per block, under
+    the run's autocast."""
+    from seg.runtime.device import autocast
+
+    with autocast(tokens.device, bool(amp), amp if isinstance(amp, torch.dtype) else None):
+        return head(tokens, grid)
+
+
+def pmt_logits(prediction: tuple[list[Tensor], list[Tensor]], out_size: tuple[int, int]) -> Tensor:
+    """The log of PMT's semantic scores of the final prediction [B, K, H, W], float32: the masks
+    resized and combined outside autocast."""
+    masks, classes = prediction
+    scores = PMTHead.semantic_scores(masks[-1].float(), classes[-1].float(), out_size)
+    return scores.clamp_min(SCORE_FLOOR).log()
+
+
+__all__ = ["HEADS", "ConvNeXtHead", "LinearHead", "PMTHead", "PyramidPooling", "PyramidUPerNetHead", "TunedHead", "UPerNetHead",
+           "build_head", "conv_gn", "head_logits", "mask_predictions", "pmt_logits",
+           "tokens_to_input"]

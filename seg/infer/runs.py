@@ -17,6 +17,7 @@ from seg.data.classes import ClassTable
 from seg.runtime.device import run_amp_dtype
 from seg.runtime.errors import SegError
 from seg.heads import TunedHead, build_head
+from seg.train.model import pmt_shape
 from seg.train.presets import with_legacy_fields
 
 # Fields of the backbone record that must agree between a run and a cache it is evaluated on.
@@ -48,6 +49,11 @@ class Run:
     def amp_dtype(self, device: torch.device) -> Optional[torch.dtype]:
         """The head's autocast dtype on `device`: the one it trained in, where the device has it."""
         return run_amp_dtype(bool(self.record["config"]["amp"]), self.record.get("amp_dtype"), device)
+
+    @property
+    def levels(self) -> bool:
+        """The head is a mask decoder: it reads packed levels, prefix tokens included."""
+        return self.record["config"]["head"] == "pmt"
 
     @property
     def grid(self) -> Optional[tuple[int, int]]:
@@ -116,7 +122,7 @@ def build_run_head(record: dict, num_classes: int) -> nn.Module:
     config = with_legacy_fields(record["config"])
     if tap is None:
         return build_head(config["head"], record["in_channels"], num_classes, layers=bb["token_shape"][0],
-                          ms_fusion=config["ms_fusion"])
+                          ms_fusion=config["ms_fusion"], pmt=pmt_shape(config, bb))
     head = build_head(record["config"]["head"], record["in_channels"], num_classes)
     return TunedHead(BackboneTail(build_backbone(bb["backbone"]), tap), head)
 

@@ -42,9 +42,10 @@ class Segmenter:
     @torch.inference_mode()
     def tokens(self, x: Tensor) -> Tensor:
         """Normalised images [B, 3, H, W] -> float16 tokens, as the cache stores them: [B, L, C, Hp, Wp],
-        or for a tuned run the stream entering its first tuned block [B, T, C]."""
+        for a tuned run the stream entering its first tuned block [B, T, C], for a mask decoder the
+        layers with their prefix tokens packed into levels [B, L, P + N, C]."""
         return backbone_features(self.backbone, x, self.layers, self.run.tap_block, self.device,
-                                 self.compute_dtype).to(torch.float16)
+                                 self.compute_dtype, levels=self.run.levels).to(torch.float16)
 
     def logits(self, x: Tensor, out_size: tuple[int, int]) -> Tensor:
         """Normalised images -> float32 logits at out_size, through the cache's tokens."""

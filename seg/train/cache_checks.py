@@ -87,9 +87,27 @@ def check_head_fits(cfg: TrainConfig, manifest: dict, cache: Path) -> None:
                        "value per channel: extract a larger --size or use --head upernet")
     if cfg.head == "upernet-ms" and cf.tap_block(manifest) is not None:
         raise SegError(f"{cache}: the upernet-ms head needs 4 layers; a tuned run's head sees the last block only")
+    if cfg.head == "pmt":
+        check_pmt_cache(manifest, cache)
     if cfg.head == "upernet-ms" and layers < 4:
         raise SegError(f"{cache}: the upernet-ms head needs at least 4 stored layers, the cache has {layers} "
                        f"(blocks {manifest['layers']}); extract with e.g. --layers {recommended_layers(manifest['depth'])}")
+
+
+def check_pmt_cache(manifest: dict, cache: Path) -> None:
+    """PMT reads the encoder at its interaction indices (ViT-S/B 2,5,8,11; ViT-L 5,11,17,23; the
+    matching quarters deeper), whole sequences with their prefix tokens (format version 7)."""
+    wanted = recommended_layers(manifest["depth"])
+    if cf.tap_block(manifest) is not None:
+        raise SegError(f"{cache}: the pmt head reads 4 frozen encoder layers, not a tap cache's stream; "
+                       f"extract with --layers {wanted}")
+    if ",".join(map(str, manifest["layers"])) != wanted:
+        raise SegError(f"{cache}: the pmt head reads blocks {wanted} of {manifest['backbone']} (PMT's interaction "
+                       f"indices), the cache stores {manifest['layers']}; extract with --layers {wanted}")
+    if cf.prefix_shape(manifest) is None:
+        raise SegError(f"{cache}: a format version {manifest.get('format_version')} cache holds no prefix tokens "
+                       f"(cls, registers), which the pmt head reads; re-extract it with this seg (version "
+                       f"{cf.PREFIX_FORMAT_VERSION} stores them)")
 
 
 def check_integrity(cache: FeatureCache, d: Dist, verify: bool, log: Callable[[str], None]) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from seg.cache import CacheSplit
-from seg.heads import head_logits
+from seg.heads import head_logits, mask_predictions, pmt_logits
 from seg.runtime.distributed import Dist, all_reduce_sum
 from seg.runtime.errors import SegError
 from seg.scoring.metrics import confusion_matrix
@@ -46,15 +46,21 @@ class EpochRunner:
     last_good: Callable[[], str] = lambda: ""  # names the last good checkpoint in a refusal
     rank_batch: int = 0                 # this rank's micro-batch and accumulation (rank_batching);
     rank_accum: int = 0                 # 0: the config's batch_size and accum (one process)
+    on_step: Optional[Callable[[int, int], None]] = None  # (epoch, optimizer steps so far in it), after each step
 
     def __post_init__(self) -> None:
         self.rank_batch = self.rank_batch or self.cfg.batch_size
         self.rank_accum = self.rank_accum or self.cfg.accum
 
     def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head_logits(module or self.model, tokens, tuple(masks.shape[-2:]), self.amp_dtype,
-                             self.grid)
+                     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(logits, loss); a mask decoder in training gives no logits (nothing reads them there)."""
+        module = module or self.model
+        if tokens.dim() == 4:  # packed levels: a mask decoder, scored by its own loss
+            prediction = mask_predictions(module, tokens, self.amp_dtype, self.grid)
+            logits = None if module.training else pmt_logits(prediction, tuple(masks.shape[-2:]))
+            return logits, self.criterion(prediction, masks)
+        logits = head_logits(module, tokens, tuple(masks.shape[-2:]), self.amp_dtype, self.grid)
         return logits, self.criterion(logits, masks)
 
     def epoch_draw(self, epoch: int) -> np.ndarray:
@@ -106,9 +112,14 @@ class EpochRunner:
             # As published: step on every accum-th batch only. A last group of fewer than accum
             # batches adds its gradients, but zero_grad at the next epoch's start discards them.
             if stepping:
+                if cfg.grad_clip is not None:  # on the true gradients: unscaled first
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
+                if self.on_step is not None:
+                    self.on_step(epoch, (step + 1) // self.rank_accum)
             total += loss.detach().double() * len(tokens)
             count += len(tokens)
             bar.update(len(tokens))

@@ -5,12 +5,14 @@ be stretched to M without changing the learning rates of epochs already trained)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 from torch import nn
 
 from seg.backbones.named import file_sha256
 from seg.runtime.checkpoint import check_finite_head, load_torch_file
 from seg.runtime.errors import SegError
+from seg.train.init_from_pmt import init_head_from_pmt
 
 # What the old run's features and head must share with the new run's for its weights to mean the same
 BACKBONE_FIELDS = ("backbone", "weights_sha256", "size", "layers", "layer_norm", "token_shape", "tap_block")
@@ -43,3 +45,25 @@ def init_head_from(head: nn.Module, run_dir: str | Path, record: dict) -> dict:
         raise SegError(f"{best}: its head weights do not fit this run's head ({str(exc).splitlines()[0][:160]})") from None
     return {"run": str(Path(run_dir).resolve()), "best_pt_sha256": file_sha256(best),
             "epoch": old.get("epoch"), "val_miou": old.get("val_miou")}
+
+
+def starting_point(head: nn.Module, init_from: Optional[str], init_from_pmt: Optional[str],
+                   config_source: Optional[dict], saved: Optional[dict], record: dict,
+                   log: Callable[[str], None]) -> dict:
+    """Where a run's settings and starting weights came from: this run's options (loading the weights
+    into `head`), else on resume what the run recorded when it started."""
+    saved_origin = saved or {}
+    origin = {"config_source": config_source or saved_origin.get("config_source"),
+              "init_from": saved_origin.get("init_from")}
+    if saved is not None:
+        return origin
+    if init_from_pmt:
+        if record["config"]["head"] != "pmt" or init_from:
+            raise SegError("--init-from-pmt starts a pmt head (--head pmt), and replaces --init-from")
+        origin["init_from"] = init_head_from_pmt(head, init_from_pmt)
+        log(f"decoder initialised from {init_from_pmt} (class head {origin['init_from']['class_head']})")
+    elif init_from:
+        origin["init_from"] = init_head_from(head, init_from, record)
+        log(f"head initialised from {init_from}/best.pt (epoch {origin['init_from']['epoch']}, val "
+            f"mIoU {origin['init_from']['val_miou']:.4f}); the optimizer and the LR schedule start again at epoch 1")
+    return origin

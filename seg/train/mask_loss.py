@@ -78,10 +78,10 @@ def uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float,
     return coords
 
 
-def _num_masks(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
+def _num_masks(indices: list[tuple[Tensor, Tensor]], device: torch.device, average_over_ranks: bool = True) -> Tensor:
     n = torch.as_tensor(float(sum(len(t) for _, t in indices)), dtype=torch.float, device=device)
     world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if average_over_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(n)
         world = torch.distributed.get_world_size()
     return torch.clamp(n / world, min=1)
@@ -89,7 +89,8 @@ def _num_masks(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> Te
 
 def block_losses(mask_logits: Tensor, class_logits: Tensor, targets: list[dict], *, num_classes: int,
                  num_points: int, oversample_ratio: float, importance_sample_ratio: float, mask_coef: float,
-                 dice_coef: float, class_coef: float, no_object_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+                 dice_coef: float, class_coef: float, no_object_coef: float, average_over_ranks: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """(sigmoid-BCE, Dice, class cross-entropy) of one block's prediction, unweighted."""
     indices = hungarian_match(mask_logits, class_logits, targets, num_points, mask_coef, dice_coef, class_coef)
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
@@ -100,7 +101,7 @@ def block_losses(mask_logits: Tensor, class_logits: Tensor, targets: list[dict],
     with torch.no_grad():
         labels = sample_point(tgt, coords)[:, 0]
     logits = sample_point(pred, coords)[:, 0]
-    num_masks = _num_masks(indices, mask_logits.device)
+    num_masks = _num_masks(indices, mask_logits.device, average_over_ranks)
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
     probs = logits.sigmoid()
     dice = (1 - (2 * (probs * labels).sum(-1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)).sum() / num_masks
@@ -115,14 +116,33 @@ def block_losses(mask_logits: Tensor, class_logits: Tensor, targets: list[dict],
 def mask_classification_loss(mask_logits_list: list[Tensor], class_logits_list: list[Tensor], targets: list[dict],
                              *, num_classes: int, num_points: int = 12544, oversample_ratio: float = 3.0,
                              importance_sample_ratio: float = 0.75, mask_coef: float = 5.0, dice_coef: float = 5.0,
-                             class_coef: float = 2.0, no_object_coef: float = 0.1) -> Tensor:
-    """The weighted sum over every block's prediction of mask x BCE + dice x Dice + class x CE."""
+                             class_coef: float = 2.0, no_object_coef: float = 0.1, average_over_ranks: bool = True) -> Tensor:
+    """The weighted sum over every block's prediction of mask x BCE + dice x Dice + class x CE.
+    average_over_ranks: under torch.distributed, the number of target masks is averaged over ranks."""
     total = None
     for masks, classes in zip(mask_logits_list, class_logits_list):
         bce, dice, ce = block_losses(masks, classes, targets, num_classes=num_classes, num_points=num_points,
                                      oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio,
                                      mask_coef=mask_coef, dice_coef=dice_coef, class_coef=class_coef,
-                                     no_object_coef=no_object_coef)
+                                     no_object_coef=no_object_coef, average_over_ranks=average_over_ranks)
         for term in (mask_coef * bce, dice_coef * dice, class_coef * ce):
             total = term if total is None else total + term
     return total
+
+
+class MaskClassificationCriterion(torch.nn.Module):
+    """The trainer's loss for a mask decoder: class-id masks [B, H, W] -> PMT's targets -> the loss
+    over every block's prediction, computed in float32 (the predictions may come from autocast)."""
+
+    def __init__(self, num_classes: int, num_points: int) -> None:
+        super().__init__()
+        self.num_classes, self.num_points = num_classes, num_points
+
+    def forward(self, prediction: tuple[list[Tensor], list[Tensor]], masks: Tensor) -> Tensor:
+        mask_logits, class_logits = prediction
+        targets = semantic_targets(masks, self.num_classes)
+        # Training averages the number of target masks over ranks (an all-reduce); validation runs
+        # under no_grad on each rank's own slice, where a collective could wait forever.
+        return mask_classification_loss([m.float() for m in mask_logits], [c.float() for c in class_logits], targets,
+                                        num_classes=self.num_classes, num_points=self.num_points,
+                                        average_over_ranks=torch.is_grad_enabled())

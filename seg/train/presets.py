@@ -12,13 +12,13 @@ from seg.runtime.errors import SegError
 @dataclass(frozen=True)
 class TrainConfig:
     phase: Optional[int]
-    head: str                    # convnext | upernet (published) | linear (DINOv2's) | upernet-ms (4 layers)
-    loss: str                    # ce | weighted_ce | focal_dice (published) | lin_focal_dice (Lin et al.'s focal)
+    head: str                    # convnext | upernet (published) | linear (DINOv2's) | upernet-ms (4 layers) | pmt
+    loss: str                    # ce | weighted_ce | focal_dice (published) | lin_focal_dice | mask_classification (pmt)
     optimizer: str               # sgd | adamw
     lr: float
     momentum: float              # SGD only
     weight_decay: float
-    schedule: str                # none | cosine | warmup_cosine
+    schedule: str                # none | cosine | warmup_cosine (per epoch) | step_warmup_cosine (per step, PMT's)
     warmup_epochs: int           # warmup_cosine only
     eta_min: float               # floor of the cosine schedules
     batch_size: int
@@ -42,6 +42,14 @@ class TrainConfig:
     backbone_lr: Optional[float] = None  # their learning rate; None: lr / 10
     layer_decay: float = 1.0     # block i of k gets backbone_lr x layer_decay^(k - 1 - i)
     ms_fusion: Optional[str] = None  # upernet-ms only: reduce (1x1 then 3x3) | full (mmseg's 3x3); None elsewhere
+    grad_clip: Optional[float] = None  # clip the gradients' global norm to this (PMT: 0.01); None: never
+    warmup_fraction: Optional[float] = None  # step_warmup_cosine only: share of all steps that warm up
+    # The pmt head only (None elsewhere): PMT's queries, decoder blocks, masked attention (annealed) and
+    # the points its loss samples per mask
+    queries: Optional[int] = None
+    decoder_blocks: Optional[int] = None
+    masked_attention: Optional[bool] = None
+    mask_points: Optional[int] = None
 
     @property
     def tuned_lr(self) -> float:
@@ -59,9 +67,24 @@ class TrainConfig:
                 f"only reaches {reached:g} of {self.lr:g} and the cosine never starts; train at least "
                 f"{self.warmup_epochs + 1} epochs, or lower --warmup-epochs")
 
+    @property
+    def per_step(self) -> bool:
+        """The schedule moves every optimizer step (PMT's), not every epoch."""
+        return self.schedule == "step_warmup_cosine"
+
+    def step_lr_factor(self, step: int, total_steps: int) -> float:
+        """PMT's WarmupCosineSchedule as a multiplier of the base lr at optimizer step `step` of
+        `total_steps`: linear from 0 over the warmup, then cosine to eta_min."""
+        warmup = round((self.warmup_fraction or 0.0) * total_steps)
+        if warmup > 0 and step < warmup:
+            return step / warmup
+        floor = self.eta_min / self.lr
+        span = max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / span))
+
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of the base lr during 0-based `epoch` (the schedule steps once per epoch)."""
-        if self.schedule == "none":
+        if self.schedule == "none" or self.per_step:
             return 1.0
         floor = self.eta_min / self.lr
         if self.schedule == "cosine":  # torch's CosineAnnealingLR with T_max = epochs
@@ -91,11 +114,22 @@ PRESETS: dict[int, TrainConfig] = {
                    size="644x364", aug_policy="phase3"),
 }
 
+# PMT's ADE20K semantic recipe (tue-mps/pmt image/configs/ade20k/semantic/pmt_l_512.yaml, main.py and
+# mask_classification_semantic.py): AdamW 2e-4, weight decay 0.05, 6000 of 20224 steps (16 epochs of
+# batch 16) of linear warmup then cosine to 1e-9 per step, gradient norm clipped at 0.01, 16-bit mixed
+# precision, 100 queries, 6 decoder blocks, masked attention annealed, 12544 loss points; the final
+# weights are the model (no early stopping). `--head pmt` starts from it; every field overrides.
+PMT_RECIPE = dict(head="pmt", loss="mask_classification", optimizer="adamw", lr=2e-4, weight_decay=0.05,
+                  schedule="step_warmup_cosine", warmup_epochs=0, warmup_fraction=6000 / 20224, eta_min=1e-9,
+                  batch_size=16, accum=1, epochs=16, patience=None, select="final", amp=True, grad_clip=0.01,
+                  queries=100, decoder_blocks=6, masked_attention=True, mask_points=12544)
+PMT_ONLY = ("queries", "decoder_blocks", "masked_attention", "mask_points")
+
 CHOICES = {
-    "head": ("convnext", "upernet", "linear", "upernet-ms"),
-    "loss": ("ce", "weighted_ce", "focal_dice", "lin_focal_dice"),
+    "head": ("convnext", "upernet", "linear", "upernet-ms", "pmt"),
+    "loss": ("ce", "weighted_ce", "focal_dice", "lin_focal_dice", "mask_classification"),
     "optimizer": ("sgd", "adamw"),
-    "schedule": ("none", "cosine", "warmup_cosine"),
+    "schedule": ("none", "cosine", "warmup_cosine", "step_warmup_cosine"),
     "select": ("best", "final"),
     "sampling": ("uniform", "rare-class"),
 }
@@ -115,7 +149,13 @@ def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> T
         raise SegError(f"--patience must be 0 (never stop early) or a number of epochs, got {values['patience']}")
     if values.get("patience") == 0:  # 0 on the command line: never stop early
         values["patience"] = None
-    cfg = replace(PRESETS[phase], **values)
+    base = PRESETS[phase]
+    if values.get("head") == "pmt":
+        base = replace(base, **PMT_RECIPE)
+    cfg = replace(base, **values)
+    if cfg.head == "pmt" and not cfg.per_step and "warmup_fraction" not in values:
+        cfg = replace(cfg, warmup_fraction=None)  # another --schedule replaces the recipe's per-step one
+    check_pmt(cfg)
     if cfg.head == "upernet-ms":
         cfg = replace(cfg, ms_fusion=cfg.ms_fusion or "reduce")
         if cfg.ms_fusion not in ("reduce", "full"):
@@ -154,10 +194,32 @@ def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> T
     return cfg
 
 
+def check_pmt(cfg: TrainConfig) -> None:
+    """The mask decoder's settings belong to the pmt head, its loss to it alone, and are in range."""
+    pmt = cfg.head == "pmt"
+    if pmt != (cfg.loss == "mask_classification"):
+        raise SegError("the pmt head trains with --loss mask_classification, and only it does"
+                       + (f" (got --loss {cfg.loss})" if pmt else f" (got --head {cfg.head})"))
+    for key in PMT_ONLY:
+        if not pmt and getattr(cfg, key) is not None:
+            raise SegError(f"--{key.replace('_', '-')} applies to the pmt head, not {cfg.head}")
+        if pmt and key != "masked_attention" and not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) >= 1):
+            raise SegError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.per_step != (cfg.warmup_fraction is not None):
+        raise SegError("--warmup-fraction goes with --schedule step_warmup_cosine (a share of all steps); "
+                       "the per-epoch schedules take --warmup-epochs")
+    if cfg.warmup_fraction is not None and not (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1):
+        raise SegError(f"--warmup-fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise SegError(f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}")
+
+
 def with_legacy_fields(config: dict) -> dict:
     """A recorded config as this seg reads it: fields added since it was written get the value that
     means what that run did (an upernet-ms run before the cheaper fusion used the full one)."""
     config = dict(config)
     if "ms_fusion" not in config:
         config["ms_fusion"] = "full" if config.get("head") == "upernet-ms" else None
+    for key in ("grad_clip", "warmup_fraction", *PMT_ONLY):  # added with the pmt head: off before it
+        config.setdefault(key, None)
     return config

@@ -17,7 +17,7 @@ from seg.heads import head_logits
 from seg.train.presets import TrainConfig
 from seg.train.sampling import RareClassSampler, default_min_pixels
 from seg.train.sources import (PreloadedSplit, StreamedSplit, choose_preload, gradient_bytes,
-                               optimizer_state_bytes)
+                               optimizer_state_bytes, read_batch)
 
 
 def describe_input(m: dict, tap: Optional[int], log: Callable[[str], None]) -> None:
@@ -45,50 +45,55 @@ def rare_class_sampler(cfg: TrainConfig, m: dict, train_counts: np.ndarray, name
     return sampler
 
 
-def measure_step(train_split, head: nn.Module, epochs, rank_batch: int, device: torch.device) -> int:
+def measure_step(train_split, head: nn.Module, epochs, rank_batch: int, device: torch.device,
+                 levels: bool = False) -> int:
     """Peak GPU bytes of one forward and backward on a real batch (gradients and activations), in
-    eval mode so that no BatchNorm statistic moves; nothing is stepped."""
-    rows, masks = train_split.read_rows(np.arange(min(rank_batch, len(train_split))))
-    tokens = train_split.dequantize(torch.from_numpy(rows).to(device))
+    eval mode so that no BatchNorm statistic moves; nothing is stepped. A mask decoder is measured in
+    training mode (its blocks predict and mask only there), with its BatchNorm statistics put back."""
+    tokens, masks = read_batch(train_split, np.arange(min(rank_batch, len(train_split))), device, levels)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    head.eval()
+    buffers = {k: v.clone() for k, v in head.state_dict().items() if "running" in k or "num_batches" in k}
+    head.train(levels)
     try:
-        _, loss = epochs.forward_loss(tokens, torch.from_numpy(masks).to(device), head)
-        loss.backward()
+        with torch.random.fork_rng(devices=[device]):  # the run's random draws start where they would
+            _, loss = epochs.forward_loss(tokens, masks, head)
+            loss.backward()
         return int(torch.cuda.max_memory_allocated(device) - base)
     finally:
         head.zero_grad(set_to_none=True)
+        head.load_state_dict(buffers, strict=False)
         head.train()
 
 
 def choose_sources(opts, head: nn.Module, opt: torch.optim.Optimizer, train_split, val_split, device: torch.device,
-                   measure: Callable[[], int], log: Callable[[str], None]):
-    """(train, val) sources: preloaded on the device when data plus training fit, else streamed."""
+                   measure: Callable[[], int], log: Callable[[str], None], levels: bool = False):
+    """(train, val) sources: preloaded on the device when data plus training fit, else streamed;
+    with `levels`, batches of packed levels (prefix tokens included) for a mask decoder."""
     training, how = optimizer_state_bytes(head, opt), "optimizer state and gradients"
     if opts.preload == "auto" and device.type == "cuda":
         training, how = training + measure(), "optimizer state + one step measured"
     else:
         training += gradient_bytes(head)
     preload, why = choose_preload(opts.preload, [train_split, val_split], device, training=training,
-                                  training_how=how)
+                                  training_how=how, levels=levels)
     log(why)
     if preload:
         t0 = time.perf_counter()
-        src = PreloadedSplit(train_split, device), PreloadedSplit(val_split, device)
+        src = PreloadedSplit(train_split, device, levels), PreloadedSplit(val_split, device, levels)
         log(f"preloaded {len(train_split) + len(val_split)} samples in {time.perf_counter() - t0:.1f} s")
         return src
-    return StreamedSplit(train_split, device, opts.workers), StreamedSplit(val_split, device, opts.workers)
+    return (StreamedSplit(train_split, device, opts.workers, levels),
+            StreamedSplit(val_split, device, opts.workers, levels))
 
 
 def tensorboard_log(out: Path, cache, val_split, head: nn.Module, amp_dtype, grid, device: torch.device,
-                    log: Callable[[str], None]):
+                    log: Callable[[str], None], levels: bool = False):
     from seg.train.tensorboard import TensorBoardLog
 
-    def logits_of(rows, size):
-        tokens = val_split.dequantize(torch.from_numpy(rows).to(device))
-        return head_logits(head, tokens, tuple(size), amp_dtype, grid)
+    def logits_of(samples, size):
+        return head_logits(head, read_batch(val_split, samples, device, levels)[0], tuple(size), amp_dtype, grid)
 
     log(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out / 'tensorboard'})")
     return TensorBoardLog(out, list(cache.class_table.names), list(cache.class_table.colors), val_split, logits_of)

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from seg.backbones.features import pack_levels
 from seg.cache import CacheSplit
+from seg.cache import format as cf
 from seg.runtime.device import worker_count
 
 
@@ -30,9 +32,12 @@ def batches_of(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def split_bytes(split: CacheSplit) -> int:
-    """What the split holds in memory when preloaded: its stored rows (int8 caches stay 8-bit) and masks."""
+def split_bytes(split: CacheSplit, levels: bool = False) -> int:
+    """What the split holds in memory when preloaded: its stored rows (int8 caches stay 8-bit) and masks,
+    and with `levels` its float16 prefix tokens."""
     per = int(np.prod(split.row_shape)) * split.row_dtype.itemsize + int(np.prod(split.manifest["mask_shape"]))
+    if levels:
+        per += 2 * int(np.prod(cf.prefix_shape(split.manifest) or (0,)))
     return per * len(split)
 
 
@@ -65,12 +70,13 @@ def optimizer_state_bytes(head: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device,
-                   free: Optional[int] = None, training: int = 0, training_how: str = "") -> tuple[bool, str]:
+                   free: Optional[int] = None, training: int = 0, training_how: str = "",
+                   levels: bool = False) -> tuple[bool, str]:
     """(preload?, the reason in words). 'auto' preloads when the data fills at most half of the free
     memory of the training device (the GPU's, when training on one) and the data plus what training
     the head needs beyond its weights (`training` bytes: optimizer state, gradients, activations;
     `training_how` says how they were known) fit in 90 % of it."""
-    need = sum(split_bytes(s) for s in splits)
+    need = sum(split_bytes(s, levels) for s in splits)
     if mode == "always":
         return True, f"preload: always ({need / 1e9:.2f} GB on {device.type})"
     if mode == "never":
@@ -84,36 +90,53 @@ def choose_preload(mode: str, splits: list[CacheSplit], device: torch.device,
     return False, f"preload: auto -> streaming ({why})"
 
 
-class PreloadedSplit:
-    """A whole split held on the training device: a batch is one indexing op."""
+def read_batch(split: CacheSplit, rows: np.ndarray, device: torch.device, levels: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch as a head reads it, straight from the shards: (tokens, masks) on the device, the
+    tokens packed with their prefix tokens into levels (`pack_levels`) for a mask decoder."""
+    tokens, masks = split.read_rows(rows)
+    tokens = split.dequantize(torch.from_numpy(tokens).to(device))
+    if levels:
+        tokens = pack_levels(tokens, torch.from_numpy(split.read_prefix(rows)).to(device))
+    return tokens, torch.from_numpy(masks).to(device)
 
-    def __init__(self, split: CacheSplit, device: torch.device) -> None:
+
+class PreloadedSplit:
+    """A whole split held on the training device: a batch is one indexing op. With `levels` (a mask
+    decoder), the prefix tokens are held too and every batch is packed into levels."""
+
+    def __init__(self, split: CacheSplit, device: torch.device, levels: bool = False) -> None:
         self.split = split
         self.tokens, self.masks = split.load(device)
+        self.prefix = torch.from_numpy(split.read_prefix(np.arange(len(split)))).to(device) if levels else None
         self.device = device
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in batches:
             idx = torch.from_numpy(b).to(self.device)
-            yield self.split.dequantize(self.tokens[idx]), self.masks[idx]
+            tokens = self.split.dequantize(self.tokens[idx])
+            yield (tokens if self.prefix is None else pack_levels(tokens, self.prefix[idx])), self.masks[idx]
 
     def close(self) -> None:
         """Frees the device memory now (a sweep trains many heads in one process)."""
-        self.tokens = self.masks = None
+        self.tokens = self.masks = self.prefix = None
 
 
 class _Rows(Dataset):
-    """One batch of rows, asked for as (rows, the next batch's rows or None)."""
+    """One batch of rows, asked for as (rows, the next batch's rows or None): (tokens, masks, prefix
+    tokens or an empty tensor)."""
 
-    def __init__(self, split: CacheSplit) -> None:
-        self.split = split
+    def __init__(self, split: CacheSplit, levels: bool = False) -> None:
+        self.split, self.levels = split, levels
 
-    def __getitem__(self, key: tuple[np.ndarray, Optional[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[np.ndarray, Optional[np.ndarray]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, ahead = key
         if ahead is not None:  # the disk fetches the next batch while this one trains
             self.split.advise(ahead)
         tokens, masks = self.split.read_rows(rows)
-        return torch.from_numpy(tokens), torch.from_numpy(masks)
+        prefix = torch.from_numpy(self.split.read_prefix(rows)) if self.levels else torch.empty(0)
+        return torch.from_numpy(tokens), torch.from_numpy(masks), prefix
 
 
 class _EpochBatches(Sampler):
@@ -135,8 +158,9 @@ class StreamedSplit:
     """Batches read from the shards by worker processes, each with its own HDF5 handles; host
     memory holds only the batches in flight, whatever the cache size."""
 
-    def __init__(self, split: CacheSplit, device: torch.device, workers: Optional[int] = None) -> None:
-        self.split, self.device = split, device
+    def __init__(self, split: CacheSplit, device: torch.device, workers: Optional[int] = None,
+                 levels: bool = False) -> None:
+        self.split, self.device, self.levels = split, device, levels
         # On a CPU the training step owns every core, and a checked shard reads at page-cache speed
         # (one pread per row): reading in this process beat a reader process (12.8 vs 11.2 samples/s at
         # phase 3). A GPU leaves the cores idle, so reader processes overlap the reads with its steps.
@@ -152,7 +176,7 @@ class StreamedSplit:
         and forkserver start methods each start also imports torch). For a GPU, batches land in
         pinned host memory so that the copies below overlap with compute (non_blocking)."""
         if self._loader is None:
-            self._loader = DataLoader(_Rows(self.split), sampler=self._epoch, batch_size=None,
+            self._loader = DataLoader(_Rows(self.split, self.levels), sampler=self._epoch, batch_size=None,
                                       num_workers=self.workers, persistent_workers=self.workers > 0,
                                       pin_memory=self.device.type == "cuda",
                                       prefetch_factor=4 if self.workers else None)
@@ -160,10 +184,12 @@ class StreamedSplit:
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._epoch.batches = batches
-        for tokens, masks in self.loader():
+        for tokens, masks, prefix in self.loader():
             # int8 rows cross to the device as bytes and become float16 tokens there
-            yield (self.split.dequantize(tokens.to(self.device, non_blocking=True)),
-                   masks.to(self.device, non_blocking=True))
+            tokens = self.split.dequantize(tokens.to(self.device, non_blocking=True))
+            if self.levels:
+                tokens = pack_levels(tokens, prefix.to(self.device, non_blocking=True))
+            yield tokens, masks.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         """Stops the reader processes (dropping the last reference to the loader shuts them down)."""

@@ -72,9 +72,9 @@ class TensorBoardLog:
     def _overlays(self) -> np.ndarray:
         """[n, H, 2W, 3] uint8: ground truth | prediction, each blended over the source image where
         the dataset is still at the path the cache recorded, else on grey."""
-        tokens, masks = self.val_split.read_rows(self.samples)
+        masks = self.val_split.read_rows(self.samples)[1]
         with torch.no_grad():
-            pred = self.logits_of(tokens, masks.shape[-2:]).argmax(1).cpu().numpy()
+            pred = self.logits_of(self.samples, masks.shape[-2:]).argmax(1).cpu().numpy()
         images = self._source_images(masks.shape[-2:])
         out = []
         for i in range(len(self.samples)):

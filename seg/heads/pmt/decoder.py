@@ -41,19 +41,20 @@ class PlainMaskDecoder(nn.Module):
                                        nn.GELU(), nn.Linear(embed_dim, embed_dim))
         self.class_head = nn.Linear(embed_dim, num_classes + 1)
 
-    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def predict(self, x: Tensor, grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
         """LayerNorm-ed tokens [B, Q + P + N, C] -> (mask logits [B, Q, h, w], class logits [B, Q, K + 1])."""
         q = x[:, : self.num_q]
         patches = x[:, self.num_q + self.num_prefix_tokens:]
-        grid = patches.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), self.upscale(grid))
+        feats = patches.transpose(1, 2).reshape(x.shape[0], -1, *(grid or self.grid))
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), self.upscale(feats))
         return masks, self.class_head(q)
 
-    def attention_mask(self, tokens: int, mask_logits: Tensor, block: int) -> Tensor:
+    def attention_mask(self, tokens: int, mask_logits: Tensor, block: int,
+                       grid: Optional[tuple[int, int]] = None) -> Tensor:
         """[B, T, T] bool, True = may attend."""
         b = mask_logits.shape[0]
         allowed = torch.ones(b, tokens, tokens, dtype=torch.bool, device=mask_logits.device)
-        on_grid = F.interpolate(mask_logits, self.grid, mode="bilinear").flatten(2)
+        on_grid = F.interpolate(mask_logits, grid or self.grid, mode="bilinear").flatten(2)
         first_patch = self.num_q + self.num_prefix_tokens
         allowed[:, : self.num_q, first_patch:] = on_grid > 0
         prob = self.attn_mask_probs[block]
@@ -63,9 +64,11 @@ class PlainMaskDecoder(nn.Module):
         return allowed
 
     def forward(self, levels: list[Tensor], rope: Optional[tuple[Tensor, Tensor]],
-                masked: Optional[bool] = None) -> tuple[list[Tensor], list[Tensor]]:
-        """levels: BatchNorm-ed [B, P + N, C] each. masked: None follows the decoder's setting,
-        False runs without masks and predicts once (evaluation after annealing)."""
+                masked: Optional[bool] = None, grid: Optional[tuple[int, int]] = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        """levels: BatchNorm-ed [B, P + N, C] each, on `grid` (None: the decoder's own). masked: None
+        follows the decoder's setting, False runs without masks and predicts once (evaluation after
+        annealing)."""
         masked = self.masked_attention if masked is None else masked
         x = torch.stack([(f + proj(f)) * scale for f, proj, scale in
                          zip(levels, self.lateral_projections, self.scalers)]).sum(0)
@@ -74,12 +77,12 @@ class PlainMaskDecoder(nn.Module):
         mask = None
         for i, block in enumerate(self.blocks):
             if masked:
-                mask_logits, class_logits = self.predict(self.decoder_norm(x))
+                mask_logits, class_logits = self.predict(self.decoder_norm(x), grid)
                 masks_out.append(mask_logits)
                 classes_out.append(class_logits)
-                mask = self.attention_mask(x.shape[1], mask_logits, i)
+                mask = self.attention_mask(x.shape[1], mask_logits, i, grid)
             x = block(x, mask, rope)
-        mask_logits, class_logits = self.predict(self.decoder_norm(x))
+        mask_logits, class_logits = self.predict(self.decoder_norm(x), grid)
         return masks_out + [mask_logits], classes_out + [class_logits]
 
 

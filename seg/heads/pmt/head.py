@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg.backbones.named import backbone_kwargs, prefix_count
 from seg.heads.pmt.decoder import PlainMaskDecoder
 from seg.heads.pmt.rope import rope_tables
 
@@ -33,6 +34,17 @@ class PMTHead(nn.Module):
         self.bn = nn.ModuleList(nn.BatchNorm1d(embed_dim) for _ in range(num_levels)) if level_bn else None
         self.decoder = PlainMaskDecoder(embed_dim, hidden_dim, num_prefix_tokens, grid, patch_size, num_classes,
                                         num_q, num_blocks, num_levels, num_heads, masked_attention)
+
+    @classmethod
+    def for_backbone(cls, backbone: str, embed_dim: int, grid: tuple[int, int], num_classes: int, *,
+                     num_levels: int = 4, num_q: int = 100, num_blocks: int = 6, masked_attention: bool = True
+                     ) -> "PMTHead":
+        """The head PMT's configs build for a named encoder: its heads, patch and prefix tokens, an
+        MLP as wide as the encoder (hidden_dim: ViT-S 384, ViT-B 768, ViT-L 1024)."""
+        kw = backbone_kwargs(backbone)
+        return cls(embed_dim, num_classes, num_heads=kw["num_heads"], num_prefix_tokens=prefix_count(backbone),
+                   patch_size=kw["patch_size"], grid=grid, num_levels=num_levels, num_q=num_q,
+                   num_blocks=num_blocks, hidden_dim=embed_dim, masked_attention=masked_attention)
 
     @classmethod
     def from_official(cls, state_dict: dict, *, num_heads: int, num_prefix_tokens: int, patch_size: int,
@@ -62,17 +74,25 @@ class PMTHead(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.decoder.grid
 
-    def rope(self) -> tuple[Tensor, Tensor]:
+    def rope(self, grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
         head_dim = self.decoder.q.weight.shape[1] // self.num_heads
         device = self.decoder.q.weight.device
-        return rope_tables(self.grid, head_dim, ROPE_THETA, ROPE_RESCALE if self.training else None, device)
+        return rope_tables(grid or self.grid, head_dim, ROPE_THETA, ROPE_RESCALE if self.training else None, device)
 
-    def decode(self, levels: Sequence[Tensor], masked: Optional[bool] = None) -> tuple[list[Tensor], list[Tensor]]:
-        """levels: the encoder levels [B, prefix + patches, C] (before the BatchNorm) -> (mask logits
-        [B, Q, h, w], class logits [B, Q, K + 1]) per masked block and after the last."""
+    def decode(self, levels: Sequence[Tensor], masked: Optional[bool] = None,
+               grid: Optional[tuple[int, int]] = None) -> tuple[list[Tensor], list[Tensor]]:
+        """levels: the encoder levels [B, prefix + patches, C] (before the BatchNorm) on `grid` (None:
+        the head's own) -> (mask logits [B, Q, h, w], class logits [B, Q, K + 1]) per masked block and
+        after the last."""
         if self.bn is not None:
             levels = [bn(f.transpose(1, 2)).transpose(1, 2) for f, bn in zip(levels, self.bn)]
-        return self.decoder(list(levels), self.rope(), masked)
+        return self.decoder(list(levels), self.rope(grid), masked, grid)
+
+    def forward(self, tokens: Tensor, grid: Optional[tuple[int, int]] = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Packed levels [B, L, prefix + patches, C] (`seg.backbones.features.pack_levels`) -> `decode`:
+        in training every block's prediction with the annealed masks; in evaluation the blocks without
+        masks and the final prediction only (what PMT computes once annealing has dropped every mask)."""
+        return self.decode(list(tokens.float().unbind(1)), None if self.training else False, grid)
 
     @staticmethod
     def semantic_scores(mask_logits: Union[Tensor, list[Tensor]], class_logits: Union[Tensor, list[Tensor]],
