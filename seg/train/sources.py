@@ -179,7 +179,10 @@ class StreamedSplit:
             self._loader = DataLoader(_Rows(self.split, self.levels), sampler=self._epoch, batch_size=None,
                                       num_workers=self.workers, persistent_workers=self.workers > 0,
                                       pin_memory=self.device.type == "cuda",
-                                      prefetch_factor=4 if self.workers else None)
+                                      prefetch_factor=4 if self.workers else None,
+                                      # its own generator: each epoch's iterator draws a seed from it, which
+                                      # from the global one would shift a mask decoder's random points
+                                      generator=torch.Generator())
         return self._loader
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
