@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--size", default="322x182")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default=None, help="Only the configurations of this head (e.g. upernet-ms).")
+    ap.add_argument("--only", default=None, help="Only the configurations of these heads (e.g. upernet-ms or upernet,pmt).")
     args = ap.parse_args()
 
     from seg.evaluate import EvalOptions, evaluate
@@ -39,7 +39,8 @@ def main() -> None:
     quiet = dict(log=lambda s: None)
     data = write_dataset(work / "data", {"train": args.train_images, "val": 8, "test": 12}, seed=7)
     caches = {}
-    for layers in (("2,5,8,11",) if args.only == "upernet-ms" else ("1", "2,5,8,11")):
+    only = set(args.only.split(",")) if args.only else None
+    for layers in (("2,5,8,11",) if only and not only & {"upernet", "linear"} else ("1", "2,5,8,11")):
         out = work / f"cache-{layers.replace(',', '-')}"
         extract(ExtractConfig(data=str(data), out=str(out), backbone="vits14", size=args.size, random_init=True,
                               aug_policy="phase3", aug_seeds=2, splits=("train", "val", "test"), layers=layers,
@@ -48,13 +49,17 @@ def main() -> None:
     configs = [("upernet (published)", "upernet", "1", 3e-4, {}), ("linear, last layer", "linear", "1", 1e-3, {}),
                ("linear, 4 layers", "linear", "2,5,8,11", 1e-3, {}),
                ("upernet-ms, 4 layers (reduce fusion)", "upernet-ms", "2,5,8,11", 3e-4, {"ms_fusion": "reduce"}),
-               ("upernet-ms, 4 layers (full fusion)", "upernet-ms", "2,5,8,11", 3e-4, {"ms_fusion": "full"})]
-    if args.only:
-        configs = [c for c in configs if c[1] == args.only]
+               ("upernet-ms, 4 layers (full fusion)", "upernet-ms", "2,5,8,11", 3e-4, {"ms_fusion": "full"}),
+               # PMT's recipe (lr 2e-4, per-step warmup-cosine, clipping, 100 queries, 6 blocks, annealing)
+               # at the others' effective batch of 4 samples per step: batch 16 would leave it 3 steps an epoch
+               ("pmt, 4 layers (PMT recipe, batch 2 x accum 2)", "pmt", "2,5,8,11", 2e-4,
+                {"batch_size": 2, "accum": 2})]
+    if only:
+        configs = [c for c in configs if c[1] in only]
     results = []
     for label, head, layers, lr, extra in configs:
         for seed in range(args.seeds):
-            run = work / f"run-{head}-{layers.replace(',', '-')}-{'-'.join(extra.values())}-{seed}"
+            run = work / f"run-{head}-{layers.replace(',', '-')}-{'-'.join(map(str, extra.values()))}-{seed}"
             cfg = resolve(3, {"backbone": "vits14", "size": args.size, "epochs": args.epochs, "warmup_epochs": 1,
                               "patience": 0, "seed": seed, "head": head, "lr": lr, **extra})
             t0 = time.perf_counter()
