@@ -41,6 +41,7 @@ class ExportOptions:
     weights: Optional[str] = None       # the backbone weights file, when not where the cache found it
     samples: Sequence[str] = ()         # images for the parity check; default: synthetic scenes
     overwrite: bool = False             # replace an earlier `seg export` at --out
+    dynamic_size: bool = False          # images of any size in, resized in the graph as `seg predict` does
 
 
 def report_path(out: Path) -> Path:
@@ -102,28 +103,39 @@ def _export(opts: ExportOptions, out: Path, log: Callable[[str], None]) -> dict:
         raise SegError(f"{run.backbone['backbone']}: {n_bytes / 1e9:.1f} GB of float32 weights exceed the 2 GB an "
                        "ONNX file holds without external data, which seg export does not write")
     graph = PixelsToClasses(backbone, copy.deepcopy(run.head), run.backbone["layers"], run.tap_block, (h, w), patch,
-                            run.levels)
-    images = torch.from_numpy(np.stack(_sample_images(opts.samples, (w, h))))
-    with torch.no_grad():
-        eager_labels, eager_logits = graph(images)
-
+                            run.levels, opts.dynamic_size)
+    batches = _parity_batches(opts.samples, (w, h), opts.dynamic_size)
+    with torch.no_grad():  # before the export, which may leave the module traced
+        eager = [graph(images) for images in batches]
     tmp = temp_path(out)
     table = run.class_table
     metadata = {"seg.classes": json.dumps(table.to_json()), "seg.size": f"{w}x{h}",
-                "seg.backbone": run.backbone["backbone"], "seg.head": run.record["config"]["head"]}
-    log(f"exporting {run.backbone['backbone']} + {run.record['config']['head']} at {w}x{h}, opset {opts.opset} ...")
+                "seg.backbone": run.backbone["backbone"], "seg.head": run.record["config"]["head"],
+                "seg.input": "uint8 NHWC RGB of any size, resized in the graph" if opts.dynamic_size else
+                             f"uint8 NHWC RGB at {w}x{h} (cv2.resize INTER_LINEAR to it first)"}
+    log(f"exporting {run.backbone['backbone']} + {run.record['config']['head']} at {w}x{h}"
+        + (" (images of any size in)" if opts.dynamic_size else "") + f", opset {opts.opset} ...")
     try:
-        write_onnx(graph, images[:2], tmp, opts.opset, metadata)
-        onnx_labels, onnx_logits = open_session(tmp).run(None, {"image": images.numpy()})
-        checks = [compare("eager float32 graph (same computation, PyTorch kernels)", onnx_labels, onnx_logits,
-                          eager_logits.numpy(), eager_labels.numpy())]
-        # What `seg predict` computes, in the run's own precision: reported, not bounded, because it
-        # differs from the float32 graph by design (half-precision backbone and head).
-        segmenter = Segmenter(run, opts.weights, cpu)
-        scores = segmenter.scores(images, (h, w)).float().numpy()
-        checks.append(compare(f"seg predict path ({run.backbone['compute_dtype']} backbone, amp head "
-                              f"{bool(run.record['config']['amp'])})", onnx_labels, onnx_logits, scores))
-        accepted = checks[0].within_bound
+        write_onnx(graph, batches[0][:2], tmp, opts.opset, metadata, opts.dynamic_size)
+        session = open_session(tmp)
+        checks, reported = [], []
+        # What `seg predict` computes: in the run's own precision (half-precision backbone and head:
+        # differs by design, reported) and in float32 (the graph's computation: labels should agree)
+        predictors = [(f"seg predict ({run.backbone['compute_dtype']} backbone, amp head "
+                       f"{bool(run.record['config']['amp'])})", Segmenter(run, opts.weights, cpu)),
+                      ("seg predict --precision fp32", Segmenter(run, opts.weights, cpu, precision="fp32"))]
+        for images, (eager_labels, eager_logits) in zip(batches, eager):
+            at = f"{images.shape[2]}x{images.shape[1]}"
+            onnx_labels, onnx_logits = session.run(None, {"image": images.numpy()})
+            checks.append(compare(f"eager float32 graph at {at} (PyTorch kernels)", onnx_labels, onnx_logits,
+                                  eager_logits.numpy(), eager_labels.numpy()))
+            small = images if not opts.dynamic_size else \
+                torch.from_numpy(np.stack(_resized([i.numpy() for i in images], (w, h))))
+            for name, segmenter in predictors:
+                scores = segmenter.scores(small, tuple(images.shape[1:3])).float().numpy()
+                reported.append(compare(f"{name} at {at}", onnx_labels, onnx_logits, scores))
+        accepted = all(c.within_bound for c in checks)
+        checks += reported
         report = _report(opts, run, (w, h), checks, accepted, tmp if accepted else None)
         if accepted:
             # the report first: a model under the final name always has its matching report
@@ -137,7 +149,7 @@ def _export(opts: ExportOptions, out: Path, log: Callable[[str], None]) -> dict:
     for line in _table(checks):
         log(line)
     if not accepted:
-        c = checks[0]
+        c = next(c for c in checks if not c.within_bound)
         raise SegError(f"{out}: not written: onnxruntime differs from the eager graph by {c.max_abs_logit_diff:.3g} "
                        f"(bound {c.tolerance:.3g}) with {c.decided_disagreements} confidently labelled pixels "
                        f"changed; see {rejected_report_path(out)}"
@@ -146,15 +158,35 @@ def _export(opts: ExportOptions, out: Path, log: Callable[[str], None]) -> dict:
     return report
 
 
-def _sample_images(paths: Sequence[str], size: tuple[int, int]) -> list[np.ndarray]:
-    """The parity check's images at the export size, resized as `seg predict` resizes: the given
-    files, or procedural desert scenes (textured regions, edges and noise: what real images have
-    and constant or white-noise inputs do not)."""
-    resize = Augmenter("none", size)
+PARITY_SIZES = ((960, 540), (1280, 720), (480, 270))  # dynamic graphs: as made, larger, smaller than most runs
+
+
+def _parity_batches(paths: Sequence[str], size: tuple[int, int], dynamic: bool) -> list[torch.Tensor]:
+    """The parity check's batches of uint8 images: the given files, or procedural desert scenes
+    (textured regions, edges and noise: what real images have and constant or white-noise inputs do
+    not). A fixed-size graph gets one batch resized to the export size as `seg predict` resizes; a
+    dynamic one gets its images at their own sizes (files grouped by size) and the scenes at three
+    sizes around the export size."""
     rgbs = [read_image(Path(p)) for p in paths] if paths else [make_scene(1000 + i)[0] for i in range(SAMPLE_IMAGES)]
+    if not dynamic:
+        return [_batch(_resized(rgbs, size))]
+    if paths:
+        by_size: dict[tuple, list] = {}
+        for rgb in rgbs:
+            by_size.setdefault(rgb.shape, []).append(rgb)
+        return [_batch(group) for group in by_size.values()]
+    return [_batch(_resized(rgbs, s)) for s in PARITY_SIZES]
+
+
+def _resized(rgbs: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    resize = Augmenter("none", size)
+    return [resize(rgb, None, "", 0)[0] for rgb in rgbs]
+
+
+def _batch(rgbs: list[np.ndarray]) -> torch.Tensor:
     if len(rgbs) < 2:
         rgbs = rgbs * 2  # the export needs a batch of 2 to keep the batch dimension dynamic
-    return [resize(rgb, None, "", 0)[0] for rgb in rgbs]
+    return torch.from_numpy(np.stack(rgbs))
 
 
 def _report(opts: ExportOptions, run, size, checks, accepted: bool, model: Optional[Path]) -> dict:
@@ -168,9 +200,14 @@ def _report(opts: ExportOptions, run, size, checks, accepted: bool, model: Optio
         "onnx_sha256": file_sha256(model) if model else None,
         "run": str(Path(opts.run).resolve()), "backbone": run.backbone["backbone"],
         "head": run.record["config"]["head"], "size": {"width": w, "height": h}, "opset": opts.opset,
-        "inputs": {"image": {"dtype": "uint8", "shape": ["N", h, w, 3], "layout": "NHWC RGB 0..255"}},
-        "outputs": {"labels": {"dtype": "uint8", "shape": ["N", h, w]},
-                    "logits": {"dtype": "float32", "shape": ["N", k, h, w]}},
+        "inputs": {"image": {"dtype": "uint8", "shape": ["N", "H", "W", 3] if opts.dynamic_size else ["N", h, w, 3],
+                             "layout": "NHWC RGB 0..255",
+                             "resize": (f"in the graph: to {w}x{h} as cv2.resize INTER_LINEAR (uint8), as seg predict"
+                                        if opts.dynamic_size else f"none in the graph: resize to {w}x{h} with "
+                                        "cv2.resize(image, (W, H), interpolation=cv2.INTER_LINEAR) first")}},
+        "outputs": {"labels": {"dtype": "uint8", "shape": ["N", "H", "W"] if opts.dynamic_size else ["N", h, w]},
+                    "logits": {"dtype": "float32", "shape": ["N", k, "H", "W"] if opts.dynamic_size else ["N", k, h, w],
+                               "meaning": "log of PMT's semantic scores" if run.levels else "class logits"}},
         "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "in_graph": True},
         "class_table": run.class_table.to_json(),
         "bound": {"logit": LOGIT_BOUND, "rule": "max |logit diff| <= bound x max(1, max |eager logit|), and no "
@@ -181,13 +218,13 @@ def _report(opts: ExportOptions, run, size, checks, accepted: bool, model: Optio
 
 
 def _table(checks) -> list[str]:
-    """The parity table: the first row decides (bounded); the others are reported for comparison."""
+    """The parity table: the eager rows decide (bounded); the others are reported for comparison."""
     rows = [f"{'compared with':58s} {'max|dlogit|':>11s} {'tolerance':>10s} {'labels equal':>12s} {'sure flips':>10s}"]
-    for i, c in enumerate(checks):
-        tolerance = f"{c.tolerance:10.3g}" if i == 0 else f"{'(report)':>10s}"
+    for c in checks:
+        tolerance = f"{c.tolerance:10.3g}" if c.reference.startswith("eager") else f"{'(report)':>10s}"
         rows.append(f"{c.reference[:58]:58s} {c.max_abs_logit_diff:11.3g} {tolerance} "
                     f"{100 * c.label_agreement:11.3f}% {c.decided_disagreements:10d}")
     rows.append("sure flips: pixels whose label changed although the reference's top two logits are more than twice "
-                "the tolerance apart (rounding cannot flip those). Only the first row is held to its tolerance; "
-                "the others differ by design (half precision) and are reported.")
+                "the tolerance apart (rounding cannot flip those). Only the eager rows are held to their tolerance; "
+                "the others are reported (the run's own precision differs by design).")
     return rows

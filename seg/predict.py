@@ -45,6 +45,7 @@ class PredictOptions:
     mode: str = "resize"        # resize | slide (windows of the training size over the original image)
     stride: Optional[tuple[int, int]] = None
     tta_scales: Optional[tuple[float, ...]] = None  # flip+scales: the scales (default 0.75, 1, 1.25)
+    precision: str = "auto"     # auto (the run's own) | fp32 (the float32 ONNX graph's) | bf16 | fp16
     device: str = "auto"
     batch_size: int = 4
     workers: Optional[int] = None
@@ -173,7 +174,7 @@ def predict(opts: PredictOptions, log: Callable[[str], None] = print) -> dict:
 
 def _predict(opts: PredictOptions, run, device, images, names, videos, video_names, out: Path, previous: set[str],
              log: Callable[[str], None]) -> dict:
-    segmenter = Segmenter(run, opts.weights, device, opts.tta_scales)
+    segmenter = Segmenter(run, opts.weights, device, opts.tta_scales, opts.precision)
     table = run.class_table
     masks = [mask_beside(p) for p in images]
     dataset = ImageFolderSamples(images, masks, run.size, MaskDecoder.of(table), full_res_masks=True,
@@ -244,7 +245,8 @@ def _predict(opts: PredictOptions, run, device, images, names, videos, video_nam
         record = {"run": str(run.path), "written": sorted(set(written) | previous),
                   "classes": [{"id": i, "name": n, "color": list(c)} for i, (n, c) in
                               enumerate(zip(table.names, table.colors))],
-                  "outputs": outputs, "skipped": skipped, "video_frames": frames}
+                  "outputs": outputs, "skipped": skipped, "video_frames": frames, "tta": opts.tta,
+                  "mode": opts.mode, "precision": opts.precision}
         write_json(out / PREDICT_RECORD, record)
     seconds = time.perf_counter() - t0
     done = len(outputs) - len(frames)  # images; videos are counted by their frames

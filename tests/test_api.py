@@ -40,6 +40,31 @@ def test_api_labels_equal_seg_predict(run_dir, dataset, tmp_path):
     np.testing.assert_array_equal(scores.argmax(0), labels[0])
 
 
+def test_precision_chooses_backbone_and_head_arithmetic(run_dir, dataset, tmp_path):
+    """auto: the cache's bf16 backbone and the run's bf16 autocast (what eval from the cache scores);
+    fp32: float32 everywhere, the exported graph's computation; the choice reaches predict.json."""
+    import json
+
+    import torch
+
+    auto, fp32 = seg.load(run_dir, device="cpu"), seg.load(run_dir, device="cpu", precision="fp32")
+    assert (auto.segmenter.compute_dtype, auto.segmenter.amp) == (torch.bfloat16, torch.bfloat16)
+    assert (fp32.segmenter.compute_dtype, fp32.segmenter.amp) == (torch.float32, None)
+    assert fp32.segmenter.backbone.blocks[0].attn.qkv.weight.dtype == torch.float32
+    image = read_image(list_split(dataset, "val").image_path(0))
+    a, b = auto.predict_logits(image), fp32.predict_logits(image)
+    assert 0 < np.abs(a - b).max() < 0.5  # two computations of the same model
+    with pytest.raises(SegError, match="precision must be auto, fp32, bf16 or fp16, got 'fp64'"):
+        seg.load(run_dir, device="cpu", precision="fp64")
+    r = CliRunner().invoke(main, ["predict", "--run", str(run_dir), "--images", str(list_split(dataset, "val").image_path(0)),
+                                  "--out", str(tmp_path / "p"), "--precision", "fp32", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p" / "predict.json").read_text())["precision"] == "fp32"
+    written = cv2.cvtColor(cv2.imread(str(tmp_path / "p" / "color" / f"{list_split(dataset, 'val').image_path(0).stem}.png")),
+                           cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(written, colorize(fp32.predict(image), fp32.classes))
+
+
 def test_api_sliding_window_and_tta_follow_the_cli_options(run_dir, dataset):
     image = read_image(list_split(dataset, "val").image_path(0))
     small = image[::3, ::3].copy()  # another size: labels come back at it

@@ -152,12 +152,17 @@ def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
     r = export("--run", run_dir, "--out", out)
     assert r.exit_code == 0, r.output
-    assert "eager float32 graph" in r.output and "seg predict path" in r.output
+    assert "eager float32 graph at 224x126" in r.output and "seg predict (bfloat16 backbone" in r.output
     # the reported (unbounded) row shows no tolerance to read it against, and "sure flips" is explained
-    predict_row = next(ln for ln in r.output.splitlines() if ln.startswith("seg predict path"))
+    predict_row = next(ln for ln in r.output.splitlines() if ln.startswith("seg predict (bfloat16"))
     assert "(report)" in predict_row and "sure flips: pixels whose label changed" in r.output
     report = json.loads((tmp_path / "m.parity.json").read_text())
     assert report["accepted"] and report["parity"][0]["within_bound"]
+    # seg predict --precision fp32 computes what the float32 graph computes: every label of the parity
+    # images equal (the run's own bf16 path differs by design and is only reported)
+    fp32 = next(p for p in report["parity"] if p["reference"].startswith("seg predict --precision fp32"))
+    assert fp32["label_agreement"] == 1.0
+    assert "cv2.resize(image, (W, H), interpolation=cv2.INTER_LINEAR)" in report["inputs"]["image"]["resize"]
     assert report["size"] == {"width": 224, "height": 126}
     assert report["outputs"]["logits"]["shape"] == ["N", 10, 126, 224]
     from seg.backbones.named import file_sha256
@@ -182,6 +187,64 @@ def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, tmp_path):
     r = export("--run", run_dir, "--out", out, "--overwrite", "--size", "196x112")
     assert r.exit_code == 0, r.output
     assert open_session(out).get_inputs()[0].shape[1:] == [112, 196, 3]
+
+
+def test_a_dynamic_size_graph_labels_any_image_as_the_api_does_in_float32(run_dir, tmp_path):
+    """--dynamic-size: the graph resizes inside exactly as `seg predict` does (OpenCV's uint8 bilinear),
+    so a 960x540 image is labelled, at 960x540, as seg.load(run, precision="fp32") labels it (up to
+    ties that float32 rounding decides)."""
+    import cv2
+
+    import seg
+    from seg.data.synthetic import make_scene
+
+    samples = []
+    for i, (w, h) in enumerate([(320, 180), (400, 240)]):
+        path = tmp_path / f"s{i}.png"
+        cv2.imwrite(str(path), cv2.resize(make_scene(20 + i)[0], (w, h))[:, :, ::-1])
+        samples += ["--samples", path]
+    out = tmp_path / "any.onnx"
+    r = export("--run", run_dir, "--out", out, "--dynamic-size", *samples)
+    assert r.exit_code == 0, r.output
+    assert "eager float32 graph at 320x180" in r.output and "eager float32 graph at 400x240" in r.output
+    report = json.loads((tmp_path / "any.parity.json").read_text())
+    assert report["inputs"]["image"]["shape"] == ["N", "H", "W", 3]
+    session = open_session(out)
+    assert session.get_inputs()[0].shape[1:3] == ["height", "width"]
+    model = seg.load(run_dir, device="cpu", precision="fp32")
+    for seed, (w, h) in ((7, (960, 540)), (8, (1280, 720))):
+        rgb = cv2.resize(make_scene(seed)[0], (w, h))
+        labels, logits = session.run(None, {"image": rgb[None]})
+        assert labels.shape == (1, h, w) and logits.shape == (1, 10, h, w)
+        # Equal labels, except where float32 rounding of two kernel libraries decides a tie: a pixel may
+        # differ only where the API's top two logits are within the parity tolerance (a random-weight
+        # head has many near-ties; measured: 2 of 518,400 pixels, margins below 6e-6)
+        api_logits = model.predict_logits(rgb)
+        top2 = np.sort(api_logits, 0)[-2:]
+        differ = labels[0] != model.predict(rgb)
+        assert differ.mean() < 1e-4, (w, h)
+        assert (top2[1] - top2[0])[differ].max(initial=0) <= 2 * LOGIT_BOUND * max(1.0, np.abs(api_logits).max())
+        assert np.abs(logits[0] - api_logits).max() <= LOGIT_BOUND * max(1.0, np.abs(api_logits).max())
+    # the run's own (bf16) precision is another computation: close, not equal
+    assert (labels[0] == seg.load(run_dir, device="cpu").predict(rgb)).mean() > 0.98
+
+
+def test_the_graph_resize_is_opencvs_bilinear_uint8_resize():
+    import cv2
+
+    from seg.deploy.pixel_resize import resize_uint8
+
+    rng = np.random.default_rng(0)
+    for (H, W), (h, w) in [((540, 960), (364, 644)), ((720, 1280), (126, 224)), ((728, 1288), (364, 644)),
+                           ((365, 645), (364, 644)), ((126, 224), (126, 224)), ((1080, 1920), (182, 322))]:
+        im = rng.integers(0, 256, (2, H, W, 3), dtype=np.uint8)
+        ref = np.stack([cv2.resize(i, (w, h), interpolation=cv2.INTER_LINEAR) for i in im])
+        assert np.array_equal(resize_uint8(torch.from_numpy(im), (h, w)).numpy(), ref), (H, W, h, w)
+    # upscaling: OpenCV's own kernels disagree on a few values; ours is within 1 everywhere
+    im = rng.integers(0, 256, (1, 126, 224, 3), dtype=np.uint8)
+    ref = cv2.resize(im[0], (644, 364), interpolation=cv2.INTER_LINEAR)
+    ours = resize_uint8(torch.from_numpy(im), (364, 644)).numpy()[0]
+    assert np.abs(ours.astype(int) - ref).max() <= 1 and (ours != ref).mean() < 0.005
 
 
 def test_seg_export_never_replaces_a_file_it_did_not_write(run_dir, tmp_path):

@@ -270,6 +270,9 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 @click.option("--tta-scales", default=None,
               help="flip+scales: comma-separated scales [default: 0.75,1,1.25; DINOv2's +ms: 1,1.32,1.73,2.28,3].")
 @click.option("--batch-size", default=4, show_default=True, type=COUNT)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: the cache's backbone dtype and the run's training autocast; fp32: labels exactly as the "
+                   "float32 ONNX graph of `seg export`; bf16/fp16: backbone and head in that dtype.")
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @click.option("--workers", type=WORKERS, default=None, help="Image decoding processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
@@ -277,12 +280,12 @@ def eval_cmd(run_dir, cache_dir, data, layout, split, weights, tta, full_res, mo
 @NO_PROGRESS
 @user_errors
 def predict(run_dir, images, out, weights, overlay_alpha, overlay_legend, save_raw, save_ids, tta, mode, stride, tta_scales, batch_size,
-            device, workers, strict, video_masks, no_progress) -> None:
+            precision, device, workers, strict, video_masks, no_progress) -> None:
     """Colour masks, overlays, and image | ground truth | prediction where a mask sits beside the image."""
     from seg.predict import PredictOptions, predict as run
 
     run(PredictOptions(run=run_dir, images=images, out=out, weights=weights, overlay_alpha=overlay_alpha,
                        save_raw=save_raw, save_ids=save_ids, overlay_legend=overlay_legend, tta=tta, device=device, batch_size=batch_size, workers=workers,
                        strict=strict, mode=mode, stride=parse_stride(stride), tta_scales=parse_scales(tta_scales),
-                       progress=not no_progress, video_masks=video_masks),
+                       precision=precision, progress=not no_progress, video_masks=video_masks),
         log=click.echo)

@@ -28,16 +28,20 @@ def require_onnx() -> None:
 
 
 def write_onnx(graph: nn.Module, example: Tensor, path: Path, opset: int = DEFAULT_OPSET,
-               metadata: dict[str, str] | None = None) -> None:
+               metadata: dict[str, str] | None = None, dynamic_size: bool = False) -> None:
     """Export `graph` (uint8 image [N, H, W, 3] -> labels, logits) to `path` with N dynamic, then check
     the file with onnx's checker. `example` must hold at least 2 images: torch.export treats a size of
     1 as a constant and the batch would lose its dynamic dimension. `metadata` goes into the file's
-    metadata_props (what a runtime can read without seg: the class names and colours)."""
+    metadata_props (what a runtime can read without seg: the class names and colours). With
+    `dynamic_size` the image's height and width are dynamic too (from 2 x 2 pixels on)."""
     import onnx
 
     if example.shape[0] < 2:
         raise ValueError("the example batch needs 2 or more images to keep the batch dimension dynamic")
     batch = torch.export.Dim("batch", min=1, max=1024)
+    dims = {0: batch}
+    if dynamic_size:
+        dims.update({1: torch.export.Dim("height", min=2, max=16384), 2: torch.export.Dim("width", min=2, max=16384)})
     # The exporter narrates every pass on stdout/stderr and warns about lru_cache'd helpers it traces
     # through; a user needs only the result, and failures still raise.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
@@ -45,7 +49,7 @@ def write_onnx(graph: nn.Module, example: Tensor, path: Path, opset: int = DEFAU
         try:
             program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset,
                                         input_names=["image"], output_names=["labels", "logits"],
-                                        dynamic_shapes={"image": {0: batch}}, verbose=False)
+                                        dynamic_shapes={"image": dims}, verbose=False)
         except Exception as exc:  # the exporter's own errors are long; the first line says what failed
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise SegError(f"the graph could not be exported to ONNX opset {opset}: {first[:300]}") from None

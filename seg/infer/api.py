@@ -26,11 +26,14 @@ Image = Union[np.ndarray, str, Path]
 
 def load(run_dir: str | Path, device: str = "auto", weights: Optional[str] = None, tta: str = "none",
          mode: str = "resize", tta_scales: Optional[tuple[float, ...]] = None,
-         stride: Optional[tuple[int, int]] = None, batch_size: int = 4) -> "Predictor":
+         stride: Optional[tuple[int, int]] = None, batch_size: int = 4, precision: str = "auto") -> "Predictor":
     """The run in `run_dir` (its best.pt) with its backbone rebuilt exactly, ready to predict. The
-    options are `seg predict`'s, with its defaults."""
+    options are `seg predict`'s, with its defaults. precision: "auto" (the cache's backbone dtype and
+    the run's training autocast: what eval from the cache scores), or "fp32", "bf16", "fp16" for
+    backbone and head alike; "fp32" labels exactly as the float32 ONNX graph `seg export` writes."""
     dev = resolve_device(device)
-    return Predictor(Segmenter(load_run(run_dir, dev), weights, dev, tta_scales), tta, mode, stride, batch_size)
+    return Predictor(Segmenter(load_run(run_dir, dev), weights, dev, tta_scales, precision), tta, mode, stride,
+                     batch_size)
 
 
 def as_rgb(image: Image) -> np.ndarray:

@@ -26,17 +26,29 @@ TTA_MODES = ("none", "flip", "flip+scales")
 TTA_SCALES = (0.75, 1.0, 1.25)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Segmenter:
     def __init__(self, run: Run, weights: Optional[str], device: torch.device,
-                 scales: Optional[tuple[float, ...]] = None) -> None:
-        self.run, self.device = run, device
+                 scales: Optional[tuple[float, ...]] = None, precision: str = "auto") -> None:
+        """precision: "auto" computes the backbone in the cache's recorded dtype and the head in its
+        training autocast (image-based scores then match cache-based ones); "fp32", "bf16" or "fp16"
+        compute both in that dtype ("fp32": the exported float32 graph's computation). The tokens
+        between them are rounded to float16 in every case, as the cache stores them."""
+        if precision != "auto" and precision not in PRECISIONS:
+            raise SegError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        self.run, self.device, self.precision = run, device, precision
         self.scales = tuple(scales) if scales else TTA_SCALES  # of the flip+scales TTA
         self.backbone = rebuild_backbone(run.backbone, weights, device)
         self.layers = run.backbone["layers"]
-        # The cache's precision, not the device's default: image-based scores then match cache-based ones.
-        self.compute_dtype = recorded_dtype(run.backbone["compute_dtype"], device)
+        if precision == "auto":
+            self.compute_dtype = recorded_dtype(run.backbone["compute_dtype"], device)
+            self.amp = run.amp_dtype(device)  # the head's training autocast, where the device has it
+        else:
+            self.compute_dtype = PRECISIONS[precision]
+            self.amp = None if precision == "fp32" else self.compute_dtype
         cast_matmul_weights_(self.backbone, self.compute_dtype)
-        self.amp = run.amp_dtype(device)  # the head's training autocast, where the device has it
         self.patch = run.backbone["patch_size"]
 
     @torch.inference_mode()
