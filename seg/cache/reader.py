@@ -20,12 +20,11 @@ from seg.backbones import file_sha256
 from seg.cache.quant import QuantSpec
 from seg.cache.raw_rows import plain_rows, pread_into, row_offsets
 from seg.cache.row_checks import bad_row
-from seg.data.class_stats import class_counts
+from seg.cache.whole_split import count_split_classes, load_split
 from seg.data.classes import ClassTable
 from seg.runtime.errors import SegError
 
 
-_TORCH = {"<f2": torch.float16, "|u1": torch.uint8}
 
 
 class FeatureCache:
@@ -288,34 +287,13 @@ class CacheSplit(Dataset):
 
     def load(self, device: torch.device | str = "cpu", progress: Optional[Callable[[int], None]] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as (stored token rows [N, ...], masks uint8 [N, H, W]) on device: float16
-        tokens [N, L, C, Hp, Wp], or an int8 cache's packed bytes, which stay 8-bit in memory."""
-        mask_shape = self.manifest["mask_shape"]
-        tokens = torch.empty((len(self), *self.row_shape), dtype=_TORCH[self.row_dtype.str], device=device)
-        masks = torch.empty((len(self), *mask_shape), dtype=torch.uint8, device=device)
-        for j, plan in enumerate(self.shards):
-            f = self._file(j)
-            try:
-                t, m = f["tokens"][()], f["masks"][()]
-            except Exception as exc:  # damaged HDF5 fails in many ways
-                raise SegError(f"{self.path / plan.file}: corrupt shard ({exc}); run `seg cache verify`") from None
-            self._check(t, m, range(plan.start, plan.start + plan.count))
-            tokens[plan.start:plan.start + plan.count] = torch.from_numpy(t)
-            masks[plan.start:plan.start + plan.count] = torch.from_numpy(m)
-            if progress:
-                progress(plan.count)
-        return tokens, masks
+        """The whole split as (stored token rows [N, ...], masks uint8 [N, H, W]) on device
+        (seg.cache.whole_split)."""
+        return load_split(self, device, progress)
 
     def count_classes(self, num_classes: int) -> np.ndarray:
-        """int64 [N, K] pixels per class id of every mask of the split (ignore excluded), shard by shard."""
-        parts = []
-        for j in range(len(self.shards)):
-            try:
-                masks = self._tokens_masks(j)[1][()]
-            except Exception as exc:  # damaged HDF5 fails in many ways
-                raise SegError(f"{self.path / self.shards[j].file}: corrupt shard ({exc}); run `seg cache verify`") from None
-            parts.append(class_counts(masks, num_classes))
-        return np.concatenate(parts)
+        """int64 [N, K] pixels per class id of every mask of the split (seg.cache.whole_split)."""
+        return count_split_classes(self, num_classes)
 
     def _close_raw(self) -> None:
         for raw in getattr(self, "_raw", {}).values():
