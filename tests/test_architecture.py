@@ -60,3 +60,13 @@ def test_tree_shape():
     assert len(packages) >= 5
     long = {str(p.relative_to(SEG)): n for _, p in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_no_class_grows_past_200_lines():
+    """A class past ~200 lines holds more than one concept (issue 33: Trainer, then CacheSplit)."""
+    big = []
+    for module, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                big.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not big, big
