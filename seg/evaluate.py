@@ -132,6 +132,9 @@ def _eval_cache(run, opts: EvalOptions, device, cm) -> tuple[int, str]:
     cache = FeatureCache(opts.cache)
     check_cache_compatible(run, cache.manifest, opts.cache)
     split = cache.split(opts.split)
+    if cf.split_labels(cache.manifest, opts.split) == "none":
+        raise SegError(f"{opts.cache}: the {opts.split} split is unlabeled (images without masks): there is nothing to "
+                       "score it against; evaluate a labelled split, or extract the target's masks as a labelled cache")
     if opts.verify:
         cache.check_shards([opts.split])
     if 0 not in split.seeds:

@@ -18,6 +18,7 @@ from seg.cache import format as cf
 from seg.data.augment import Augmenter, parse_size
 from seg.data.copy_paste import build_config, parse_copy_paste
 from seg.data.layouts import list_split, resolve_layout
+from seg.data.unlabeled import unlabeled_split
 from seg.data.public_tables import decoder_for, table_for
 from seg.data.decode import palette_contradiction
 from seg.extraction.data_check import check_data
@@ -65,7 +66,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
     stored_dtype(cfg.token_dtype)  # a wrong --token-dtype is refused before anything is loaded
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise SegError("--batch-size and --shard-size must be at least 1")
-    if not cfg.splits:
+    if not cfg.splits and not cfg.unlabeled:
         raise SegError("--splits names no split; give e.g. train,val")
     twice = sorted({s for s in cfg.splits if cfg.splits.count(s) > 1})
     if twice:
@@ -74,11 +75,16 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         say(f"WARNING: --aug-seeds {cfg.aug_seeds} with policy {cfg.aug_policy}: each train image gets only "
             f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
             f"published runs); {DEFAULT_AUG_SEEDS} or more is recommended")
+    unlabeled = [unlabeled_split(spec) for spec in cfg.unlabeled]  # their names checked before anything else
     device = resolve_device(rank_device(d, cfg.device))
     layout = resolve_layout(cfg.data, cfg.layout)
     table = table_for(layout, cfg.classes)
     decoder = decoder_for(layout, table)
     split_files = {s: list_split(cfg.data, s, layout=layout, val_fraction=cfg.val_fraction) for s in cfg.splits}
+    for files in unlabeled:  # images without masks: augmented like train, their masks all ignore (255)
+        if files.split in split_files:
+            raise SegError(f"--unlabeled names the split {files.split!r} twice")
+        split_files[files.split] = files
     # every mask decoded once before the backbone is loaded: all problems in one run (on every rank,
     # so that all stop together)
     check_data(split_files, decoder, say, cfg.progress and d.is_main)

@@ -35,7 +35,8 @@ from seg.train.reports import describe_config, write_history
 from seg.train.run_state import RunState, resume_amp_dtype
 from seg.train.step_hooks import step_hook, steps_per_epoch
 from seg.train.init_from import starting_point
-from seg.train.run_setup import choose_sources, describe_input, measure_step, rare_class_sampler, tensorboard_log
+from seg.train.run_setup import (choose_sources, describe_input, measure_step, rare_class_sampler, target_setup,
+                                 tensorboard_log)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunOptions:
     tensorboard: bool = False       # log scalars, confusion matrix and overlays under RUN/tensorboard
     init_from: Optional[str] = None  # a finished run whose best.pt weights the head starts from
     init_from_pmt: Optional[str] = None  # a published PMT checkpoint whose decoder a pmt head starts from
+    target: Optional[str] = None    # pseudo-labels (`seg pseudo-label`) of a split of the cache, mixed into batches
     config_source: Optional[dict] = None  # where the settings came from (--config FILE): recorded
     on_epoch: Optional[Callable[[int, dict], None]] = None  # called after each saved epoch (sweeps prune here)
     deterministic: bool = False     # bit-repeatable steps on one GPU (torch's deterministic mode; slower)
@@ -95,6 +97,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState(self.out, self.names, self.log)
         self.rank_batch, self.rank_accum = rank_batching(cfg.batch_size, cfg.accum, self.d.world, opts.scale_batch)
+        self.target, self.target_batch, self.target_record = target_setup(cfg, opts.target, self.cache,
+                                                                          self.rank_batch, self.log)
 
     @property
     def amp_name(self) -> Optional[str]:
@@ -107,20 +111,20 @@ class Trainer:
         self.head, self.model = wrap_distributed(head.to(self.device), self.device, self.d)
         self.criterion, self.class_weights = build_criterion(cfg, self.train_counts, self.device)
         samples = len(self.train_split) if cfg.all_seeds else len(self.train_split.images)
-        per_epoch = steps_per_epoch(samples, self.rank_batch, self.d.world, self.rank_accum)
+        per_epoch = steps_per_epoch(samples, self.rank_batch - self.target_batch, self.d.world, self.rank_accum)
         self.opt, self.sched = build_optimizer(cfg, self.head, cfg.epochs * per_epoch)
         grid = (self.cache.manifest["patch_grid"]["height"], self.cache.manifest["patch_grid"]["width"])
         self.epochs = EpochRunner(cfg, self.model, self.head, self.criterion, self.opt, self.sched, self.scaler,
                                   self.device, self.amp_dtype, grid if self.tap is not None else None, self.train_split,
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
                                   self.state.last_good, self.rank_batch, self.rank_accum,
-                                  step_hook(cfg, self.head, self.sched, per_epoch))
+                                  step_hook(cfg, self.head, self.sched, per_epoch), self.target, self.target_batch)
 
     def _sources(self):
-        """The train and val sources: preloaded on the device when they fit, else streamed (run_setup)."""
+        """The train, val and target sources: preloaded on the device when they fit, else streamed (run_setup)."""
         return choose_sources(self.opts, self.head, self.opt, self.train_split, self.val_split, self.device,
                               lambda: measure_step(self.train_split, self.head, self.epochs, self.rank_batch,
-                                                   self.device, self.levels), self.log, self.levels)
+                                                   self.device, self.levels), self.log, self.levels, self.target)
 
     def _run_record(self) -> dict:
         return {
@@ -135,6 +139,7 @@ class Trainer:
             "amp_dtype": self.amp_name,
             "deterministic": self.opts.deterministic,
             "environment": self.environment,
+            **({"target": self.target_record} if self.target_record else {}),
         }
 
     def run(self) -> dict:
@@ -195,7 +200,7 @@ class Trainer:
         try:
             stopped_early = self._epochs(*sources)
         finally:  # reader processes and preloaded device memory go now, not when collected
-            for s in sources:
+            for s in filter(None, sources):
                 s.close()
         cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         if stopped_early:
@@ -206,7 +211,7 @@ class Trainer:
         metrics_path = out / "metrics.json"
         return json.loads(metrics_path.read_text()) if main and metrics_path.exists() else {}
 
-    def _epochs(self, train_src, val_src) -> bool:
+    def _epochs(self, train_src, val_src, target_src) -> bool:
         """Trains the remaining epochs; True when early stopping ended them."""
         cfg, out, main, st = self.cfg, self.out, self.d.is_main, self.state
         stopped_early, spent = False, []
@@ -218,7 +223,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             lr = self.opt.param_groups[0]["lr"]
-            train_loss, sps = self.epochs.train_epoch(train_src, epoch)
+            train_loss, sps = self.epochs.train_epoch(train_src, epoch, target_src)
             val_loss, cm = self.epochs.validate(val_src)
             self._refuse_non_finite(epoch, train_loss, val_loss)
             if not cfg.per_step:  # a per-step schedule moved with every optimizer step (step_hooks)

@@ -8,7 +8,7 @@ SEG = Path(__file__).resolve().parent.parent / "seg"
 # Lower rank = earlier in the pipeline. A module may import only from its own package or a lower rank.
 RANK = {"runtime": 0, "data": 1, "backbones": 2, "cache": 3, "extraction": 4, "heads": 4, "scoring": 5,
         "train": 6, "infer": 7, "deploy": 7.5, "extract_features": 8, "train_head": 8, "evaluate": 8, "predict": 8, "export_model": 8,
-        "demo": 9, "experiments": 9, "cli": 10, "__main__": 11, "__init__": 11}
+        "demo": 9, "experiments": 9, "adapt": 9, "cli": 10, "__main__": 11, "__init__": 11}
 MAX_LINES = 350
 
 

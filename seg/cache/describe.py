@@ -42,7 +42,9 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         b = sum(sh.get("bytes") or 0 for sh in s["shards"])
         total_bytes += b
         lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
-                     f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB")
+                     f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB"
+                     + (f"; UNLABELED (images of {s['data_dir']}; `seg pseudo-label` labels them)"
+                        if cf.split_labels(m, name) == "none" else ""))
     lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
     if m.get("val_split"):
         lines.append(f"val split    a plain folder: {m['val_split']['val_fraction']:g} of the images, by a hash of each "
@@ -53,7 +55,7 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
                      f"flip p {cp['flip_p']}, up to {cp['max_instances']} instances)")
     if class_stats and m.get("complete"):
         names = list(cache.class_table.names)
-        for name in m["splits"]:
+        for name in (n for n in m["splits"] if cf.split_labels(m, n) != "none"):
             lines.append(f"classes in {name} (after augmentation):")
             lines += describe_counts(cache.class_counts(name), names)
     return lines

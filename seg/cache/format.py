@@ -21,7 +21,8 @@ from typing import Optional
 
 from seg.runtime.atomic import write_json
 from seg.runtime.output import owned_name
-from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, sample_paths
+from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, UNLABELED, sample_paths
+from seg.data.unlabeled import NAME as UNLABELED_NAME
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
 from seg.cache.quant import QUANT_FORMAT_VERSION, stored_row, token_dtype_problem  # noqa: F401 (cf.stored_row)
@@ -135,6 +136,11 @@ def layout_of(manifest: dict) -> str:
     return manifest.get("layout", "falcon")
 
 
+def split_labels(manifest: dict, split: str) -> str:
+    """'true' (a labelled split), or 'none' (an unlabeled split: its masks are all ignore)."""
+    return manifest["splits"][split].get("labels", "true")
+
+
 def prefix_tokens(manifest: dict) -> int:
     """Prefix tokens (cls + registers) stored per layer and sample; 0 for caches before version 7."""
     return int(manifest.get("prefix_tokens") or 0)
@@ -224,7 +230,11 @@ def manifest_problems(manifest: dict) -> list[str]:
 
 
 def split_problems(manifest: dict, name: str, s: dict) -> list[str]:
-    if name not in SPLIT_NAMES:
+    unlabeled = s.get("labels") == "none"
+    if unlabeled and not (UNLABELED_NAME.match(name) and name not in SPLIT_NAMES and s.get("layout") == UNLABELED):
+        return [f"unlabeled split {name!r}: not a lower-case word other than {', '.join(SPLIT_NAMES)}, or not a "
+                "folder of images"]
+    if not unlabeled and name not in SPLIT_NAMES:
         return [f"split {name!r} is not one of {', '.join(SPLIT_NAMES)}"]
     images, seeds = s.get("images"), s.get("seeds")
     if not isinstance(images, list) or not isinstance(seeds, list) or not seeds:
@@ -299,8 +309,11 @@ def source_changes(manifest: dict, splits: Optional[list[str]] = None) -> list[s
         for image, then in zip(s["images"], s.get("sources", [])):
             if not plain_name(image):  # never look outside the data root (manifest_problems names it)
                 continue
-            for path, before in zip(source_files(layout_of(manifest), s["data_dir"], name, image), then):
+            for path, before in zip(source_files(s.get("layout", layout_of(manifest)), s["data_dir"], name, image),
+                                    then):
                 now = file_stat(path)
+                if now is None and before is None:  # an unlabeled split's mask: none then, none now
+                    continue
                 if now is None:
                     changes.append(f"{path}: missing")
                 elif now != before:

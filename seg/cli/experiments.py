@@ -9,7 +9,7 @@ from seg.cli.group import main
 
 # train-head's own flags that say where and how a run trains, not what it trains
 _RUN_FLAGS = ("device", "preload", "workers", "strict_preset", "allow_mismatch", "weights", "checkpointing",
-              "amp_dtype", "scale_batch", "tensorboard", "init_from", "deterministic")
+              "amp_dtype", "scale_batch", "tensorboard", "init_from", "init_from_pmt", "target", "deterministic")
 # flags a sweep sets per trial itself, or that would make the trials other than the study says
 _NOT_IN_SWEEPS = ("--cache", "--out", "--resume", "--overwrite", "--phase", "--config", "--no-verify")
 

@@ -34,7 +34,12 @@ from seg.cli.group import main
 @click.option("--border-fill", type=click.Choice(["ignore", "background"]), default="ignore", show_default=True,
               help="Mask value where a rotation/shift leaves the frame: ignore (not scored) or background "
                    "(class 0, as the published scripts did).")
-@click.option("--splits", default="train,val", show_default=True, help="Comma-separated splits to extract.")
+@click.option("--splits", default="train,val", show_default=True,
+              help="Comma-separated labelled splits to extract (none: only the --unlabeled ones).")
+@click.option("--unlabeled", multiple=True, metavar="NAME=FOLDER",
+              help="Also cache a folder of images without masks as split NAME (repeatable), augmented like train; "
+                   "into an existing cache of the same settings, it is added and the other splits stay as they are. "
+                   "`seg pseudo-label` labels it.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
 @click.option("--tap-block", type=click.IntRange(min=0), default=None,
               help="Store the un-normed stream entering block B (all tokens) instead of normed layers: "
@@ -69,7 +74,9 @@ def extract(**kw) -> None:
     cfg = ExtractConfig(
         data=kw["data"], out=kw["out"], layout=kw["layout"], backbone=kw["backbone"], size=kw["size"], weights=kw["weights"],
         random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"], border_fill=kw["border_fill"],
-        aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
+        aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",")
+                                                 if s.strip() and s.strip() != "none"),
+        unlabeled=tuple(kw["unlabeled"]),
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         token_dtype=kw["token_dtype"], copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),
@@ -160,6 +167,11 @@ def extract(**kw) -> None:
               help="Start from a run's config.json (or a file of that shape); flags override it.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="Start the head from this finished run's best.pt (a new run: fresh optimizer and LR schedule).")
+@click.option("--target", type=click.Path(file_okay=False),
+              help="Pseudo-labels of an unlabeled split of the cache (`seg pseudo-label --out DIR`): mix those "
+                   "samples into every batch; validation and the best model stay on the labelled val split.")
+@click.option("--target-ratio", type=float, help="--target: the target's share of each batch [default: 0.5].")
+@click.option("--target-weight", type=float, help="--target: the weight of the target samples' loss [default: 1].")
 @click.option("--init-from-pmt", type=click.Path(dir_okay=False),
               help="pmt: start the decoder from a published PMT checkpoint (its class head dropped when the "
                    "class count differs).")
@@ -174,7 +186,7 @@ def extract(**kw) -> None:
                     "or with --tune-blocks add --checkpointing; --resume continues from the last finished epoch")
 def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, overwrite, strict_preset, allow_mismatch,
                no_verify, weights, checkpointing, no_progress, amp_dtype, scale_batch, config_file, init_from,
-               init_from_pmt, tensorboard, deterministic, **overrides) -> None:
+               init_from_pmt, target, tensorboard, deterministic, **overrides) -> None:
     """Train a segmentation head from cached tokens (phases 1-3 reproduce the published runs).
 
     On a cache of another backbone or size (DINOv3, your own dataset) the preset's other settings
@@ -186,6 +198,9 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
     from seg.runtime import distributed
 
     source = None
+    if target:  # the defaults of a run with a target; flags (or a --config file's values) override them
+        overrides["target_ratio"] = overrides.get("target_ratio") or 0.5
+        overrides["target_weight"] = 1.0 if overrides.get("target_weight") is None else overrides["target_weight"]
     if config_file:
         from seg.train.config_file import config_from_file
 
@@ -201,7 +216,7 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
                                                         weights=weights, checkpointing=checkpointing,
                                                         progress=not no_progress, amp_dtype=amp_dtype,
                                                         scale_batch=scale_batch, tensorboard=tensorboard,
-                                                        init_from=init_from, init_from_pmt=init_from_pmt,
+                                                        init_from=init_from, init_from_pmt=init_from_pmt, target=target,
                                                         config_source=source,
                                                         deterministic=deterministic),
                         log=click.echo, dist_ctx=d)

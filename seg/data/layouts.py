@@ -27,6 +27,7 @@ from seg.runtime.errors import SegError
 
 LAYOUTS = ("falcon", "folders", "cityscapes", "ade20k", "voc")
 SPLITS = ("train", "val", "test")
+UNLABELED = "images"  # the per-split layout of an unlabeled folder of images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FALCON_TRAIN, FALCON_TEST = "Offroad_Segmentation_Training_Dataset", "Offroad_Segmentation_testImages"
 CITYSCAPES_IMAGE, CITYSCAPES_MASK = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -84,6 +85,8 @@ def sample_paths(layout: str, data_dir: str | Path, split: str, name: str) -> tu
         return root / "images" / sub / name, mask_file(root / "annotations" / sub, name)
     if layout == "voc":
         return root / "JPEGImages" / name, mask_file(root / "SegmentationClass", name)
+    if layout == UNLABELED:  # a folder of images without masks (seg.data.unlabeled): no mask path exists
+        return root / name, root / f".{name}.no-mask"
     raise SegError(f"unknown dataset layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 

@@ -7,6 +7,7 @@ including 600 (Flowers), which the default class table folds into Background.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -54,15 +55,17 @@ def _texture(kind: str, period: int, h: int, w: int, rng: np.random.Generator) -
     return np.clip(rng.standard_normal((h, w)).astype(np.float32), -2, 2) * 0.5
 
 
-def make_scene(seed: int, width: int = 960, height: int = 540) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 HxWx3 image, uint16 HxW raw mask) of one procedural desert scene."""
+def make_scene(seed: int, width: int = 960, height: int = 540,
+               objects: Optional[list[tuple[int, int, int]]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 HxWx3 image, uint16 HxW raw mask) of one procedural desert scene; `objects`
+    (raw value, most per scene, radius) replaces the default class mix."""
     rng = np.random.default_rng(seed)
     raw = np.full((height, width), 7100, np.uint16)
     horizon = int(height * rng.uniform(0.25, 0.45))
     bumps = (np.sin(np.arange(width) / width * np.pi * rng.uniform(1, 4) + rng.uniform(0, 6)) * height * 0.04)
     for x in range(0, width, 8):  # a wavy horizon, in 8-pixel columns
         raw[: max(0, horizon + int(bumps[x])), x:x + 8] = 10000
-    for value, count, radius in _OBJECTS:
+    for value, count, radius in (_OBJECTS if objects is None else objects):
         for _ in range(rng.integers(0, count + 1)):
             cx, cy = int(rng.uniform(0, width)), int(rng.uniform(horizon, height))
             axes = (int(radius * rng.uniform(0.6, 1.6)), int(radius * rng.uniform(0.4, 1.0)))

@@ -76,13 +76,28 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
         raise SegError(f"{out}: holds a {cache_kind(old)} in format version {old.get('format_version')!r}; this seg "
                        f"writes version {manifest['format_version']} for it (a resume cannot mix them): pass "
                        "--overwrite to re-extract it there, or choose another --out")
-    diffs = cf.differing_fields(cf.settings_of(old), cf.settings_of(manifest))
+    # Splits on one side only are not a difference: a new one (an unlabeled target) is added, an old
+    # one this run does not name is kept as it is, shards and record
+    old_s, new_s = cf.settings_of(old), cf.settings_of(manifest)
+    added = sorted(set(new_s["splits"]) - set(old_s["splits"]))
+    kept = sorted(set(old_s["splits"]) - set(new_s["splits"]))
+    for name in added:
+        del new_s["splits"][name]
+    for name in kept:
+        del old_s["splits"][name]
+    diffs = cf.differing_fields(old_s, new_s)
     if diffs:
         raise SegError(f"{out}: holds a cache with other settings (differs in {', '.join(diffs[:6])}"
                        + (" ..." if len(diffs) > 6 else "") + "); a resume computes with exactly the recorded "
                        "settings: use another --out, or pass --overwrite to replace it")
+    for name in kept:
+        manifest["splits"][name] = old["splits"][name]
     for name, split in manifest["splits"].items():  # the record of what the finished shards were made from
-        split["sources"] = old["splits"][name].get("sources", split["sources"])
+        if name in old["splits"]:
+            split["sources"] = old["splits"][name].get("sources", split["sources"])
+    if added:
+        log(f"adding split(s) {', '.join(added)} to the cache in {out}; its other splits "
+            f"({', '.join(n for n in manifest['splits'] if n not in added)}) stay as they are")
     changed = cf.source_changes(old)
     if changed:
         log(f"WARNING: {len(changed)} source file(s) differ from what this cache was extracted from "

@@ -43,6 +43,7 @@ class ExtractConfig:
     copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
     val_fraction: float = DEFAULT_VAL_FRACTION  # a plain folder (images/, masks/): the share drawn for val
+    unlabeled: tuple[str, ...] = ()         # NAME=FOLDER: images without masks, cached as split NAME
 
     @property
     def copy_paste_enabled(self) -> bool:

@@ -73,14 +73,20 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
     else:
         token_shape = [1 + model.num_register_tokens + grid[0] * grid[1], model.embed_dim]
     augmented = cfg.aug_policy != "none" or paste is not None
-    seeds = {s: (train_seeds(augmented, cfg.aug_seeds) if s == "train" else [0]) for s in split_files}
+    # train gets the augmented views, val and test the plain resize, an unlabeled split both (a student
+    # trains on its augmented views; the plain one is what a teacher sees best)
+    seeds = {s: (train_seeds(augmented, cfg.aug_seeds) if s == "train" else
+                 sorted({0, *train_seeds(augmented, cfg.aug_seeds)}) if not f.has_masks else [0])
+             for s, f in split_files.items()}
     splits = {}
     for name, files in split_files.items():
         n = len(files.names) * len(seeds[name])
         data_dir = files.root.resolve()  # absolute: the cache is used from other working directories
         splits[name] = {
             "data_dir": str(data_dir),
-            "sources": cf.source_record(layout, data_dir, name, list(files.names)),
+            **({} if files.has_masks else {"labels": "none", "layout": files.layout}),
+            "sources": cf.source_record(files.layout if not files.has_masks else layout, data_dir, name,
+                                        list(files.names)),
             "images": list(files.names),
             "seeds": seeds[name],
             "num_samples": n,

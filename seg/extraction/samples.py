@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from seg.cache import format as cf
 from seg.data.augment import Augmenter
 from seg.data.class_stats import class_counts
+from seg.data.classes import IGNORE_INDEX
 from seg.data.copy_paste import CopyPasteConfig, copy_paste
 from seg.data.decode import MaskDecoder, read_split_pair
 from seg.data.layouts import SplitFiles
@@ -34,6 +35,8 @@ class ExtractionSamples(Dataset):
         i, seed = cf.sample_of(k, len(self.files.names), self.seeds)
         try:
             image, mask = read_split_pair(self.files, i, self.decoder)
+            if mask is None:  # an unlabeled split: every pixel ignored until a teacher labels it
+                mask = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
             if self.paste is not None and seed != 0:
                 image, mask, _ = copy_paste(image, mask, i, self.files.names[i], seed, self.paste,
                                             lambda j: read_split_pair(self.files, j, self.decoder))

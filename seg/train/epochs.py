@@ -47,21 +47,29 @@ class EpochRunner:
     rank_batch: int = 0                 # this rank's micro-batch and accumulation (rank_batching);
     rank_accum: int = 0                 # 0: the config's batch_size and accum (one process)
     on_step: Optional[Callable[[int, int], None]] = None  # (epoch, optimizer steps so far in it), after each step
+    target_split: object = None         # a pseudo-labelled split (seg.cache.pseudo) mixed into every batch
+    target_batch: int = 0               # its samples per micro-batch (the rest of rank_batch is the source's)
 
     def __post_init__(self) -> None:
         self.rank_batch = self.rank_batch or self.cfg.batch_size
         self.rank_accum = self.rank_accum or self.cfg.accum
 
-    def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None
-                     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(logits, loss); a mask decoder in training gives no logits (nothing reads them there)."""
+    def forward_loss(self, tokens: torch.Tensor, masks: torch.Tensor, module: Optional[nn.Module] = None,
+                     n_source: Optional[int] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(logits, loss); a mask decoder in training gives no logits (nothing reads them there). With
+        n_source, the batch's first n_source samples are labelled source samples and the rest
+        pseudo-labelled target ones: loss = source loss + target_weight x target loss."""
         module = module or self.model
         if tokens.dim() == 4:  # packed levels: a mask decoder, scored by its own loss
-            prediction = mask_predictions(module, tokens, self.amp_dtype, self.grid)
-            logits = None if module.training else pmt_logits(prediction, tuple(masks.shape[-2:]))
-            return logits, self.criterion(prediction, masks)
-        logits = head_logits(module, tokens, tuple(masks.shape[-2:]), self.amp_dtype, self.grid)
-        return logits, self.criterion(logits, masks)
+            out = mask_predictions(module, tokens, self.amp_dtype, self.grid)
+            logits = None if module.training else pmt_logits(out, tuple(masks.shape[-2:]))
+        else:
+            out = logits = head_logits(module, tokens, tuple(masks.shape[-2:]), self.amp_dtype, self.grid)
+        if n_source is None or n_source == len(masks):
+            return logits, self.criterion(out, masks)
+        head, tail = _part(out, slice(0, n_source)), _part(out, slice(n_source, None))
+        return logits, (self.criterion(head, masks[:n_source])
+                        + self.cfg.target_weight * self.criterion(tail, masks[n_source:]))
 
     def epoch_draw(self, epoch: int) -> np.ndarray:
         """The epoch's samples, in order: a pure function of (seed, epoch), the same on every rank."""
@@ -73,8 +81,9 @@ class EpochRunner:
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of the epoch. Under DDP the epoch's draw is the one-process draw,
         padded by wrap-around to whole global micro-batches, and each global micro-batch of
-        rank_batch x world is cut into one slice per rank."""
-        d, b = self.d, self.rank_batch
+        rank_batch x world is cut into one slice per rank. With a target, the source's share of
+        each micro-batch."""
+        d, b = self.d, self.rank_batch - self.target_batch
         idx = self.epoch_draw(epoch)
         if not d.active:
             return batches_of(idx, b)
@@ -83,12 +92,24 @@ class EpochRunner:
         idx = np.concatenate([idx, np.resize(idx, pad)]) if pad else idx
         return [g[d.rank * b:(d.rank + 1) * b] for g in batches_of(idx, global_batch)]
 
-    def train_epoch(self, source, epoch: int) -> tuple[float, float]:
-        """(mean train loss over all ranks, samples per second)."""
+    def target_batches(self, epoch: int, count: int) -> list[np.ndarray]:
+        """This rank's target samples for `count` micro-batches: drawn uniformly with replacement, a
+        pure function of (seed, epoch), each rank its own slice of one draw."""
+        d, b = self.d, self.target_batch
+        rng = np.random.default_rng([self.cfg.seed, epoch, 1])
+        draw = rng.integers(0, len(self.target_split), count * b * d.world)
+        return [draw[(i * d.world + d.rank) * b:(i * d.world + d.rank + 1) * b] for i in range(count)]
+
+    def train_epoch(self, source, epoch: int, target=None) -> tuple[float, float]:
+        """(mean train loss over all ranks, samples per second). `target`: the source of pseudo-labelled
+        samples, target_batch of them joining each micro-batch."""
         cfg = self.cfg
         self.model.train()
         batches = self.rank_batches(epoch)
-        n_samples = sum(len(b) for b in batches)
+        pairs = source.batches(batches)
+        if target is not None:
+            pairs = (_joined(s, t) for s, t in zip(pairs, target.batches(self.target_batches(epoch, len(batches)))))
+        n_samples = sum(len(b) for b in batches) + (len(batches) * self.target_batch if target is not None else 0)
         count, t0 = 0, time.perf_counter()
         # Kept on the device and read every SYNC_EVERY steps: a .item() per step would make the host wait
         # for every GPU step. A non-finite loss is still caught within SYNC_EVERY steps, before anything
@@ -99,12 +120,13 @@ class EpochRunner:
         self.opt.zero_grad(set_to_none=True)
         bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for step, (tokens, masks) in enumerate(source.batches(batches)):
+        for step, (tokens, masks, n_source) in enumerate(pairs if target is not None else
+                                                         (t + (None,) for t in pairs)):
             stepping = (step + 1) % self.rank_accum == 0
             # Under DDP gradients are all-reduced only on the micro-batch that steps: the ones before it
             # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
             with self.model.no_sync() if self.d.active and not stepping else contextlib.nullcontext():
-                _, loss = self.forward_loss(tokens, masks)
+                _, loss = self.forward_loss(tokens, masks, n_source=n_source)
                 fresh = ~torch.isfinite(loss.detach()) & torch.isinf(first_bad[0])
                 first_bad = torch.where(fresh, torch.stack([step_t, loss.detach().double()]), first_bad)
                 step_t += 1
@@ -164,3 +186,15 @@ class EpochRunner:
         all_reduce_sum(self.d, sums)
         return sums[0].item() / max(sums[1].item(), 1), cm
 
+
+
+def _joined(source: tuple, target: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A source batch and a target batch as one: (tokens, masks, how many come first from the source)."""
+    return torch.cat((source[0], target[0])), torch.cat((source[1], target[1])), len(source[0])
+
+
+def _part(out, rows: slice):
+    """Rows of a head's output: logits [B, ...], or a mask decoder's (mask logits, class logits) lists."""
+    if isinstance(out, tuple):
+        return tuple([t[rows] for t in part] for part in out)
+    return out[rows]

@@ -50,6 +50,10 @@ class TrainConfig:
     decoder_blocks: Optional[int] = None
     masked_attention: Optional[bool] = None
     mask_points: Optional[int] = None
+    # With pseudo-labelled target samples (train-head --target): their share of each batch and the
+    # weight of their loss; None without a target
+    target_ratio: Optional[float] = None
+    target_weight: Optional[float] = None
 
     @property
     def tuned_lr(self) -> float:
@@ -210,6 +214,10 @@ def check_pmt(cfg: TrainConfig) -> None:
                        "the per-epoch schedules take --warmup-epochs")
     if cfg.warmup_fraction is not None and not (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1):
         raise SegError(f"--warmup-fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    if cfg.target_ratio is not None and not (math.isfinite(cfg.target_ratio) and 0 < cfg.target_ratio < 1):
+        raise SegError(f"--target-ratio must be between 0 and 1 (the target's share of each batch), got {cfg.target_ratio}")
+    if cfg.target_weight is not None and not (math.isfinite(cfg.target_weight) and cfg.target_weight >= 0):
+        raise SegError(f"--target-weight must be a finite number >= 0, got {cfg.target_weight}")
     if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
         raise SegError(f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}")
 
@@ -220,6 +228,6 @@ def with_legacy_fields(config: dict) -> dict:
     config = dict(config)
     if "ms_fusion" not in config:
         config["ms_fusion"] = "full" if config.get("head") == "upernet-ms" else None
-    for key in ("grad_clip", "warmup_fraction", *PMT_ONLY):  # added with the pmt head: off before it
+    for key in ("grad_clip", "warmup_fraction", "target_ratio", "target_weight", *PMT_ONLY):  # off before them
         config.setdefault(key, None)
     return config

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from seg.cache import format as cf
+from seg.cache.pseudo import open_pseudo
 from seg.heads import head_logits
+from seg.runtime.errors import SegError
 from seg.train.presets import TrainConfig
 from seg.train.sampling import RareClassSampler, default_min_pixels
 from seg.train.sources import (PreloadedSplit, StreamedSplit, choose_preload, gradient_bytes,
@@ -68,24 +70,24 @@ def measure_step(train_split, head: nn.Module, epochs, rank_batch: int, device: 
 
 
 def choose_sources(opts, head: nn.Module, opt: torch.optim.Optimizer, train_split, val_split, device: torch.device,
-                   measure: Callable[[], int], log: Callable[[str], None], levels: bool = False):
-    """(train, val) sources: preloaded on the device when data plus training fit, else streamed;
-    with `levels`, batches of packed levels (prefix tokens included) for a mask decoder."""
+                   measure: Callable[[], int], log: Callable[[str], None], levels: bool = False, target_split=None):
+    """(train, val, target or None) sources: preloaded on the device when data plus training fit, else
+    streamed; with `levels`, batches of packed levels (prefix tokens included) for a mask decoder."""
     training, how = optimizer_state_bytes(head, opt), "optimizer state and gradients"
     if opts.preload == "auto" and device.type == "cuda":
         training, how = training + measure(), "optimizer state + one step measured"
     else:
         training += gradient_bytes(head)
-    preload, why = choose_preload(opts.preload, [train_split, val_split], device, training=training,
-                                  training_how=how, levels=levels)
+    splits = [train_split, val_split] + ([target_split] if target_split is not None else [])
+    preload, why = choose_preload(opts.preload, splits, device, training=training, training_how=how, levels=levels)
     log(why)
     if preload:
         t0 = time.perf_counter()
-        src = PreloadedSplit(train_split, device, levels), PreloadedSplit(val_split, device, levels)
-        log(f"preloaded {len(train_split) + len(val_split)} samples in {time.perf_counter() - t0:.1f} s")
-        return src
-    return (StreamedSplit(train_split, device, opts.workers, levels),
-            StreamedSplit(val_split, device, opts.workers, levels))
+        src = tuple(PreloadedSplit(s, device, levels) for s in splits)
+        log(f"preloaded {sum(len(s) for s in splits)} samples in {time.perf_counter() - t0:.1f} s")
+    else:
+        src = tuple(StreamedSplit(s, device, opts.workers, levels) for s in splits)
+    return src if target_split is not None else (*src, None)
 
 
 def tensorboard_log(out: Path, cache, val_split, head: nn.Module, amp_dtype, grid, device: torch.device,
@@ -97,3 +99,25 @@ def tensorboard_log(out: Path, cache, val_split, head: nn.Module, amp_dtype, gri
 
     log(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out / 'tensorboard'})")
     return TensorBoardLog(out, list(cache.class_table.names), list(cache.class_table.colors), val_split, logits_of)
+
+
+def target_setup(cfg: TrainConfig, target: Optional[str], cache, rank_batch: int, log: Callable[[str], None]):
+    """(pseudo-labelled split or None, its samples per micro-batch, what the run records of it)."""
+    if target is None:
+        if cfg.target_ratio is not None or cfg.target_weight is not None:
+            raise SegError("--target-ratio and --target-weight apply to pseudo-labelled target samples: add --target DIR")
+        return None, 0, None
+    if cfg.target_ratio is None or cfg.target_weight is None:
+        raise SegError("--target needs --target-ratio and --target-weight (the command line gives 0.5 and 1)")
+    split = open_pseudo(target, cache)
+    n = max(1, round(rank_batch * cfg.target_ratio))
+    if n >= rank_batch:
+        raise SegError(f"--target-ratio {cfg.target_ratio:g} leaves no source sample in a batch of {rank_batch}: "
+                       "lower it, or raise --batch-size")
+    record = {"pseudo_labels": str(Path(target).resolve()), "split": split.record["split"],
+              "masks_sha256": split.record["masks_sha256"], "teacher": split.record["teacher"],
+              "samples_per_batch": n, "coverage": split.record["coverage"]}
+    log(f"target: {split.record['split']} pseudo-labels from {target} ({len(split)} views, "
+        f"{split.record['coverage']:.1%} of pixels labelled): {n} of every {rank_batch} samples per batch, "
+        f"loss weight {cfg.target_weight:g}")
+    return split, n, record

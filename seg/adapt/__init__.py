@@ -1,0 +1,2 @@
+"""Adapting a trained head to unlabeled images of a new domain from the cache: class-balanced
+pseudo-labels (CBST) and rounds of self-training guarded against collapse."""

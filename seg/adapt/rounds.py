@@ -1,0 +1,228 @@
+"""`seg adapt`: rounds of self-training (CBST) on an unlabeled split of the cache, guarded.
+
+Round r: the teacher (the given run, then the last student that passed) labels the split at portion
+p + (r - 1) x step (`seg pseudo-label`, into OUT/round-r/pseudo); the guard reads the labels; a
+student trains on the labelled source and the pseudo-labelled target (`train-head --target`, into
+OUT/round-r/student, starting from the teacher's weights unless told otherwise); the guard compares
+its source val mIoU and its confidence on the target with its teacher's. A round the guard stops is recorded with its reason and ends the rounds: the last
+model that passed is the result (the given run when none did). Every step is resumable: a finished
+step is kept, a student stopped mid-way continues from its last epoch. OUT/adapt.json holds the
+table and the choice, rewritten after each step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence
+from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
+from seg.backbones import file_sha256
+from seg.cache import FeatureCache
+from seg.cache.pseudo import read_pseudo
+from seg.heads import head_logits
+from seg.infer.runs import load_run
+from seg.runtime.atomic import write_json, write_text
+from seg.runtime.device import resolve_device
+from seg.runtime.errors import SegError
+from seg.runtime.output import Output
+from seg.scoring.metrics import confusion_matrix, summarize
+from seg.train.config_file import config_from_file
+from seg.train.sources import read_batch
+from seg.train_head import RunOptions, train
+
+RECORD, TABLE, LOCK = "adapt.json", "adapt.txt", ".seg-adapt.lock"
+
+
+@dataclass
+class AdaptOptions:
+    run: str
+    cache: str
+    target: str                  # the unlabeled split of the cache
+    out: str
+    rounds: int = 3
+    portion: float = 0.5
+    portion_step: float = 0.05   # CBST's schedule: the portion grows each round
+    student_init: str = "teacher"  # teacher (its weights) | scratch
+    stride: int = 4
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    student: dict = field(default_factory=dict)  # train-head settings for the students, over the teacher's
+    run_options: RunOptions = field(default_factory=RunOptions)
+    progress: bool = True
+
+
+def adapt_output(out: Path) -> Output:
+    try:
+        vouched = json.loads((out / RECORD).read_text()).get("mode") == "rounds"
+    except (OSError, ValueError, AttributeError):
+        vouched = False
+    owns = lambda rel: vouched and (rel in (RECORD, TABLE) or rel.startswith("round-"))  # noqa: E731
+    return Output(out, "adapt", owns, LOCK, what="adaptation")
+
+
+def target_confidence(run_dir: str | Path, cache: FeatureCache, split_name: str, device: torch.device) -> float:
+    """A run's mean confidence (max softmax) over every pixel of every cached view of a split."""
+    run = load_run(run_dir, device)
+    split = cache.split(split_name)
+    h, w = split.manifest["mask_shape"]
+    total, pixels = 0.0, 0
+    with torch.inference_mode():
+        for b0 in range(0, len(split), 8):
+            tokens, _ = read_batch(split, np.arange(b0, min(b0 + 8, len(split))), device, run.levels)
+            conf = head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).softmax(1).max(1)[0]
+            total, pixels = total + float(conf.double().sum()), pixels + conf.numel()
+    return total / pixels
+
+
+def source_val_miou(run_dir: str | Path, cache: FeatureCache, device: torch.device) -> float:
+    """mIoU of a run on the cache's labelled val split (seed 0), from the cached tokens."""
+    run = load_run(run_dir, device)
+    split = cache.split("val")
+    h, w = split.manifest["mask_shape"]
+    k = run.class_table.num_classes
+    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+    start = split.seeds.index(0) * len(split.images)
+    with torch.inference_mode():
+        for b0 in range(start, start + len(split.images), 8):
+            tokens, masks = read_batch(split, np.arange(b0, min(b0 + 8, start + len(split.images))), device, run.levels)
+            cm += confusion_matrix(head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).argmax(1),
+                                   masks, k)
+    return float(summarize(cm, list(run.class_table.names))["miou"])
+
+
+def adapt(opts: AdaptOptions, log: Callable[[str], None] = print) -> dict:
+    if opts.rounds < 1:
+        raise SegError(f"--rounds must be at least 1, got {opts.rounds}")
+    if opts.student_init not in ("teacher", "scratch"):
+        raise SegError(f"--student-init must be teacher or scratch, got {opts.student_init!r}")
+    cache = FeatureCache(opts.cache)
+    if opts.target not in cache.manifest["splits"]:
+        raise SegError(f"{opts.cache}: no {opts.target!r} split to adapt to (it has {', '.join(cache.splits)}); "
+                       "add one with `seg extract ... --unlabeled NAME=FOLDER`")
+    out = Path(opts.out)
+    with adapt_output(out):
+        return _rounds(opts, cache, out, log)
+
+
+def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
+    device = resolve_device(opts.run_options.device)
+    state = _state(out, opts)
+    teacher = str(Path(opts.run).resolve())
+    if state["source"] is None:
+        state["source"] = {"run": teacher, "val_miou": source_val_miou(teacher, cache, device)}
+        _save(out, state)
+    teacher_val = state["source"]["val_miou"]
+    log(f"adapt: {opts.rounds} round(s) on {opts.target}; source model {teacher}: val mIoU {teacher_val:.4f}")
+    for r in range(1, opts.rounds + 1):
+        row = next((x for x in state["rounds"] if x["round"] == r), None)
+        if row is None:
+            row = {"round": r, "teacher": teacher, "portion": min(1.0, opts.portion + (r - 1) * opts.portion_step)}
+            state["rounds"].append(row)
+        rdir = out / f"round-{r}"
+        pseudo = _pseudo_labels(opts, row, rdir / "pseudo", log)
+        row.update(coverage=pseudo["coverage"], shares=pseudo["shares"], prior=pseudo["source_prior"],
+                   teacher_confidence=pseudo["teacher_confidence"], mean_confidence=mean_confidence(pseudo),
+                   kept_label_accuracy=pseudo["kept_label_accuracy"])
+        _save(out, state)  # a kill from here on finds this round's labels recorded
+        problems = label_problems(pseudo, opts.guard)
+        if not problems:
+            student = _student(opts, row, rdir / "student", log)
+            row["student"], row["val_miou"] = student, source_val_miou(student, cache, device)
+            row["student_confidence"] = target_confidence(student, cache, opts.target, device)
+            drift = drift_problem(row["student_confidence"], row["mean_confidence"], row["val_miou"], teacher_val,
+                                  opts.guard)
+            problems = [drift] if drift else []
+        row["guard"] = problems
+        row["passed"] = not problems
+        _save(out, state)
+        if problems:
+            log(f"round {r}: STOPPED by the guard: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1
+                                                                      else "") + f"; keeping {teacher}")
+            break
+        log(f"round {r}: passed; student val mIoU {row['val_miou']:.4f} (teacher {teacher_val:.4f}), "
+            f"{row['coverage']:.1%} of target pixels labelled")
+        teacher, teacher_val = row["student"], row["val_miou"]
+    passed = [x for x in state["rounds"] if x.get("passed")]
+    state["final"] = {"model": teacher, "val_miou": teacher_val,
+                      "why": (f"the student of round {passed[-1]['round']}, the last round the guard passed"
+                              if passed else "the source model: no round passed the guard")}
+    _save(out, state)
+    log(f"final model: {teacher} ({state['final']['why']}); {out / RECORD}, {out / TABLE}")
+    return state
+
+
+def _state(out: Path, opts: AdaptOptions) -> dict:
+    """adapt.json as left by an earlier start (resume), checked to be the same adaptation; else new."""
+    path = out / RECORD
+    settings = {"run": str(Path(opts.run).resolve()), "cache": str(Path(opts.cache).resolve()),
+                "target": opts.target, "portion": opts.portion, "portion_step": opts.portion_step,
+                "student_init": opts.student_init, "stride": opts.stride, "guard": opts.guard.to_dict(),
+                "student": opts.student}
+    if path.exists():
+        state = json.loads(path.read_text())
+        if state.get("settings") != settings:
+            differ = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+            raise SegError(f"{out}: holds an adaptation with other settings (differs in {', '.join(differ)}); "
+                           "choose another --out")
+        return state
+    return {"mode": "rounds", "settings": settings, "source": None, "rounds": [], "final": None}
+
+
+def _pseudo_labels(opts: AdaptOptions, row: dict, folder: Path, log) -> dict:
+    """The round's pseudo-labels: kept when complete and made by this teacher at this portion."""
+    try:
+        record = read_pseudo(folder)
+        if (record["teacher"]["best_pt_sha256"] == file_sha256(Path(row["teacher"]) / "best.pt")
+                and record["method"]["portion"] == row["portion"]):
+            return record
+    except SegError:
+        pass
+    return pseudo_label(PseudoOptions(run=row["teacher"], cache=opts.cache, split=opts.target, out=str(folder),
+                                      portion=row["portion"], stride=opts.stride, device=opts.run_options.device,
+                                      progress=opts.progress), log)
+
+
+def _student(opts: AdaptOptions, row: dict, folder: Path, log) -> str:
+    """Train (or continue, or keep) the round's student; returns its run folder."""
+    done = folder / "metrics.json"
+    if done.exists() and (folder / "last.pt").exists():
+        last = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+        cfg, _ = config_from_file(folder / "config.json", {}, None)
+        if last.get("epoch", -1) + 1 >= cfg.epochs:
+            return str(folder.resolve())
+    flags = {"target_ratio": 0.5, "target_weight": 1.0, **opts.student}
+    cfg, source = config_from_file(Path(row["teacher"]) / "config.json", flags, None)
+    # a student stopped before or during its epochs continues (from its last epoch, or from the start
+    # with the teacher's weights when none finished)
+    run_opts = RunOptions(**{**opts.run_options.__dict__, "target": str(folder.parent / "pseudo"),
+                             "resume": (folder / "config.json").exists(), "progress": opts.progress,
+                             "config_source": source,
+                             "init_from": row["teacher"] if opts.student_init == "teacher" else None})
+    train(cfg, opts.cache, str(folder), run_opts, log=log)
+    return str(folder.resolve())
+
+
+def _save(out: Path, state: dict) -> None:
+    write_json(out / RECORD, state)
+    write_text(out / TABLE, "\n".join(round_table(state)) + "\n")
+
+
+def round_table(state: dict) -> list[str]:
+    """Per round: portion, coverage, mean teacher confidence, source val mIoU, the guard's verdict."""
+    rows = [f"{'round':>5s} {'portion':>7s} {'coverage':>8s} {'confidence':>10s} {'val mIoU':>8s}  guard"]
+    if state.get("source"):
+        rows.append(f"{0:5d} {'-':>7s} {'-':>8s} {'-':>10s} {state['source']['val_miou']:8.4f}  source model")
+    for x in state["rounds"]:
+        conf = x.get("mean_confidence")
+        rows.append(f"{x['round']:5d} {x['portion']:7.2f} {x.get('coverage', 0):8.1%} "
+                    + (f"{conf:10.3f}" if conf is not None else f"{'-':>10s}")
+                    + (f" {x['val_miou']:8.4f}" if x.get("val_miou") is not None else f" {'-':>8s}")
+                    + ("  passed" if x.get("passed") else f"  STOPPED: {'; '.join(x.get('guard') or ['(unfinished)'])}"))
+    if state.get("final"):
+        rows.append(f"final: {state['final']['model']} ({state['final']['why']})")
+    return rows

@@ -1,0 +1,190 @@
+"""Self-training from the cache, end to end on the synthetic desert: an unlabeled split added to a
+cache without touching its other splits, pseudo-labels that line up with the cached views they were
+predicted on, students trained on source + target, the guard stopping a teacher that is wrong about a
+whole class, refusals, and a resume after a kill."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from seg.adapt.guard import GuardSettings
+from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
+from seg.adapt.rounds import AdaptOptions, adapt
+from seg.cache import FeatureCache
+from seg.cli import main
+from seg.extract_features import ExtractConfig, extract
+from seg.runtime.errors import SegError
+from seg.train.presets import resolve
+from seg.train_head import RunOptions, train
+
+pytestmark = pytest.mark.slow
+QUIET = dict(log=lambda s: None)
+SETTINGS = dict(backbone="vits14", size="224x126", random_init=True, aug_policy="phase3", aug_seeds=2,
+                batch_size=4, shard_size=4, workers=0, progress=False)
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def adapted_cache(tmp_path_factory, dataset):
+    """A train/val cache of the synthetic desert, then its test images added as an unlabeled split."""
+    root = tmp_path_factory.mktemp("adapt")
+    out = root / "cache"
+    extract(ExtractConfig(data=str(dataset), out=str(out), **SETTINGS), **QUIET)
+    before = {p.name: sha(p) for p in out.glob("*.h5")}
+    folder = dataset / "Offroad_Segmentation_testImages" / "Color_Images"
+    extract(ExtractConfig(data=str(dataset), out=str(out), unlabeled=(f"target={folder}",), **SETTINGS), **QUIET)
+    return out, before, folder
+
+
+@pytest.fixture(scope="module")
+def teacher(adapted_cache, tmp_path_factory):
+    """A head trained long enough on the train views to fit them (random features: it overfits)."""
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    train(resolve(2, {"epochs": 12, "lr": 2e-3, "all_seeds": True}), str(adapted_cache[0]), str(out),
+          RunOptions(device="cpu", progress=False), **QUIET)
+    return out
+
+
+def test_an_unlabeled_split_is_added_and_the_others_stay_byte_for_byte(adapted_cache):
+    out, before, folder = adapted_cache
+    assert {n: sha(out / n) for n in before} == before
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["splits"]["target"]
+    assert (s["labels"], s["seeds"], len(s["images"])) == ("none", [0, 1, 2], 2)
+    split = FeatureCache(out).split("target")
+    _, masks = split.read_rows(np.arange(len(split)))
+    assert (masks == 255).all()  # nothing to learn from until a teacher labels it
+    r = CliRunner().invoke(main, ["cache", "info", str(out)])
+    assert "UNLABELED" in r.output
+    r = CliRunner().invoke(main, ["cache", "verify", str(out), "--sources"])
+    assert r.exit_code == 0, r.output
+
+
+def test_labels_needing_commands_refuse_an_unlabeled_split(adapted_cache, teacher, tmp_path):
+    out, _, folder = adapted_cache
+    r = CliRunner().invoke(main, ["eval", "--run", str(teacher), "--cache", str(out), "--split", "target"])
+    assert r.exit_code == 1 and "the target split is unlabeled" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["extract", "--data", str(folder), "--out", str(tmp_path / "c"), "--unlabeled",
+                                  f"val={folder}", "--random-init", "--splits", "none"])
+    assert r.exit_code == 1 and "not train, val, test" in r.output
+
+
+def test_pseudo_labels_line_up_with_the_views_they_were_predicted_on(adapted_cache, teacher, tmp_path):
+    """Labelling the (labelled) train split: the teacher fits its views, so each pseudo-mask agrees
+    with its own view's true mask far more than with another view's of the same image."""
+    out, _, _ = adapted_cache
+    record = pseudo_label(PseudoOptions(run=str(teacher), cache=str(out), split="train", out=str(tmp_path / "p"),
+                                        portion=0.8, stride=1, device="cpu", progress=False), **QUIET)
+    split = FeatureCache(out).split("train")
+    _, truth = split.read_rows(np.arange(len(split)))
+    pseudo = np.load(tmp_path / "p" / "masks.npy")
+    n = len(split.images)
+
+    def agreement(a, b):
+        kept = (a != 255) & (b != 255)
+        return (a[kept] == b[kept]).mean()
+
+    aligned = np.mean([agreement(pseudo[k], truth[k]) for k in range(len(split))])
+    other_view = np.mean([agreement(pseudo[k], truth[(k + n) % len(split)]) for k in range(len(split))])
+    other_image = np.mean([agreement(pseudo[k], truth[k // n * n + (k + 1) % n]) for k in range(len(split))])
+    # measured: aligned 0.69, the same image's other augmented view 0.49
+    assert aligned > 0.6 and aligned > max(other_view, other_image) + 0.1, (aligned, other_view, other_image)
+    assert record["kept_label_accuracy"] == pytest.approx(
+        sum(((pseudo[k] == truth[k]) & (pseudo[k] != 255) & (truth[k] != 255)).sum() for k in range(len(split)))
+        / sum(((pseudo[k] != 255) & (truth[k] != 255)).sum() for k in range(len(split))))
+    assert 0 < record["coverage"] < 1 and len(record["thresholds"]) == 10
+
+
+def test_students_train_on_source_and_target(adapted_cache, teacher, tmp_path, monkeypatch):
+    out, _, _ = adapted_cache
+    pseudo_label(PseudoOptions(run=str(teacher), cache=str(out), split="target", out=str(tmp_path / "p"),
+                               device="cpu", progress=False), **QUIET)
+    from seg.train.epochs import EpochRunner
+
+    seen, real = [], EpochRunner.forward_loss
+
+    def spy(self, tokens, masks, module=None, n_source=None):
+        if self.model.training:
+            seen.append((len(tokens), n_source, int((masks[n_source:] != 255).sum()) if n_source else 0))
+        return real(self, tokens, masks, module, n_source)
+
+    monkeypatch.setattr(EpochRunner, "forward_loss", spy)
+    cfg = resolve(2, {"epochs": 1, "batch_size": 4, "target_ratio": 0.5, "target_weight": 1.0})
+    train(cfg, str(out), str(tmp_path / "s"), RunOptions(device="cpu", progress=False, target=str(tmp_path / "p")),
+          **QUIET)
+    assert seen and all(b == 4 and n == 2 for b, n, _ in seen) and sum(t for *_, t in seen) > 0
+    record = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert record["target"]["split"] == "target" and record["config"]["target_ratio"] == 0.5
+    # target weight 0: the target samples are in the batch but teach nothing -> another model than weight 1
+    seen.clear()
+    train(resolve(2, {"epochs": 1, "batch_size": 4, "target_ratio": 0.5, "target_weight": 0.0}), str(out),
+          str(tmp_path / "s0"), RunOptions(device="cpu", progress=False, target=str(tmp_path / "p")), **QUIET)
+    a = torch.load(tmp_path / "s" / "best.pt", weights_only=True)["head"]
+    b = torch.load(tmp_path / "s0" / "best.pt", weights_only=True)["head"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SegError, match="apply to pseudo-labelled target samples: add --target"):
+        train(resolve(2, {"epochs": 1, "target_ratio": 0.5}), str(out), str(tmp_path / "x"),
+              RunOptions(device="cpu", progress=False), **QUIET)
+    (tmp_path / "p" / "masks.npy").write_bytes(b"changed")
+    with pytest.raises(SegError, match=r"masks\.npy: missing or changed since"):
+        train(cfg, str(out), str(tmp_path / "y"), RunOptions(device="cpu", progress=False, target=str(tmp_path / "p")),
+              **QUIET)
+
+
+def test_the_guard_stops_a_teacher_wrong_about_a_whole_class(adapted_cache, teacher, tmp_path):
+    """A teacher that never predicts Landscape (half the source pixels) collapses it in its
+    pseudo-labels: round 1 stops before any student trains, and the source model stays the model."""
+    out, _, _ = adapted_cache
+    wrong = tmp_path / "wrong"
+    shutil.copytree(teacher, wrong)
+    best = torch.load(wrong / "best.pt", weights_only=True)
+    landscape = best["class_table"]["classes"].index(next(c for c in best["class_table"]["classes"]
+                                                          if c["name"] == "Landscape"))
+    best["head"]["classifier.bias"][landscape] = -1e4
+    torch.save(best, wrong / "best.pt")
+    state = adapt(AdaptOptions(run=str(wrong), cache=str(out), target="target", out=str(tmp_path / "a"), rounds=2,
+                               student={"epochs": 1}, run_options=RunOptions(device="cpu"), progress=False), **QUIET)
+    (r1,) = state["rounds"]
+    assert not r1["passed"] and r1["guard"][0].startswith("collapse: Landscape is 0.0% of the pseudo-labels")
+    assert "student" not in r1 and state["final"]["model"] == str(wrong.resolve())
+    assert "no round passed the guard" in state["final"]["why"]
+    assert "STOPPED: collapse: Landscape" in (tmp_path / "a" / "adapt.txt").read_text()
+
+
+def test_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, teacher, tmp_path, monkeypatch):
+    out, _, _ = adapted_cache
+    opts = lambda where: AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(where),  # noqa: E731
+                                      rounds=2, student={"epochs": 2}, run_options=RunOptions(device="cpu"),
+                                      guard=GuardSettings(collapse_fraction=0.0, val_drop=1.0),
+                                      progress=False)
+    whole = adapt(opts(tmp_path / "whole"), **QUIET)
+    from seg.train.epochs import EpochRunner
+
+    real, calls = EpochRunner.train_epoch, []
+
+    def killed(self, source, epoch, target=None):
+        calls.append(epoch)
+        if len(calls) == 3:  # round 2's student, in its first epoch
+            raise KeyboardInterrupt
+        return real(self, source, epoch, target)
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(opts(tmp_path / "cut"), **QUIET)
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    state = json.loads((tmp_path / "cut" / "adapt.json").read_text())
+    assert state["rounds"][0]["passed"] and "val_miou" not in state["rounds"][1]
+    resumed = adapt(opts(tmp_path / "cut"), **QUIET)
+    assert [r["val_miou"] for r in resumed["rounds"]] == [r["val_miou"] for r in whole["rounds"]]
+    assert [r["coverage"] for r in resumed["rounds"]] == [r["coverage"] for r in whole["rounds"]]
+    with pytest.raises(SegError, match="holds an adaptation with other settings"):
+        adapt(AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(tmp_path / "cut"), rounds=2,
+                           portion=0.3, run_options=RunOptions(device="cpu"), progress=False), **QUIET)

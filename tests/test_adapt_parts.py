@@ -1,0 +1,58 @@
+"""The parts of self-training, by hand: CBST's class-balanced thresholds and label selection (values
+worked out from the definition in CRST's kc_parameters and label_selection), and the collapse guard's
+three signs."""
+
+import numpy as np
+import pytest
+import torch
+
+from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence
+from seg.adapt.thresholds import class_thresholds, sampled_confidences, select_labels
+
+
+def test_thresholds_are_the_portion_quantile_of_each_classes_confidences():
+    conf = [np.array([0.6, 0.9, 0.7, 0.8]),     # sorted: .9 .8 .7 .6; floor(4 x 0.5) = 2 -> the 2nd: 0.8
+            np.array([0.3]),                    # floor(1 x 0.5) = 0 -> kept at 1 (CRST's initial value)
+            None,                               # never predicted -> 1
+            np.array([0.4, 0.5, 0.45])]         # floor(3 x 0.5) = 1 -> the largest: 0.5
+    assert class_thresholds(conf, 0.5).tolist() == pytest.approx([0.8, 1.0, 1.0, 0.5])
+    # portion 1: the smallest confidence of each class; portion 0.25 of 4: the largest
+    assert class_thresholds(conf, 1.0).tolist() == pytest.approx([0.6, 0.3, 1.0, 0.4])
+    assert class_thresholds(conf, 0.25)[0] == pytest.approx(0.9)
+
+
+def test_labels_are_the_argmax_of_probability_over_threshold_where_it_reaches_one():
+    probs = torch.tensor([[0.60, 0.30, 0.10],   # / [0.8, 0.25, 1] = .75, 1.2, .1  -> class 1 (not the argmax 0)
+                          [0.90, 0.05, 0.05],   # 1.125, .2, .05                  -> class 0
+                          [0.50, 0.20, 0.30],   # .625, .8, .3                    -> ignored
+                          [0.20, 0.25, 0.55]])  # .25, 1.0, .55                   -> class 1 (ratio exactly 1 kept)
+    probs = probs.T.reshape(1, 3, 2, 2)
+    labels = select_labels(probs, torch.tensor([0.8, 0.25, 1.0]))
+    assert labels.flatten().tolist() == [1, 0, 255, 1]
+    pred, conf = sampled_confidences(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), 4)
+    assert pred.shape == conf.shape == (2 * 2 * 2,)
+
+
+def record(shares, prior, conf=(0.5, 0.5, 0.5), pixels=(10, 10, 10)):
+    return {"classes": ["ground", "sky", "rocks"], "shares": list(shares), "source_prior": list(prior),
+            "teacher_confidence": list(conf), "teacher_pixels": list(pixels)}
+
+
+def test_the_guard_names_a_collapsed_class_and_a_swallowing_one():
+    g = GuardSettings()
+    assert label_problems(record([0.5, 0.3, 0.2], [0.5, 0.35, 0.15]), g) == []
+    # a rare class becoming common (Rocks 1% -> 18%) is the domain shift, not a collapse
+    assert label_problems(record([0.47, 0.35, 0.18], [0.64, 0.35, 0.01]), g) == []
+    problems = label_problems(record([0.7, 0.02, 0.28], [0.5, 0.35, 0.15]), g)
+    assert problems == ["collapse: sky is 2.0% of the pseudo-labels against 35.0% of the source pixels (below 0.1 x)"]
+    problems = label_problems(record([0.9, 0.05, 0.05], [0.3, 0.35, 0.35]), g)
+    assert any(p.startswith("swallow: ground takes 90.0%") for p in problems)
+    assert label_problems(record([0.02, 0.5, 0.48], [0.009, 0.5, 0.491]), g) == []  # under min_prior: not watched
+
+
+def test_drift_is_confidence_up_while_source_accuracy_falls():
+    g = GuardSettings(val_drop=0.01)
+    assert drift_problem(0.8, 0.6, 0.50, 0.55, g).startswith("drift: confidence on the target rose 0.600 -> 0.800")
+    assert drift_problem(0.8, 0.6, 0.545, 0.55, g) is None   # fell, but within val_drop
+    assert drift_problem(0.5, 0.6, 0.40, 0.55, g) is None    # fell, but less confident: not this failure
+    assert mean_confidence(record([1, 0, 0], [1, 0, 0], conf=(0.9, 0.5, None), pixels=(30, 10, 0))) == pytest.approx(0.8)
