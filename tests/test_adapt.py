@@ -68,6 +68,19 @@ def test_an_unlabeled_split_is_added_and_the_others_stay_byte_for_byte(adapted_c
     assert r.exit_code == 0, r.output
 
 
+def test_a_second_unlabeled_split_keeps_the_first_and_a_run_not_naming_train_keeps_it(adapted_cache, dataset, tmp_path):
+    out, before, folder = adapted_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(out, copy)
+    kept = {p.name: sha(p) for p in copy.glob("*.h5")}
+    extract(ExtractConfig(data=str(dataset), out=str(copy), **{**SETTINGS, "splits": ()},
+                          unlabeled=(f"second={folder}",)), **QUIET)
+    m = json.loads((copy / "manifest.json").read_text())
+    assert list(m["splits"]) == ["train", "val", "target", "second"] and m["complete"]
+    assert {n: sha(copy / n) for n in kept} == kept
+    assert m["splits"]["target"] == json.loads((out / "manifest.json").read_text())["splits"]["target"]
+
+
 def test_labels_needing_commands_refuse_an_unlabeled_split(adapted_cache, teacher, tmp_path):
     out, _, folder = adapted_cache
     r = CliRunner().invoke(main, ["eval", "--run", str(teacher), "--cache", str(out), "--split", "target"])
@@ -163,7 +176,7 @@ def test_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, teacher, t
     out, _, _ = adapted_cache
     opts = lambda where: AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(where),  # noqa: E731
                                       rounds=2, student={"epochs": 2}, run_options=RunOptions(device="cpu"),
-                                      guard=GuardSettings(collapse_fraction=0.0, val_drop=1.0),
+                                      guard=GuardSettings(collapse_fraction=0.0, val_drop=1.0, shift_factor=1e9),
                                       progress=False)
     whole = adapt(opts(tmp_path / "whole"), **QUIET)
     from seg.train.epochs import EpochRunner
@@ -188,3 +201,17 @@ def test_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, teacher, t
     with pytest.raises(SegError, match="holds an adaptation with other settings"):
         adapt(AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(tmp_path / "cut"), rounds=2,
                            portion=0.3, run_options=RunOptions(device="cpu"), progress=False), **QUIET)
+
+
+def test_a_student_that_moves_pixels_between_classes_is_not_taken(adapted_cache, teacher, tmp_path):
+    """The shift sign, wired: with a factor no student can stay within, round 1's student is trained,
+    measured on the target against its teacher, and refused; the source model stays."""
+    out, _, _ = adapted_cache
+    state = adapt(AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(tmp_path / "a"), rounds=2,
+                               student={"epochs": 1}, run_options=RunOptions(device="cpu"), progress=False,
+                               guard=GuardSettings(collapse_fraction=0.0, val_drop=1.0, shift_factor=1.0 + 1e-9)),
+                  **QUIET)
+    (r1,) = state["rounds"]
+    assert r1["student"] and len(r1["teacher_shares"]) == len(r1["student_shares"]) == 10
+    assert r1["guard"] and r1["guard"][0].startswith("shift: the student predicts") and not r1["passed"]
+    assert state["final"]["model"] == str(teacher.resolve())

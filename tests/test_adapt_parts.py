@@ -56,3 +56,15 @@ def test_drift_is_confidence_up_while_source_accuracy_falls():
     assert drift_problem(0.8, 0.6, 0.545, 0.55, g) is None   # fell, but within val_drop
     assert drift_problem(0.5, 0.6, 0.40, 0.55, g) is None    # fell, but less confident: not this failure
     assert mean_confidence(record([1, 0, 0], [1, 0, 0], conf=(0.9, 0.5, None), pixels=(30, 10, 0))) == pytest.approx(0.8)
+
+
+def test_shift_is_a_class_moving_by_more_than_the_factor():
+    from seg.adapt.guard import shift_problem
+
+    g, names = GuardSettings(shift_factor=2.0), ["ground", "sky", "logs"]
+    # measured on the light desert, round 1: Logs 9.0% -> 26.3% of the predictions, Landscape 23% -> 7.9%
+    assert shift_problem([0.60, 0.31, 0.09], [0.45, 0.29, 0.263], names, g) == \
+        "shift: the student predicts logs on 26.3% of the target pixels, its teacher on 9.0% (2.9x, over 2x)"
+    assert shift_problem([0.60, 0.31, 0.09], [0.55, 0.30, 0.15], names, g) is None      # 1.67x: sharpening
+    assert shift_problem([0.60, 0.395, 0.005], [0.60, 0.391, 0.009], names, g) is None  # under 1 %: noise
+    assert shift_problem([0.5, 0.5, 0.0], [0.5, 0.2, 0.3], names, g).startswith("shift: the student predicts logs")

@@ -8,7 +8,12 @@ passed stays the model.
   `swallow_ratio` times its source share (it absorbs its neighbours);
 - drift: the student is more confident on the target than its teacher was while its mIoU on the
   labelled source val split fell by more than `val_drop` below its teacher's (confident and wrong:
-  the self-training failure mode the round-by-round record exists to catch).
+  the self-training failure mode the round-by-round record exists to catch);
+- shift: the student's predictions on the target redistribute the classes: a class that holds at
+  least `min_prior` of the teacher's or the student's predicted pixels grows or shrinks by more than
+  `shift_factor`. Self-training should sharpen a teacher, not move pixels between classes; on the
+  shifted synthetic deserts every student that lost target mIoU had done so (one class growing
+  2-3x, another shrinking to a third) while its source val mIoU rose (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class GuardSettings:
     swallow_share: float = 0.6
     swallow_ratio: float = 2.0
     val_drop: float = 0.01
+    shift_factor: float = 2.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,4 +66,21 @@ def drift_problem(student_conf: Optional[float], teacher_conf: Optional[float], 
     if student_conf > teacher_conf and student_val < teacher_val - g.val_drop:
         return (f"drift: confidence on the target rose {teacher_conf:.3f} -> {student_conf:.3f} (teacher -> student) "
                 f"while source val mIoU fell {teacher_val:.4f} -> {student_val:.4f}")
+    return None
+
+
+def shift_problem(teacher_shares: list[float], student_shares: list[float], names: list[str],
+                  g: GuardSettings) -> Optional[str]:
+    """The class whose predicted share on the target changed most, teacher -> student, when it
+    changed by more than shift_factor either way."""
+    worst, name = 1.0, None
+    for n, t, s in zip(names, teacher_shares, student_shares):
+        if max(t, s) < g.min_prior:
+            continue
+        ratio = max(t, s) / max(min(t, s), 1e-9)
+        if ratio > worst:
+            worst, name, pair = ratio, n, (t, s)
+    if name is not None and worst > g.shift_factor:
+        return (f"shift: the student predicts {name} on {pair[1]:.1%} of the target pixels, its teacher on "
+                f"{pair[0]:.1%} ({worst:.1f}x, over {g.shift_factor:g}x)")
     return None

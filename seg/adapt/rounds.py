@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence
+from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
 from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
@@ -65,18 +65,23 @@ def adapt_output(out: Path) -> Output:
     return Output(out, "adapt", owns, LOCK, what="adaptation")
 
 
-def target_confidence(run_dir: str | Path, cache: FeatureCache, split_name: str, device: torch.device) -> float:
-    """A run's mean confidence (max softmax) over every pixel of every cached view of a split."""
+def target_predictions(run_dir: str | Path, cache: FeatureCache, split_name: str, device: torch.device
+                       ) -> tuple[float, list[float]]:
+    """(mean confidence, share of the pixels predicted as each class) of a run over every pixel of
+    every cached view of a split."""
     run = load_run(run_dir, device)
     split = cache.split(split_name)
     h, w = split.manifest["mask_shape"]
-    total, pixels = 0.0, 0
+    k = run.class_table.num_classes
+    total, counts = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
     with torch.inference_mode():
         for b0 in range(0, len(split), 8):
             tokens, _ = read_batch(split, np.arange(b0, min(b0 + 8, len(split))), device, run.levels)
-            conf = head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).softmax(1).max(1)[0]
-            total, pixels = total + float(conf.double().sum()), pixels + conf.numel()
-    return total / pixels
+            conf, pred = head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).softmax(1).max(1)
+            total += float(conf.double().sum())
+            counts += torch.bincount(pred.flatten(), minlength=k).double()
+    pixels = float(counts.sum())
+    return total / pixels, (counts / pixels).tolist()
 
 
 def source_val_miou(run_dir: str | Path, cache: FeatureCache, device: torch.device) -> float:
@@ -133,10 +138,12 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
         if not problems:
             student = _student(opts, row, rdir / "student", log)
             row["student"], row["val_miou"] = student, source_val_miou(student, cache, device)
-            row["student_confidence"] = target_confidence(student, cache, opts.target, device)
-            drift = drift_problem(row["student_confidence"], row["mean_confidence"], row["val_miou"], teacher_val,
-                                  opts.guard)
-            problems = [drift] if drift else []
+            _, row["teacher_shares"] = target_predictions(row["teacher"], cache, opts.target, device)
+            row["student_confidence"], row["student_shares"] = target_predictions(student, cache, opts.target, device)
+            problems = [p for p in (drift_problem(row["student_confidence"], row["mean_confidence"], row["val_miou"],
+                                                  teacher_val, opts.guard),
+                                    shift_problem(row["teacher_shares"], row["student_shares"], pseudo["classes"],
+                                                  opts.guard)) if p]
         row["guard"] = problems
         row["passed"] = not problems
         _save(out, state)

@@ -56,14 +56,17 @@ def pseudo_label(run_dir, cache_dir, split, out, portion, stride, batch_size, de
               help="Guard: stop when a class (>= 1% of source pixels) falls below this fraction of its source share.")
 @click.option("--val-drop", default=0.01, show_default=True, type=click.FloatRange(0),
               help="Guard: stop when teacher confidence rises while source val mIoU falls by more than this.")
+@click.option("--shift-factor", default=2.0, show_default=True, type=click.FloatRange(1, min_open=True),
+              help="Guard: stop when a student's predicted share of a class on the target moves by more than this "
+                   "factor from its teacher's.")
 @NO_PROGRESS
 @click.pass_context
 @user_errors(on_interrupt="interrupted; rerun the same command to continue (finished steps are kept)")
 def adapt(ctx, run_dir, cache_dir, target, out, rounds, portion, portion_step, student_init, collapse_fraction,
-          val_drop, no_progress) -> None:
+          val_drop, shift_factor, no_progress) -> None:
     """Self-train on an unlabeled split, in guarded rounds: the teacher labels it (CBST), a student trains
-    on source + target, the guard stops a round that collapses a class or trades source accuracy for
-    confidence. Any other train-head flag (--epochs 10, --target-ratio 0.3, --device cuda, ...) applies
+    on source + target, the guard stops a round that collapses a class, moves pixels between classes or
+    trades source accuracy for confidence. Any other train-head flag (--epochs 10, --target-ratio 0.3, --device cuda, ...) applies
     to the students, over their teacher's settings."""
     from seg.adapt.guard import GuardSettings
     from seg.adapt.rounds import AdaptOptions, adapt as run
@@ -73,6 +76,7 @@ def adapt(ctx, run_dir, cache_dir, target, out, rounds, portion, portion_step, s
     settings, run_flags = train_head_flags(list(ctx.args), 3)
     run(AdaptOptions(run=run_dir, cache=cache_dir, target=target, out=out, rounds=rounds, portion=portion,
                      portion_step=portion_step, student_init=student_init,
-                     guard=GuardSettings(collapse_fraction=collapse_fraction, val_drop=val_drop),
+                     guard=GuardSettings(collapse_fraction=collapse_fraction, val_drop=val_drop,
+                                         shift_factor=shift_factor),
                      student=settings, run_options=RunOptions(**run_flags), progress=not no_progress),
         log=click.echo)

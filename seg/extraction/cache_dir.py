@@ -92,6 +92,8 @@ def prepare_cache_dir(out: Path, old: Optional[dict], manifest: dict, overwrite:
                        "settings: use another --out, or pass --overwrite to replace it")
     for name in kept:
         manifest["splits"][name] = old["splits"][name]
+    order = [*old["splits"], *added]  # the cache's splits in their order, then the new ones
+    manifest["splits"] = {name: manifest["splits"][name] for name in order}
     for name, split in manifest["splits"].items():  # the record of what the finished shards were made from
         if name in old["splits"]:
             split["sources"] = old["splits"][name].get("sources", split["sources"])
