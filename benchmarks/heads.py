@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="Only the configurations of these heads (e.g. upernet-ms or upernet,pmt).")
+    ap.add_argument("--label", default=None, help="Only the configurations whose label holds this (e.g. reduce).")
     args = ap.parse_args()
 
     from seg.evaluate import EvalOptions, evaluate
@@ -56,6 +57,8 @@ def main() -> None:
                 {"batch_size": 2, "accum": 2})]
     if only:
         configs = [c for c in configs if c[1] in only]
+    if args.label:
+        configs = [c for c in configs if args.label in c[0]]
     results = []
     for label, head, layers, lr, extra in configs:
         for seed in range(args.seeds):

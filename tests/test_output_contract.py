@@ -117,6 +117,10 @@ def recipes(dataset, small_cache, phase3_run, nan_run, tmp_path_factory) -> dict
     sweep = ["sweep", "--cache", small_cache, "--trials", "1", "--phase", "1", "--epochs", "1", "--device", "cpu",
              "--search", "lr=1e-4:1e-3:log", "--seed", "0"]
     demo = ["demo", "--train-images", "2", "--epochs", "1", "--size", "70x42", "--random-init", "--device", "cpu"]
+    # a labelled split serves as the target here: the contract, not the adaptation, is under test
+    pseudo = ["pseudo-label", "--cache", small_cache, "--split", "val", "--device", "cpu", "--no-progress"]
+    adapt = ["adapt", "--cache", small_cache, "--target", "val", "--rounds", "1", "--epochs", "1", "--device", "cpu",
+             "--no-progress"]
     return {
         "extract": Recipe(lambda o: [*extract, "--out", o],
                           lambda o: [*extract, "--out", o, "--batch-size", "3"],
@@ -146,6 +150,13 @@ def recipes(dataset, small_cache, phase3_run, nan_run, tmp_path_factory) -> dict
                         lambda o: [*sweep[:-3], "lr=1e-3:1e-2:log", "--seed", "0", "--out", o],
                         lambda o: [*sweep, "--out", o], ".seg-sweep.lock", ("sweep-settings.json",), shared=True,
                         fails_fresh=lambda o: [*sweep, "--out", o, "--storage", "nosuchdb://x"]),
+        "pseudo-label": Recipe(lambda o: [*pseudo, "--run", phase3_run, "--out", o],
+                               lambda o: [*pseudo, "--run", nan_run, "--out", o],
+                               lambda o: [*pseudo, "--run", phase3_run, "--out", o], ".seg-pseudo-label.lock",
+                               ("pseudo.json", "masks.npy")),
+        "adapt": Recipe(lambda o: [*adapt, "--run", phase3_run, "--out", o],
+                        lambda o: [*adapt, "--run", nan_run, "--out", o],
+                        lambda o: [*adapt, "--run", phase3_run, "--out", o], ".seg-adapt.lock", ("adapt.json",)),
         "demo": Recipe(lambda o: [*demo, "--out", o], lambda o: [*demo, "--out", o], lambda o: [*demo, "--out", o],
                        ".seg-demo.lock", ("run",), rerun_refused=True,
                        fails_fresh=lambda o: [*demo, "--out", o, "--size", "71x42"]),
