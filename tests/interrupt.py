@@ -16,10 +16,10 @@ def train_interrupted_at(monkeypatch, epoch: int, *args, **kwargs) -> None:
     """train(*args, **kwargs), stopped by a KeyboardInterrupt as 0-based `epoch` starts."""
     real = EpochRunner.train_epoch
 
-    def stop(self, source, e):
+    def stop(self, source, e, target=None):
         if e == epoch:
             raise KeyboardInterrupt
-        return real(self, source, e)
+        return real(self, source, e, target)
 
     monkeypatch.setattr(EpochRunner, "train_epoch", stop)
     try:

@@ -22,25 +22,32 @@ from seg.train.sources import batches_of, epoch_indices
 from seg.train_head import RunOptions, train
 from token_cache import learnable_split, write_token_cache
 
+# Settings added in round four (gradient clipping, PMT's decoder and schedule, pseudo-labelled
+# targets): none of them exists in the published scripts, so all are off in the phases.
+ROUND_FOUR_OFF = dict(grad_clip=None, warmup_fraction=None, queries=None, decoder_blocks=None, masked_attention=None,
+                      mask_points=None, target_ratio=None, target_weight=None)
 PUBLISHED = {
     1: dict(phase=1, head="convnext", loss="ce", optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=0.0,
             schedule="none", warmup_epochs=0, eta_min=0.0, batch_size=2, accum=1, epochs=10, patience=None,
             select="final", amp=False, backbone="vits14", size="476x266", aug_policy="none", focal_gamma=2.0,
             dice_weight=0.5, max_class_weight=5.0, seed=0, all_seeds=False, sampling="uniform",
             rcs_temperature=0.01, rcs_min_pixels=None, tune_blocks=0, backbone_lr=None, layer_decay=1.0,
-            ms_fusion=None),  # the upernet-ms fusion: does not apply to the published heads
+            ms_fusion=None,  # the upernet-ms fusion: does not apply to the published heads
+            **ROUND_FOUR_OFF),
     2: dict(phase=2, head="convnext", loss="weighted_ce", optimizer="adamw", lr=5e-4, momentum=0.9, weight_decay=1e-4,
             schedule="cosine", warmup_epochs=0, eta_min=1e-6, batch_size=2, accum=1, epochs=30, patience=10,
             select="best", amp=True, backbone="vits14", size="476x266", aug_policy="phase2", focal_gamma=2.0,
             dice_weight=0.5, max_class_weight=5.0, seed=0, all_seeds=False, sampling="uniform",
             rcs_temperature=0.01, rcs_min_pixels=None, tune_blocks=0, backbone_lr=None, layer_decay=1.0,
-            ms_fusion=None),  # the upernet-ms fusion: does not apply to the published heads
+            ms_fusion=None,  # the upernet-ms fusion: does not apply to the published heads
+            **ROUND_FOUR_OFF),
     3: dict(phase=3, head="upernet", loss="focal_dice", optimizer="adamw", lr=3e-4, momentum=0.9, weight_decay=1e-4,
             schedule="warmup_cosine", warmup_epochs=3, eta_min=0.0, batch_size=2, accum=2, epochs=40, patience=12,
             select="best", amp=True, backbone="vitb14_reg", size="644x364", aug_policy="phase3", focal_gamma=2.0,
             dice_weight=0.5, max_class_weight=5.0, seed=0, all_seeds=False, sampling="uniform",
             rcs_temperature=0.01, rcs_min_pixels=None, tune_blocks=0, backbone_lr=None, layer_decay=1.0,
-            ms_fusion=None),  # the upernet-ms fusion: does not apply to the published heads
+            ms_fusion=None,  # the upernet-ms fusion: does not apply to the published heads
+            **ROUND_FOUR_OFF),
 }
 
 

@@ -182,8 +182,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(learnable_cache, tmp_path
     cfg = resolve(1, {"epochs": 3})
     real = EpochRunner.forward_loss
 
-    def poisoned(self, tokens, masks, module=None):
-        logits, loss = real(self, tokens, masks, module)
+    def poisoned(self, tokens, masks, module=None, n_source=None):
+        logits, loss = real(self, tokens, masks, module, n_source)
         if self.model.training and self.sched.last_epoch == 1:
             loss = loss * float("nan")
         return logits, loss

@@ -53,7 +53,7 @@ class Run:
     @property
     def levels(self) -> bool:
         """The head is a mask decoder: it reads packed levels, prefix tokens included."""
-        return self.record["config"]["head"] == "pmt"
+        return self.record["config"].get("head") == "pmt"
 
     @property
     def grid(self) -> Optional[tuple[int, int]]:
