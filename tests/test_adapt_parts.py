@@ -68,3 +68,27 @@ def test_shift_is_a_class_moving_by_more_than_the_factor():
     assert shift_problem([0.60, 0.31, 0.09], [0.55, 0.30, 0.15], names, g) is None      # 1.67x: sharpening
     assert shift_problem([0.60, 0.395, 0.005], [0.60, 0.391, 0.009], names, g) is None  # under 1 %: noise
     assert shift_problem([0.5, 0.5, 0.0], [0.5, 0.2, 0.3], names, g).startswith("shift: the student predicts logs")
+
+
+def test_init_from_accepts_a_class_table_that_differs_only_in_ignored_values(phase3_run):
+    """A target domain's cache may ignore other mask values than the source's; the classes (ids,
+    names, values, colours) must still be the same for a head to start from another run's weights."""
+    import copy
+
+    from seg.heads import build_head
+    from seg.runtime.errors import SegError
+    from seg.train.init_from import init_head_from
+
+    best = torch.load(phase3_run / "best.pt", weights_only=True)
+    head = build_head(best["config"]["head"], best["in_channels"], len(best["class_table"]["classes"]))
+    record = {"class_table": copy.deepcopy(best["class_table"]), "backbone": best["backbone"],
+              "config": best["config"]}
+    record["class_table"]["ignore_values"] = [*record["class_table"]["ignore_values"], 4242]
+    init_head_from(head, phase3_run, record)
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in best["head"].items())
+    for change in ("name", "values", "color"):
+        other = copy.deepcopy(record)
+        c = other["class_table"]["classes"][1]
+        c[change] = "Shrubs" if change == "name" else [4243] if change == "values" else [1, 2, 3]
+        with pytest.raises(SegError, match="trained on other classes than this cache's"):
+            init_head_from(head, phase3_run, other)

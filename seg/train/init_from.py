@@ -18,6 +18,14 @@ from seg.train.init_from_pmt import init_head_from_pmt
 BACKBONE_FIELDS = ("backbone", "weights_sha256", "size", "layers", "layer_norm", "token_shape", "tap_block")
 
 
+def same_classes(a: dict, b: dict) -> bool:
+    """Two class tables that give every class the same id, name, mask values and colour: they may
+    differ only in the values they ignore (a target domain's masks hold other unlabelled values)."""
+    def key(table: dict) -> list:
+        return [(c["id"], c["name"], sorted(c["values"]), list(c["color"])) for c in table["classes"]]
+    return key(a) == key(b)
+
+
 def init_head_from(head: nn.Module, run_dir: str | Path, record: dict) -> dict:
     """Load `run_dir`/best.pt's head weights into `head` after checking they were trained on the same
     features and classes with the same head; `record` is the new run's record. Returns what the new
@@ -29,8 +37,9 @@ def init_head_from(head: nn.Module, run_dir: str | Path, record: dict) -> dict:
     if not isinstance(old, dict) or not {"head", "config", "backbone", "class_table"} <= set(old):
         raise SegError(f"{best}: not a seg run checkpoint")
     check_finite_head(old["head"], best)
-    if old["class_table"] != record["class_table"]:
-        raise SegError(f"{best}: trained on other classes than this cache's; --init-from needs the same class table")
+    if not same_classes(old["class_table"], record["class_table"]):
+        raise SegError(f"{best}: trained on other classes than this cache's (ids, names or mask values differ); "
+                       "--init-from needs the same classes (the values a table ignores may differ)")
     for key in BACKBONE_FIELDS:
         if old["backbone"].get(key) != record["backbone"].get(key):
             raise SegError(f"{best}: trained on other features (differs in {key}: {old['backbone'].get(key)!r} vs "
