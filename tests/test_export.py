@@ -240,7 +240,7 @@ def test_the_graph_resize_is_opencvs_bilinear_uint8_resize():
         im = rng.integers(0, 256, (2, H, W, 3), dtype=np.uint8)
         ref = np.stack([cv2.resize(i, (w, h), interpolation=cv2.INTER_LINEAR) for i in im])
         assert np.array_equal(resize_uint8(torch.from_numpy(im), (h, w)).numpy(), ref), (H, W, h, w)
-    # upscaling: OpenCV's own kernels disagree on a few values; ours is within 1 everywhere
+    # upscaling: a few values differ from OpenCV's (its upscaling path rounds otherwise); within 1 everywhere
     im = rng.integers(0, 256, (1, 126, 224, 3), dtype=np.uint8)
     ref = cv2.resize(im[0], (644, 364), interpolation=cv2.INTER_LINEAR)
     ours = resize_uint8(torch.from_numpy(im), (364, 644)).numpy()[0]
