@@ -215,3 +215,54 @@ def test_a_student_that_moves_pixels_between_classes_is_not_taken(adapted_cache,
     assert r1["student"] and len(r1["teacher_shares"]) == len(r1["student_shares"]) == 10
     assert r1["guard"] and r1["guard"][0].startswith("shift: the student predicts") and not r1["passed"]
     assert state["final"]["model"] == str(teacher.resolve())
+
+
+@pytest.mark.parametrize("student", ["pmt", "tune-blocks"])
+def test_the_mask_decoder_and_tuned_blocks_train_as_students(student, dataset, tmp_path):
+    """Students of every kind read the target through the same joined batches: PMT's packed levels
+    and a tap cache's token stream, each with an unlabeled split beside its labelled ones."""
+    folder = dataset / "Offroad_Segmentation_testImages" / "Color_Images"
+    extra = {"layers": "2,5,8,11", "backbone": "vits14_reg"} if student == "pmt" else {"tap_block": 10}
+    cache = tmp_path / "cache"
+    extract(ExtractConfig(data=str(dataset), out=str(cache), unlabeled=(f"target={folder}",),
+                          **{**SETTINGS, "aug_seeds": 1, **extra}), **QUIET)
+    settings = ({"head": "pmt", "queries": 8, "decoder_blocks": 1, "mask_points": 300, "batch_size": 2}
+                if student == "pmt" else {"tune_blocks": 2, "batch_size": 2})
+    teacher = tmp_path / "teacher"
+    train(resolve(3, {**settings, "epochs": 1}), str(cache), str(teacher), RunOptions(device="cpu", progress=False),
+          **QUIET)
+    record = pseudo_label(PseudoOptions(run=str(teacher), cache=str(cache), split="target", out=str(tmp_path / "p"),
+                                        device="cpu", progress=False), **QUIET)
+    assert record["samples"] == 4 and 0 < record["coverage"] <= 1
+    from seg.train.epochs import EpochRunner
+
+    seen, pairs, real = [], [], EpochRunner.forward_loss
+
+    def spy(self, tokens, masks, module=None, n_source=None):
+        if self.model.training:
+            seen.append((tuple(tokens.shape), n_source))
+            criterion = self.criterion
+
+            def paired(prediction, target_masks):  # each part of the loss gets its own rows' predictions
+                rows = len(prediction[0][-1]) if isinstance(prediction, tuple) else len(prediction)
+                pairs.append((rows, len(target_masks)))
+                return criterion(prediction, target_masks)
+
+            self.criterion = paired
+            try:
+                return real(self, tokens, masks, module, n_source)
+            finally:
+                self.criterion = criterion
+        return real(self, tokens, masks, module, n_source)
+
+    EpochRunner.forward_loss = spy
+    try:
+        train(resolve(3, {**settings, "epochs": 1, "target_ratio": 0.5, "target_weight": 1.0}), str(cache),
+              str(tmp_path / "student"), RunOptions(device="cpu", progress=False, target=str(tmp_path / "p"),
+                                                    init_from=str(teacher)), **QUIET)
+    finally:
+        EpochRunner.forward_loss = real
+    assert seen and all(shape[0] == 2 and n == 1 for shape, n in seen)
+    assert pairs and all(rows == n == 1 for rows, n in pairs)  # one source row, one target row, each scored alone
+    assert len(seen[0][0]) == (4 if student == "pmt" else 3)  # packed levels, or the tap stream
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["target"]["split"] == "target"
