@@ -11,21 +11,12 @@ from pathlib import Path
 from torch import nn
 
 from seg.backbones.named import file_sha256
+from seg.heads.pmt.head import official_head_weights
 from seg.runtime.checkpoint import check_finite_head, load_torch_file
 from seg.runtime.errors import SegError
 
 CLASS_HEAD = ("decoder.class_head.weight", "decoder.class_head.bias")
-
-
-def decoder_weights(state: dict) -> dict:
-    """The head's own keys of a PMT state dict (`decoder.*`, `bn.<level>.*`)."""
-    out = {}
-    for key, value in state.items():
-        key = key.replace("._orig_mod", "")
-        key = key[len("network."):] if key.startswith("network.") else key
-        if key.startswith(("decoder.", "bn.")) and key != "decoder.attn_mask_probs":
-            out[key] = value
-    return out
+ANNEALING = "decoder.attn_mask_probs"
 
 
 def init_head_from_pmt(head: nn.Module, path: str | Path) -> dict:
@@ -37,17 +28,18 @@ def init_head_from_pmt(head: nn.Module, path: str | Path) -> dict:
     state = load_torch_file(path, what="unreadable checkpoint; cannot initialise from it")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    weights = decoder_weights(state) if isinstance(state, dict) else {}
+    weights = official_head_weights(state) if isinstance(state, dict) else {}
+    weights.pop(ANNEALING, None)  # a finished run's probabilities: this run anneals from 1
     if "decoder.q.weight" not in weights:
         raise SegError(f"{path}: not a PMT checkpoint (no decoder.q.weight under network. or at the top)")
     check_finite_head(weights, path)
     own = head.state_dict()
     dropped = []
     if all(k in weights for k in CLASS_HEAD) and weights[CLASS_HEAD[0]].shape != own[CLASS_HEAD[0]].shape:
-        dropped = [k for k in CLASS_HEAD]
+        dropped = list(CLASS_HEAD)
         for k in CLASS_HEAD:
             del weights[k]
-    missing = sorted(set(own) - set(weights) - set(dropped) - {"decoder.attn_mask_probs"})
+    missing = sorted(set(own) - set(weights) - set(dropped) - {ANNEALING})
     extra = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
     if missing or extra or wrong:

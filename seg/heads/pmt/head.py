@@ -25,6 +25,19 @@ ROPE_RESCALE = 2.0        # training: coordinates x a log-uniform factor in [1/2
 SCORE_CHUNK = 16          # queries resized to full resolution at a time (memory: DESIGN section 8)
 
 
+def official_head_weights(state_dict: dict) -> dict:
+    """The head's own tensors of a PMT state dict: keys `decoder.*` and `bn.<level>.*`, with the
+    checkpoint's `network.` prefix and torch.compile's `._orig_mod` removed as PMT's own loader
+    removes them; the encoder's and the criterion's keys are left out."""
+    own = {}
+    for key, value in state_dict.items():
+        key = key.replace("._orig_mod", "")
+        key = key[len("network."):] if key.startswith("network.") else key
+        if key.startswith(("decoder.", "bn.")):
+            own[key] = value
+    return own
+
+
 class PMTHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, *, num_heads: int, num_prefix_tokens: int, patch_size: int,
                  grid: tuple[int, int], num_levels: int = 4, num_q: int = 100, num_blocks: int = 4,
@@ -49,14 +62,9 @@ class PMTHead(nn.Module):
     @classmethod
     def from_official(cls, state_dict: dict, *, num_heads: int, num_prefix_tokens: int, patch_size: int,
                       grid: tuple[int, int], masked_attention: bool) -> "PMTHead":
-        """The head of a PMT checkpoint (keys `decoder.*` and `bn.<level>.*`, with or without the
-        checkpoint's `network.` prefix; the encoder's keys are ignored), every size read from its
-        tensors, loaded strictly."""
-        own = {}
-        for key, value in state_dict.items():
-            key = key[len("network."):] if key.startswith("network.") else key
-            if key.startswith(("decoder.", "bn.")):
-                own[key] = value
+        """The head of a PMT checkpoint (`official_head_weights`), every size read from its tensors,
+        loaded strictly."""
+        own = official_head_weights(state_dict)
         if "decoder.q.weight" not in own:
             raise ValueError("not a PMT checkpoint: no decoder.q.weight")
         num_q, embed_dim = own["decoder.q.weight"].shape
