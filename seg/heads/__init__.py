@@ -54,11 +54,9 @@ def head_logits(head: nn.Module, tokens: Tensor, out_size: tuple[int, int], amp:
     False or None for none. Tap tokens [B, T, C] go through the tuned blocks of a TunedHead first,
     on their patch grid (Hp, Wp). Packed levels [B, L, P + N, C] go through a mask decoder (PMT),
     whose logits are the log of its semantic scores (argmax and softmax are PMT's own; DESIGN)."""
-    from seg.runtime.device import autocast
-
     if tokens.dim() == 4:
         return pmt_logits(mask_predictions(head, tokens, amp, grid), out_size)
-    with autocast(tokens.device, bool(amp), amp if isinstance(amp, torch.dtype) else None):
+    with _autocast(tokens.device, amp):
         if tokens.dim() == 3:
             if grid is None:
                 raise ValueError("tap tokens need their patch grid")
@@ -73,10 +71,15 @@ def mask_predictions(head: nn.Module, tokens: Tensor, amp: Union[bool, torch.dty
                      grid: Optional[tuple[int, int]] = None) -> tuple[list[Tensor], list[Tensor]]:
     """Packed levels [B, L, P + N, C] -> a mask decoder's (mask logits, class logits) per block, under
     the run's autocast."""
+    with _autocast(tokens.device, amp):
+        return head(tokens, grid)
+
+
+def _autocast(device: torch.device, amp: Union[bool, torch.dtype, None]):
+    """The heads' autocast: amp is a dtype (a run's own), True (the device's half type) or off."""
     from seg.runtime.device import autocast
 
-    with autocast(tokens.device, bool(amp), amp if isinstance(amp, torch.dtype) else None):
-        return head(tokens, grid)
+    return autocast(device, bool(amp), amp if isinstance(amp, torch.dtype) else None)
 
 
 def pmt_logits(prediction: tuple[list[Tensor], list[Tensor]], out_size: tuple[int, int]) -> Tensor:

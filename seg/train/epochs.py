@@ -106,9 +106,11 @@ class EpochRunner:
         cfg = self.cfg
         self.model.train()
         batches = self.rank_batches(epoch)
-        pairs = source.batches(batches)
-        if target is not None:
-            pairs = (_joined(s, t) for s, t in zip(pairs, target.batches(self.target_batches(epoch, len(batches)))))
+        if target is None:
+            parts = ((tokens, masks, None) for tokens, masks in source.batches(batches))
+        else:
+            parts = (_joined(s, t) for s, t in zip(source.batches(batches),
+                                                   target.batches(self.target_batches(epoch, len(batches)))))
         n_samples = sum(len(b) for b in batches) + (len(batches) * self.target_batch if target is not None else 0)
         count, t0 = 0, time.perf_counter()
         # Kept on the device and read every SYNC_EVERY steps: a .item() per step would make the host wait
@@ -120,8 +122,7 @@ class EpochRunner:
         self.opt.zero_grad(set_to_none=True)
         bar = progress_bar(enabled=self.progress and self.d.is_main, total=n_samples, unit="sample",
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for step, (tokens, masks, n_source) in enumerate(pairs if target is not None else
-                                                         (t + (None,) for t in pairs)):
+        for step, (tokens, masks, n_source) in enumerate(parts):
             stepping = (step + 1) % self.rank_accum == 0
             # Under DDP gradients are all-reduced only on the micro-batch that steps: the ones before it
             # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
