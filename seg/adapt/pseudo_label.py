@@ -70,16 +70,19 @@ def pseudo_label(opts: PseudoOptions, log: Callable[[str], None] = print) -> dic
         return _label(opts, run, cache, split, out, device, log)
 
 
-def _predictions(run, split, device, batch_size: int, progress: bool, desc: str):
-    """(rows, softmax probabilities [B, K, H, W] float32, true masks [B, H, W]) batch by batch."""
+def split_predictions(run, split, device, batch_size: int, progress: bool = False, desc: str = "",
+                      samples: Optional[range] = None):
+    """(rows, logits [B, K, H, W] float32, cached masks [B, H, W]) batch by batch over the split's
+    samples (all, or the given range), through the run's head."""
     h, w = split.manifest["mask_shape"]
     amp = run.amp_dtype(device)
-    bar = progress_bar(enabled=progress, total=len(split), unit="sample", desc=desc)
+    samples = samples if samples is not None else range(len(split))
+    bar = progress_bar(enabled=progress, total=len(samples), unit="sample", desc=desc)
     with torch.inference_mode():
-        for b0 in range(0, len(split), batch_size):
-            rows = np.arange(b0, min(b0 + batch_size, len(split)))
+        for b0 in range(samples.start, samples.stop, batch_size):
+            rows = np.arange(b0, min(b0 + batch_size, samples.stop))
             tokens, masks = read_batch(split, rows, device, run.levels)
-            yield rows, head_logits(run.head, tokens, (h, w), amp, run.grid).softmax(1), masks
+            yield rows, head_logits(run.head, tokens, (h, w), amp, run.grid), masks
             bar.update(len(rows))
     bar.close()
 
@@ -90,7 +93,8 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> di
     labelled = cf.split_labels(cache.manifest, opts.split) != "none"
     sampled: list[list[np.ndarray]] = [[] for _ in range(k)]
     conf_sum, conf_n = np.zeros(k), np.zeros(k, np.int64)
-    for _, probs, _ in _predictions(run, split, device, opts.batch_size, opts.progress, "pseudo-label 1/2"):
+    for _, logits, _ in split_predictions(run, split, device, opts.batch_size, opts.progress, "pseudo-label 1/2"):
+        probs = logits.softmax(1)
         pred, conf = sampled_confidences(probs, opts.stride)
         pred, conf = pred.cpu().numpy(), conf.cpu().numpy()
         for c in np.unique(pred):
@@ -105,8 +109,9 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> di
     counts, right, kept_scored = np.zeros(k, np.int64), 0, 0
     try:
         masks = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), h, w))
-        for rows, probs, truth in _predictions(run, split, device, opts.batch_size, opts.progress, "pseudo-label 2/2"):
-            labels = select_labels(probs, t)
+        for rows, logits, truth in split_predictions(run, split, device, opts.batch_size, opts.progress,
+                                                     "pseudo-label 2/2"):
+            labels = select_labels(logits.softmax(1), t)
             masks[rows[0]:rows[-1] + 1] = labels.cpu().numpy()
             kept = labels != IGNORE
             counts += torch.bincount(labels[kept].long(), minlength=k).cpu().numpy()

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
-from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
+from seg.adapt.pseudo_label import PseudoOptions, pseudo_label, split_predictions
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
 from seg.cache.pseudo import read_pseudo
-from seg.heads import head_logits
 from seg.infer.runs import load_run
 from seg.runtime.atomic import write_json, write_text
 from seg.runtime.device import resolve_device
@@ -33,7 +32,6 @@ from seg.runtime.errors import SegError
 from seg.runtime.output import Output
 from seg.scoring.metrics import confusion_matrix, summarize
 from seg.train.config_file import config_from_file
-from seg.train.sources import read_batch
 from seg.train_head import RunOptions, train
 
 RECORD, TABLE, LOCK = "adapt.json", "adapt.txt", ".seg-adapt.lock"
@@ -65,39 +63,27 @@ def adapt_output(out: Path) -> Output:
     return Output(out, "adapt", owns, LOCK, what="adaptation")
 
 
-def target_predictions(run_dir: str | Path, cache: FeatureCache, split_name: str, device: torch.device
-                       ) -> tuple[float, list[float]]:
-    """(mean confidence, share of the pixels predicted as each class) of a run over every pixel of
-    every cached view of a split."""
+def measure(run_dir: str | Path, cache: FeatureCache, target: Optional[str], device: torch.device) -> dict:
+    """A model as the rounds judge it, from one load: its mIoU on the cache's labelled val split
+    (seed 0), and with a target split its mean confidence (max softmax) and the share of the pixels
+    predicted as each class over every pixel of every cached view of it."""
     run = load_run(run_dir, device)
-    split = cache.split(split_name)
-    h, w = split.manifest["mask_shape"]
     k = run.class_table.num_classes
-    total, counts = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for b0 in range(0, len(split), 8):
-            tokens, _ = read_batch(split, np.arange(b0, min(b0 + 8, len(split))), device, run.levels)
-            conf, pred = head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).softmax(1).max(1)
-            total += float(conf.double().sum())
-            counts += torch.bincount(pred.flatten(), minlength=k).double()
-    pixels = float(counts.sum())
-    return total / pixels, (counts / pixels).tolist()
-
-
-def source_val_miou(run_dir: str | Path, cache: FeatureCache, device: torch.device) -> float:
-    """mIoU of a run on the cache's labelled val split (seed 0), from the cached tokens."""
-    run = load_run(run_dir, device)
-    split = cache.split("val")
-    h, w = split.manifest["mask_shape"]
-    k = run.class_table.num_classes
+    val = cache.split("val")
+    start = val.seeds.index(0) * len(val.images)
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    start = split.seeds.index(0) * len(split.images)
-    with torch.inference_mode():
-        for b0 in range(start, start + len(split.images), 8):
-            tokens, masks = read_batch(split, np.arange(b0, min(b0 + 8, start + len(split.images))), device, run.levels)
-            cm += confusion_matrix(head_logits(run.head, tokens, (h, w), run.amp_dtype(device), run.grid).argmax(1),
-                                   masks, k)
-    return float(summarize(cm, list(run.class_table.names))["miou"])
+    for _, logits, masks in split_predictions(run, val, device, 8, samples=range(start, start + len(val.images))):
+        cm += confusion_matrix(logits.argmax(1), masks, k)
+    seen = {"val_miou": float(summarize(cm, list(run.class_table.names))["miou"])}
+    if target is None:
+        return seen
+    total, counts = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
+    for _, logits, _ in split_predictions(run, cache.split(target), device, 8):
+        conf, pred = logits.softmax(1).max(1)
+        total += float(conf.double().sum())
+        counts += torch.bincount(pred.flatten(), minlength=k).double()
+    pixels = float(counts.sum())
+    return {**seen, "confidence": total / pixels, "shares": (counts / pixels).tolist()}
 
 
 def adapt(opts: AdaptOptions, log: Callable[[str], None] = print) -> dict:
@@ -119,7 +105,7 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
     state = _state(out, opts)
     teacher = str(Path(opts.run).resolve())
     if state["source"] is None:
-        state["source"] = {"run": teacher, "val_miou": source_val_miou(teacher, cache, device)}
+        state["source"] = {"run": teacher, "val_miou": measure(teacher, cache, None, device)["val_miou"]}
         _save(out, state)
     teacher_val = state["source"]["val_miou"]
     log(f"adapt: {opts.rounds} round(s) on {opts.target}; source model {teacher}: val mIoU {teacher_val:.4f}")
@@ -137,9 +123,11 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
         problems = label_problems(pseudo, opts.guard)
         if not problems:
             student = _student(opts, row, rdir / "student", log)
-            row["student"], row["val_miou"] = student, source_val_miou(student, cache, device)
-            _, row["teacher_shares"] = target_predictions(row["teacher"], cache, opts.target, device)
-            row["student_confidence"], row["student_shares"] = target_predictions(student, cache, opts.target, device)
+            seen = measure(student, cache, opts.target, device)
+            row.update(student=student, val_miou=seen["val_miou"], student_confidence=seen["confidence"],
+                       student_shares=seen["shares"],
+                       # the teacher's predictions were counted while it labelled the split
+                       teacher_shares=(np.asarray(pseudo["teacher_pixels"]) / sum(pseudo["teacher_pixels"])).tolist())
             problems = [p for p in (drift_problem(row["student_confidence"], row["mean_confidence"], row["val_miou"],
                                                   teacher_val, opts.guard),
                                     shift_problem(row["teacher_shares"], row["student_shares"], pseudo["classes"],
