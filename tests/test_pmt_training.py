@@ -88,6 +88,16 @@ def test_pmt_settings_are_refused_elsewhere_in_one_line():
         resolve(3, {"head": "pmt", "decoder_blocks": 0})
     with pytest.raises(SegError, match="--grad-clip must be a finite number > 0"):
         resolve(3, {"grad_clip": -1.0})
+    # the optional round-four settings share the presets' range check when they are on
+    with pytest.raises(SegError, match=r"--warmup-fraction must be a finite number >= 0 and < 1, got 1\.0"):
+        resolve(3, {"head": "pmt", "warmup_fraction": 1.0})
+    with pytest.raises(SegError, match=r"--target-ratio must be a finite number > 0 and < 1, got 1\.0"):
+        resolve(3, {"target_ratio": 1.0})
+    with pytest.raises(SegError, match=r"--target-weight must be a finite number >= 0, got -1\.0"):
+        resolve(3, {"target_weight": -1.0})
+    with pytest.raises(SegError, match=r"--backbone-lr must be a finite number > 0, got nan"):
+        resolve(3, {"backbone_lr": float("nan"), "tune_blocks": 1})
+    assert resolve(3, {"head": "pmt", "warmup_fraction": 0.0, "target_ratio": 0.5, "target_weight": 0.0})
 
 
 def manifest(**kw):

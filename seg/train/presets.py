@@ -176,8 +176,6 @@ def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> T
         raise SegError(f"--rcs-min-pixels must be at least 1, got {cfg.rcs_min_pixels}")
     if cfg.sampling == "rare-class" and cfg.all_seeds:
         raise SegError("--sampling rare-class draws samples by class; it cannot be combined with --all-seeds")
-    if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
-        raise SegError(f"--backbone-lr must be a finite number > 0, got {cfg.backbone_lr}")
     if not (math.isfinite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1):
         raise SegError(f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
     if (cfg.backbone_lr is not None or cfg.layer_decay != 1.0) and not cfg.tune_blocks:
@@ -185,12 +183,18 @@ def resolve(phase: int, overrides: dict[str, Any], keep_none: bool = False) -> T
     for key in ("warmup_epochs", "seed", "tune_blocks"):
         if getattr(cfg, key) < 0:
             raise SegError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(cfg, key)}")
-    # (name, lowest allowed, is the lowest itself allowed, upper bound exclusive)
+    # (name, lowest allowed, is the lowest itself allowed, upper bound exclusive); an optional setting
+    # that is None (off) is not checked
     for key, low, inclusive, high in (("lr", 0.0, False, None), ("momentum", 0.0, True, 1.0),
                                       ("weight_decay", 0.0, True, None), ("eta_min", 0.0, True, None),
                                       ("focal_gamma", 0.0, True, None), ("dice_weight", 0.0, True, None),
-                                      ("max_class_weight", 0.0, False, None), ("rcs_temperature", 0.0, False, None)):
+                                      ("max_class_weight", 0.0, False, None), ("rcs_temperature", 0.0, False, None),
+                                      ("backbone_lr", 0.0, False, None), ("grad_clip", 0.0, False, None),
+                                      ("warmup_fraction", 0.0, True, 1.0), ("target_ratio", 0.0, False, 1.0),
+                                      ("target_weight", 0.0, True, None)):
         v = getattr(cfg, key)
+        if v is None:
+            continue
         ok = math.isfinite(v) and (v >= low if inclusive else v > low) and (high is None or v < high)
         if not ok:
             bounds = (f">= {low:g}" if inclusive else f"> {low:g}") + (f" and < {high:g}" if high is not None else "")
@@ -212,14 +216,6 @@ def check_pmt(cfg: TrainConfig) -> None:
     if cfg.per_step != (cfg.warmup_fraction is not None):
         raise SegError("--warmup-fraction goes with --schedule step_warmup_cosine (a share of all steps); "
                        "the per-epoch schedules take --warmup-epochs")
-    if cfg.warmup_fraction is not None and not (math.isfinite(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1):
-        raise SegError(f"--warmup-fraction must be in [0, 1), got {cfg.warmup_fraction}")
-    if cfg.target_ratio is not None and not (math.isfinite(cfg.target_ratio) and 0 < cfg.target_ratio < 1):
-        raise SegError(f"--target-ratio must be between 0 and 1 (the target's share of each batch), got {cfg.target_ratio}")
-    if cfg.target_weight is not None and not (math.isfinite(cfg.target_weight) and cfg.target_weight >= 0):
-        raise SegError(f"--target-weight must be a finite number >= 0, got {cfg.target_weight}")
-    if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
-        raise SegError(f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}")
 
 
 def with_legacy_fields(config: dict) -> dict:
