@@ -32,6 +32,7 @@ from seg.runtime.errors import SegError
 from seg.runtime.output import Output
 from seg.scoring.metrics import confusion_matrix, summarize
 from seg.train.config_file import config_from_file
+from seg.train.presets import TARGET_DEFAULTS
 from seg.train_head import RunOptions, train
 
 RECORD, TABLE, LOCK = "adapt.json", "adapt.txt", ".seg-adapt.lock"
@@ -190,7 +191,7 @@ def _student(opts: AdaptOptions, row: dict, folder: Path, log) -> str:
         cfg, _ = config_from_file(folder / "config.json", {}, None)
         if last.get("epoch", -1) + 1 >= cfg.epochs:
             return str(folder.resolve())
-    flags = {"target_ratio": 0.5, "target_weight": 1.0, **opts.student}
+    flags = {**TARGET_DEFAULTS, **opts.student}
     cfg, source = config_from_file(Path(row["teacher"]) / "config.json", flags, None)
     # a student stopped before or during its epochs continues (from its last epoch, or from the start
     # with the teacher's weights when none finished)

@@ -199,8 +199,9 @@ def train_head(ctx, cache_dir, out, phase, device, preload, workers, resume, ove
 
     source = None
     if target:  # the defaults of a run with a target; flags (or a --config file's values) override them
-        overrides["target_ratio"] = overrides.get("target_ratio") or 0.5
-        overrides["target_weight"] = 1.0 if overrides.get("target_weight") is None else overrides["target_weight"]
+        from seg.train.presets import TARGET_DEFAULTS
+
+        overrides.update({k: v for k, v in TARGET_DEFAULTS.items() if overrides.get(k) is None})
     if config_file:
         from seg.train.config_file import config_from_file
 

@@ -128,6 +128,8 @@ PMT_RECIPE = dict(head="pmt", loss="mask_classification", optimizer="adamw", lr=
                   batch_size=16, accum=1, epochs=16, patience=None, select="final", amp=True, grad_clip=0.01,
                   queries=100, decoder_blocks=6, masked_attention=True, mask_points=12544)
 PMT_ONLY = ("queries", "decoder_blocks", "masked_attention", "mask_points")
+# A run with pseudo-labelled target samples (train-head --target, seg adapt's students), unless told otherwise
+TARGET_DEFAULTS = {"target_ratio": 0.5, "target_weight": 1.0}
 
 CHOICES = {
     "head": ("convnext", "upernet", "linear", "upernet-ms", "pmt"),
