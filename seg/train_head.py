@@ -7,7 +7,6 @@ optimizer (`model`), runs epochs and validation (`epochs`), keeps checkpoints an
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ from seg.scoring import plots
 from seg.scoring.metrics import jsonable, summarize
 from seg.train.cache_checks import (backbone_record, cache_fingerprint, check_cache_matches, check_head_fits,
                                     check_integrity, check_splits, check_tuning)
+from seg.train.ema_teacher import EmaTeacher, OnlineSettings
 from seg.train.epochs import EpochRunner
 from seg.train.model import build_criterion, build_head_for, build_optimizer, wrap_distributed
 from seg.train.presets import TrainConfig
 from seg.train.rank_batching import rank_batching
 from seg.train.reports import describe_config, write_history
-from seg.train.run_state import RunState, resume_amp_dtype
+from seg.train.run_state import RunState, refuse_non_finite, resume_amp_dtype
 from seg.train.step_hooks import step_hook, steps_per_epoch
 from seg.train.init_from import starting_point
 from seg.train.run_setup import (choose_sources, describe_input, measure_step, rare_class_sampler, target_setup,
@@ -60,6 +60,10 @@ class RunOptions:
     target: Optional[str] = None    # pseudo-labels (`seg pseudo-label`) of a split of the cache, mixed into batches
     config_source: Optional[dict] = None  # where the settings came from (--config FILE): recorded
     on_epoch: Optional[Callable[[int, dict], None]] = None  # called after each saved epoch (sweeps prune here)
+    # called after each epoch's validation, before it is kept: a reason (str) stops the run without
+    # saving that epoch (seg adapt's guard); gets (epoch, its history row, the trainer)
+    accept_epoch: Optional[Callable[[int, dict, "Trainer"], Optional[str]]] = None
+    online: Optional[OnlineSettings] = None  # an EMA teacher labels this unlabeled split on line (seg adapt)
     deterministic: bool = False     # bit-repeatable steps on one GPU (torch's deterministic mode; slower)
 
 
@@ -98,7 +102,7 @@ class Trainer:
         self.state = RunState(self.out, self.names, self.log)
         self.rank_batch, self.rank_accum = rank_batching(cfg.batch_size, cfg.accum, self.d.world, opts.scale_batch)
         self.target, self.target_batch, self.target_record = target_setup(cfg, opts.target, self.cache,
-                                                                          self.rank_batch, self.log)
+                                                                          self.rank_batch, self.log, opts.online)
 
     @property
     def amp_name(self) -> Optional[str]:
@@ -113,7 +117,7 @@ class Trainer:
         samples = len(self.train_split) if cfg.all_seeds else len(self.train_split.images)
         per_epoch = steps_per_epoch(samples, self.rank_batch - self.target_batch, self.d.world, self.rank_accum)
         self.opt, self.sched = build_optimizer(cfg, self.head, cfg.epochs * per_epoch)
-        grid = (self.cache.manifest["patch_grid"]["height"], self.cache.manifest["patch_grid"]["width"])
+        self.grid = grid = (self.cache.manifest["patch_grid"]["height"], self.cache.manifest["patch_grid"]["width"])
         self.epochs = EpochRunner(cfg, self.model, self.head, self.criterion, self.opt, self.sched, self.scaler,
                                   self.device, self.amp_dtype, grid if self.tap is not None else None, self.train_split,
                                   self.val_split, len(self.names), self.d, self.sampler, self.opts.progress,
@@ -179,6 +183,10 @@ class Trainer:
         if saved is not None:
             st.restore(saved, self.head, self.opt, self.sched, self.scaler, self.d.is_main)
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")
+        if self.opts.online is not None:  # the teacher starts as the student, or as last.pt left it
+            self.epochs.teacher = EmaTeacher(self.opts.online, self.head, len(self.names), self.grid)
+            if saved is not None:
+                self.epochs.teacher.load_state_dict(saved["ema_teacher"])
         eff = self.rank_batch * self.rank_accum * self.d.world
         if cfg.warmup_note():
             self.log(cfg.warmup_note())
@@ -225,7 +233,7 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]
             train_loss, sps = self.epochs.train_epoch(train_src, epoch, target_src)
             val_loss, cm = self.epochs.validate(val_src)
-            self._refuse_non_finite(epoch, train_loss, val_loss)
+            refuse_non_finite(epoch, train_loss, val_loss, self.head, self.state.last_good)
             if not cfg.per_step:  # a per-step schedule moved with every optimizer step (step_hooks)
                 self.sched.step()
             summary = summarize(cm, self.names)
@@ -234,9 +242,13 @@ class Trainer:
                    "lr": lr, "seconds": time.perf_counter() - t0, "samples_per_s": sps,
                    **{f"iou_{n}": v for n, v in zip(self.names, summary["iou"])},
                    **{f"drawn_{n}": int(c) for n, c in zip(self.names, drawn)}}
+            if self.opts.accept_epoch is not None and (why := self.opts.accept_epoch(epoch, row, self)):
+                self.log(f"epoch {epoch + 1} not kept: {why}")
+                break
             improved = st.record_epoch(row, summary["miou"], cfg.select, self.head, summary, cm)
             if main:
-                st.save(epoch, self.head, self.opt, self.sched, self.scaler, improved)
+                st.save(epoch, self.head, self.opt, self.sched, self.scaler, improved,
+                        {"ema_teacher": self.epochs.teacher.state_dict()} if self.epochs.teacher else None)
                 write_history(out, st.history)
                 if tb is not None:
                     tb.epoch(epoch, row, cm)
@@ -250,19 +262,6 @@ class Trainer:
         if tb is not None:
             tb.close()
         return stopped_early
-
-    def _refuse_non_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
-        """Never checkpoint weights or results that are not finite numbers."""
-        bad = []
-        if not math.isfinite(train_loss):
-            bad.append(f"train loss {train_loss}")
-        if not math.isfinite(val_loss):
-            bad.append(f"val loss {val_loss}")
-        if not all(torch.isfinite(p).all() for p in self.head.parameters()):
-            bad.append("non-finite weights")
-        if bad:
-            raise SegError(f"epoch {epoch + 1} ended with {' and '.join(bad)}; stopped without saving it. "
-                           f"{self.state.last_good()} (lower --lr, or check the cache with `seg cache verify`)")
 
 
 def _duration(seconds: float) -> str:

@@ -12,7 +12,6 @@ table and the choice, rewritten after each step.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,21 +20,16 @@ import numpy as np
 import torch
 
 from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
-from seg.adapt.pseudo_label import PseudoOptions, pseudo_label, split_predictions
+from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
+from seg.adapt.record import MODES, adapt_output, load_state, measure, save_state
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
 from seg.cache.pseudo import read_pseudo
-from seg.infer.runs import load_run
-from seg.runtime.atomic import write_json, write_text
 from seg.runtime.device import resolve_device
 from seg.runtime.errors import SegError
-from seg.runtime.output import Output
-from seg.scoring.metrics import confusion_matrix, summarize
 from seg.train.config_file import config_from_file
 from seg.train.presets import TARGET_DEFAULTS
 from seg.train_head import RunOptions, train
-
-RECORD, TABLE, LOCK = "adapt.json", "adapt.txt", ".seg-adapt.lock"
 
 
 @dataclass
@@ -44,50 +38,24 @@ class AdaptOptions:
     cache: str
     target: str                  # the unlabeled split of the cache
     out: str
+    mode: str = "rounds"         # rounds (CBST) | online (DAFormer: EMA teacher, seg.adapt.online)
     rounds: int = 3
     portion: float = 0.5
     portion_step: float = 0.05   # CBST's schedule: the portion grows each round
     student_init: str = "teacher"  # teacher (its weights) | scratch
     stride: int = 4
+    momentum: float = 0.999      # online: the EMA teacher's
+    threshold: float = 0.968     # online: the confidence whose pixel share weighs the pseudo-labels
+    mix: str = "classmix"        # online: classmix (on the token grid) | none
     guard: GuardSettings = field(default_factory=GuardSettings)
     student: dict = field(default_factory=dict)  # train-head settings for the students, over the teacher's
     run_options: RunOptions = field(default_factory=RunOptions)
     progress: bool = True
 
 
-def adapt_output(out: Path) -> Output:
-    try:
-        vouched = json.loads((out / RECORD).read_text()).get("mode") == "rounds"
-    except (OSError, ValueError, AttributeError):
-        vouched = False
-    owns = lambda rel: vouched and (rel in (RECORD, TABLE) or rel.startswith("round-"))  # noqa: E731
-    return Output(out, "adapt", owns, LOCK, what="adaptation")
-
-
-def measure(run_dir: str | Path, cache: FeatureCache, target: Optional[str], device: torch.device) -> dict:
-    """A model as the rounds judge it, from one load: its mIoU on the cache's labelled val split
-    (seed 0), and with a target split its mean confidence (max softmax) and the share of the pixels
-    predicted as each class over every pixel of every cached view of it."""
-    run = load_run(run_dir, device)
-    k = run.class_table.num_classes
-    val = cache.split("val")
-    start = val.seeds.index(0) * len(val.images)
-    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    for _, logits, masks in split_predictions(run, val, device, 8, samples=range(start, start + len(val.images))):
-        cm += confusion_matrix(logits.argmax(1), masks, k)
-    seen = {"val_miou": float(summarize(cm, list(run.class_table.names))["miou"])}
-    if target is None:
-        return seen
-    total, counts = 0.0, torch.zeros(k, dtype=torch.float64, device=device)
-    for _, logits, _ in split_predictions(run, cache.split(target), device, 8):
-        conf, pred = logits.softmax(1).max(1)
-        total += float(conf.double().sum())
-        counts += torch.bincount(pred.flatten(), minlength=k).double()
-    pixels = float(counts.sum())
-    return {**seen, "confidence": total / pixels, "shares": (counts / pixels).tolist()}
-
-
 def adapt(opts: AdaptOptions, log: Callable[[str], None] = print) -> dict:
+    if opts.mode not in MODES:
+        raise SegError(f"--mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
     if opts.rounds < 1:
         raise SegError(f"--rounds must be at least 1, got {opts.rounds}")
     if opts.student_init not in ("teacher", "scratch"):
@@ -98,6 +66,10 @@ def adapt(opts: AdaptOptions, log: Callable[[str], None] = print) -> dict:
                        "add one with `seg extract ... --unlabeled NAME=FOLDER`")
     out = Path(opts.out)
     with adapt_output(out):
+        if opts.mode == "online":
+            from seg.adapt.online import online
+
+            return online(opts, cache, out, log)
         return _rounds(opts, cache, out, log)
 
 
@@ -153,20 +125,11 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
 
 
 def _state(out: Path, opts: AdaptOptions) -> dict:
-    """adapt.json as left by an earlier start (resume), checked to be the same adaptation; else new."""
-    path = out / RECORD
     settings = {"run": str(Path(opts.run).resolve()), "cache": str(Path(opts.cache).resolve()),
                 "target": opts.target, "portion": opts.portion, "portion_step": opts.portion_step,
                 "student_init": opts.student_init, "stride": opts.stride, "guard": opts.guard.to_dict(),
                 "student": opts.student}
-    if path.exists():
-        state = json.loads(path.read_text())
-        if state.get("settings") != settings:
-            differ = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
-            raise SegError(f"{out}: holds an adaptation with other settings (differs in {', '.join(differ)}); "
-                           "choose another --out")
-        return state
-    return {"mode": "rounds", "settings": settings, "source": None, "rounds": [], "final": None}
+    return load_state(out, "rounds", settings, {"source": None, "rounds": [], "final": None})
 
 
 def _pseudo_labels(opts: AdaptOptions, row: dict, folder: Path, log) -> dict:
@@ -204,8 +167,7 @@ def _student(opts: AdaptOptions, row: dict, folder: Path, log) -> str:
 
 
 def _save(out: Path, state: dict) -> None:
-    write_json(out / RECORD, state)
-    write_text(out / TABLE, "\n".join(round_table(state)) + "\n")
+    save_state(out, state, round_table)
 
 
 def round_table(state: dict) -> list[str]:

@@ -49,6 +49,7 @@ class EpochRunner:
     on_step: Optional[Callable[[int, int], None]] = None  # (epoch, optimizer steps so far in it), after each step
     target_split: object = None         # a pseudo-labelled split (seg.cache.pseudo) mixed into every batch
     target_batch: int = 0               # its samples per micro-batch (the rest of rank_batch is the source's)
+    teacher: object = None              # an EmaTeacher (seg.train.ema_teacher) labelling target_split on line
 
     def __post_init__(self) -> None:
         self.rank_batch = self.rank_batch or self.cfg.batch_size
@@ -60,16 +61,20 @@ class EpochRunner:
         n_source, the batch's first n_source samples are labelled source samples and the rest
         pseudo-labelled target ones: loss = source loss + target_weight x target loss."""
         module = module or self.model
-        if tokens.dim() == 4:  # packed levels: a mask decoder, scored by its own loss
-            out = mask_predictions(module, tokens, self.amp_dtype, self.grid)
-            logits = None if module.training else pmt_logits(out, tuple(masks.shape[-2:]))
-        else:
-            out = logits = head_logits(module, tokens, tuple(masks.shape[-2:]), self.amp_dtype, self.grid)
+        out = self.head_out(tokens, tuple(masks.shape[-2:]), module)
+        logits = (None if module.training else pmt_logits(out, tuple(masks.shape[-2:]))) if tokens.dim() == 4 else out
         if n_source is None or n_source == len(masks):
             return logits, self.criterion(out, masks)
         head, tail = _part(out, slice(0, n_source)), _part(out, slice(n_source, None))
         return logits, (self.criterion(head, masks[:n_source])
                         + self.cfg.target_weight * self.criterion(tail, masks[n_source:]))
+
+    def head_out(self, tokens: torch.Tensor, size: tuple[int, int], module: Optional[nn.Module] = None):
+        """What the loss reads: logits at `size`, or for packed levels a mask decoder's predictions."""
+        module = module or self.model
+        if tokens.dim() == 4:  # packed levels: a mask decoder, scored by its own loss
+            return mask_predictions(module, tokens, self.amp_dtype, self.grid)
+        return head_logits(module, tokens, size, self.amp_dtype, self.grid)
 
     def epoch_draw(self, epoch: int) -> np.ndarray:
         """The epoch's samples, in order: a pure function of (seed, epoch), the same on every rank."""
@@ -127,7 +132,10 @@ class EpochRunner:
             # Under DDP gradients are all-reduced only on the micro-batch that steps: the ones before it
             # accumulate locally (no_sync must hold over the forward too, where DDP reads the flag).
             with self.model.no_sync() if self.d.active and not stepping else contextlib.nullcontext():
-                _, loss = self.forward_loss(tokens, masks, n_source=n_source)
+                if self.teacher is not None:
+                    loss = self.teacher.loss(self, tokens, masks, n_source, epoch, step)
+                else:
+                    _, loss = self.forward_loss(tokens, masks, n_source=n_source)
                 fresh = ~torch.isfinite(loss.detach()) & torch.isinf(first_bad[0])
                 first_bad = torch.where(fresh, torch.stack([step_t, loss.detach().double()]), first_bad)
                 step_t += 1
@@ -141,6 +149,8 @@ class EpochRunner:
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
+                if self.teacher is not None:
+                    self.teacher.update(self.head)
                 if self.on_step is not None:
                     self.on_step(epoch, (step + 1) // self.rank_accum)
             total += loss.detach().double() * len(tokens)

@@ -101,19 +101,33 @@ def tensorboard_log(out: Path, cache, val_split, head: nn.Module, amp_dtype, gri
     return TensorBoardLog(out, list(cache.class_table.names), list(cache.class_table.colors), val_split, logits_of)
 
 
-def target_setup(cfg: TrainConfig, target: Optional[str], cache, rank_batch: int, log: Callable[[str], None]):
-    """(pseudo-labelled split or None, its samples per micro-batch, what the run records of it)."""
-    if target is None:
+def target_setup(cfg: TrainConfig, target: Optional[str], cache, rank_batch: int, log: Callable[[str], None],
+                 online=None):
+    """(target split or None, its samples per micro-batch, what the run records of it): pseudo-labels
+    (`--target DIR`), or with `online` (OnlineSettings) the cache's own split that an EMA teacher labels."""
+    if target is None and online is None:
         if cfg.target_ratio is not None or cfg.target_weight is not None:
             raise SegError("--target-ratio and --target-weight apply to pseudo-labelled target samples: add --target DIR")
         return None, 0, None
+    if target is not None and online is not None:
+        raise SegError("--target (pseudo-labels) and an on-line teacher are two ways to label the target: choose one")
     if cfg.target_ratio is None or cfg.target_weight is None:
         raise SegError("--target needs --target-ratio and --target-weight (the command line gives 0.5 and 1)")
-    split = open_pseudo(target, cache)
     n = max(1, round(rank_batch * cfg.target_ratio))
     if n >= rank_batch:
         raise SegError(f"--target-ratio {cfg.target_ratio:g} leaves no source sample in a batch of {rank_batch}: "
                        "lower it, or raise --batch-size")
+    if online is not None:
+        if online.split not in cache.manifest["splits"]:
+            raise SegError(f"{cache.path}: no {online.split!r} split for the on-line teacher to label "
+                           f"(it has {', '.join(cache.splits)})")
+        split = cache.split(online.split)
+        cache.check_shards([online.split])  # its tokens are read as they are: checked before use
+        log(f"target: {online.split} ({len(split)} cached views) labelled on line by an EMA teacher (momentum "
+            f"{online.momentum:g}, confidence {online.threshold:g}, mix {online.mix}): {n} of every {rank_batch} "
+            f"samples per batch, loss weight {cfg.target_weight:g}")
+        return split, n, {"online": online.to_dict(), "split": online.split, "samples_per_batch": n}
+    split = open_pseudo(target, cache)
     record = {"pseudo_labels": str(Path(target).resolve()), "split": split.record["split"],
               "masks_sha256": split.record["masks_sha256"], "teacher": split.record["teacher"],
               "samples_per_batch": n, "coverage": split.record["coverage"]}

@@ -3,6 +3,7 @@ resuming from them, and repairing a best.pt whose write failed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -79,14 +80,14 @@ class RunState:
         self.best_metrics = {"summary": summary, "confusion_matrix": cm.cpu().tolist()}
         return True
 
-    def save(self, epoch: int, head, opt, sched, scaler, improved: bool) -> None:
+    def save(self, epoch: int, head, opt, sched, scaler, improved: bool, extra: Optional[dict] = None) -> None:
         # last.pt first: it holds everything (the best weights and metrics too), so a failed write of
         # anything after it is repaired by --resume.
         save_checkpoint(self.out / "last.pt", {
             **self.record, "head": head.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(), "epoch": epoch, "history": self.history, "best": self.best,
-            "best_head": self.best_head, "best_metrics": self.best_metrics})
+            "best_head": self.best_head, "best_metrics": self.best_metrics, **(extra or {})})
         self.saved_epoch = epoch + 1
         if improved:
             self.write_best()
@@ -129,3 +130,17 @@ def resume_amp_dtype(recorded: Optional[str], current: Optional[str], choice: st
         raise SegError(f"{out}: the run trained under {recorded} autocast, which this device cannot continue "
                        f"({exc}); resume it on a device that can, or start a new run") from None
 
+
+
+def refuse_non_finite(epoch: int, train_loss: float, val_loss: float, head, last_good: Callable[[], str]) -> None:
+    """Never checkpoint weights or results that are not finite numbers."""
+    bad = []
+    if not math.isfinite(train_loss):
+        bad.append(f"train loss {train_loss}")
+    if not math.isfinite(val_loss):
+        bad.append(f"val loss {val_loss}")
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        bad.append("non-finite weights")
+    if bad:
+        raise SegError(f"epoch {epoch + 1} ended with {' and '.join(bad)}; stopped without saving it. "
+                       f"{last_good()} (lower --lr, or check the cache with `seg cache verify`)")
