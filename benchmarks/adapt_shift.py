@@ -3,8 +3,9 @@ hurting? A synthetic source desert; two target deserts, each with another look A
 (Rocks common, as in the Falcon test desert): "light" (warm colour cast, brighter, gamma) and "blur"
 (Gaussian blur and sensor noise). Their true masks are held back for scoring only.
 
-Per seed (3): a source-only model (phase-2 recipe); `seg adapt` rounds on each target; an oracle
-trained on the target's labels. Target mIoU on held-out labelled target images, from the cache.
+Per seed (3): a source-only model (phase-2 recipe); `seg adapt` on each target in both modes, guarded
+and with the guard off (rounds: each round's student; online: the student after each epoch); an
+oracle trained on the target's labels. Target mIoU on held-out labelled target images, from the cache.
 
     python benchmarks/adapt_shift.py --json benchmarks/adapt-shift-2core-cpu.json
 
@@ -86,19 +87,26 @@ def main() -> None:
         extract(ExtractConfig(data=str(root), out=str(labelled), **common), **quiet)
         targets[kind] = labelled
 
-    def score(run: Path, kind: str) -> float:
+    def score(run: Path, kind: str, tag: str = "") -> float:
         return evaluate(EvalOptions(run=str(run), split="val", cache=str(targets[kind]), progress=False,
-                                    out=str(work / "scores" / f"{run.parent.name}-{run.name}-{kind}")), **quiet)["miou"]
+                                    out=str(work / "scores" / f"{run.parent.name}-{run.name}-{kind}{tag}")),
+                        **quiet)["miou"]
 
     rows = []
+    off = GuardSettings(collapse_fraction=0.0, swallow_share=1.0, val_drop=1e9, shift_factor=1e9)
     recipe = {"epochs": args.epochs, "patience": 0}
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         source = work / f"seed{seed}" / "source-only"
         train(resolve(2, {**recipe, "seed": seed}), str(cache), str(source), RunOptions(device="cpu", progress=False),
               **quiet)
+        # the control: the source model trained as long again on the source alone, as every student is
+        longer = work / f"seed{seed}" / "source-longer"
+        train(resolve(2, {**recipe, "seed": seed}), str(cache), str(longer),
+              RunOptions(device="cpu", progress=False, init_from=str(source)), **quiet)
         for kind in targets:
-            row = {"seed": seed, "target": kind, "source_only": score(source, kind)}
+            row = {"seed": seed, "target": kind, "source_only": score(source, kind),
+                   "source_longer": score(longer, kind)}
             state = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
                                        f"adapt-{kind}"), rounds=args.rounds, student={"seed": seed},
                                        run_options=RunOptions(device="cpu"), progress=False), **quiet)
@@ -111,11 +119,19 @@ def main() -> None:
             row["final_why"] = state["final"]["why"]
             # the same rounds with the guard off: what each round does to the target when nothing stops it
             free = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
-                                      f"unguarded-{kind}"), rounds=args.rounds, student={"seed": seed},
-                                      guard=GuardSettings(collapse_fraction=0.0, swallow_share=1.0, val_drop=1e9,
-                                                          shift_factor=1e9),
+                                      f"unguarded-{kind}"), rounds=args.rounds, student={"seed": seed}, guard=off,
                                       run_options=RunOptions(device="cpu"), progress=False), **quiet)
             row["unguarded"] = [score(Path(r["student"]), kind) for r in free["rounds"]]
+            for guarded in (True, False):  # online: the student scored after every epoch it kept
+                where, per_epoch = work / f"seed{seed}" / f"online-{'guarded' if guarded else 'unguarded'}-{kind}", []
+                seen = RunOptions(device="cpu", on_epoch=lambda e, r, w=where, p=per_epoch:
+                                  p.append(score(w / "student", kind, f"-epoch{e + 1}")))  # best.pt: this epoch (select final)
+                state = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(where), mode="online",
+                                           student={"seed": seed}, run_options=seen, progress=False,
+                                           **({} if guarded else {"guard": off})), **quiet)
+                key = "online" if guarded else "online_unguarded"
+                row[key] = {"epochs": per_epoch, "final": score(Path(state["final"]["model"]), kind),
+                            "why": state["final"]["why"], "table": state["epochs"]}
             oracle = work / f"seed{seed}" / f"oracle-{kind}"
             train(resolve(2, {**recipe, "seed": seed}), str(targets[kind]), str(oracle),
                   RunOptions(device="cpu", progress=False), **quiet)
@@ -130,20 +146,31 @@ def main() -> None:
             return "-"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
 
-    print("\n| target | source-only | " + " | ".join(f"round {r} (unguarded)" for r in range(1, args.rounds + 1))
-          + " | seg adapt (guarded) | oracle | gap closed |")
-    print("|---" * (args.rounds + 5) + "|")
+    print("\n| target | source-only | source, trained as long again | " + " | ".join(f"round {r} (unguarded)" for r in range(1, args.rounds + 1))
+          + " | seg adapt (guarded) | online, last epoch (unguarded) | online (guarded) | oracle | gap closed "
+            "(rounds / online) |")
+    print("|---" * (args.rounds + 8) + "|")
     summary = []
     for kind in targets:
         mine = [r for r in rows if r["target"] == kind]
         so, fin, orc = ([r[k] for r in mine] for k in ("source_only", "adapt_final", "oracle"))
         per_round = [[r["unguarded"][k] for r in mine] for k in range(args.rounds)]
+        on_free = [r["online_unguarded"]["final"] for r in mine]
+        on_fin = [r["online"]["final"] for r in mine]
         gap = statistics.mean(orc) - statistics.mean(so)
-        closed = (statistics.mean(fin) - statistics.mean(so)) / gap if gap > 0 else None
-        print(f"| {kind} | {ms(so)} | " + " | ".join(ms(v) for v in per_round) + f" | {ms(fin)} | {ms(orc)} | "
-              + (f"{closed:.0%} |" if closed is not None else "no gap: the oracle is not above source-only |"))
-        summary.append({"target": kind, "source_only": so, "rounds": per_round, "adapt_final": fin, "oracle": orc,
-                        "gap_closed": closed})
+        closed = [(statistics.mean(v) - statistics.mean(so)) / gap if gap > 0 else None for v in (fin, on_fin)]
+        longer = [r["source_longer"] for r in mine]
+        print(f"| {kind} | {ms(so)} | {ms(longer)} | " + " | ".join(ms(v) for v in per_round) + f" | {ms(fin)} | {ms(on_free)} | "
+              f"{ms(on_fin)} | {ms(orc)} | " + (" / ".join(f"{c:.0%}" for c in closed) + " |" if gap > 0
+                                               else "no gap: the oracle is not above source-only |"))
+        epochs = max(len(r["online_unguarded"]["epochs"]) for r in mine)
+        per_epoch = [[r["online_unguarded"]["epochs"][e] for r in mine if len(r["online_unguarded"]["epochs"]) > e]
+                     for e in range(epochs)]
+        print(f"  online, unguarded, target mIoU after each epoch ({kind}): "
+              + ", ".join(f"{e + 1}: {ms(v)}" for e, v in enumerate(per_epoch)))
+        summary.append({"target": kind, "source_only": so, "source_longer": longer, "rounds": per_round, "adapt_final": fin, "oracle": orc,
+                        "online_unguarded": on_free, "online_unguarded_per_epoch": per_epoch, "online_final": on_fin,
+                        "gap_closed": closed[0], "gap_closed_online": closed[1]})
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=2) + "\n")
 

@@ -266,3 +266,72 @@ def test_the_mask_decoder_and_tuned_blocks_train_as_students(student, dataset, t
     assert pairs and all(rows == n == 1 for rows, n in pairs)  # one source row, one target row, each scored alone
     assert len(seen[0][0]) == (4 if student == "pmt" else 3)  # packed levels, or the tap stream
     assert json.loads((tmp_path / "student" / "config.json").read_text())["target"]["split"] == "target"
+    # on line: the EMA teacher labels the target and ClassMix mixes it with the source in this layout
+    state = adapt(AdaptOptions(run=str(teacher), cache=str(cache), target="target", out=str(tmp_path / "online"),
+                               mode="online", student={"epochs": 1, "target_ratio": 0.5}, guard=OFF,
+                               run_options=RunOptions(device="cpu"), progress=False), **QUIET)
+    (e1,) = state["epochs"]
+    assert e1["passed"] and 0 <= e1["coverage"] <= 1 and sum(e1["shares"]) == pytest.approx(1.0)
+    assert state["final"]["model"] == str((tmp_path / "online" / "student").resolve())
+
+
+OFF = GuardSettings(collapse_fraction=0.0, swallow_share=1.0, val_drop=1e9, shift_factor=1e9)
+
+
+def test_online_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, teacher, tmp_path, monkeypatch):
+    """DAFormer's mode: one student, its EMA teacher saved with every epoch; killed in epoch 2 and
+    resumed, it ends where an uninterrupted run ends, table and weights alike."""
+    out, _, _ = adapted_cache
+    opts = lambda where, **kw: AdaptOptions(run=str(teacher), cache=str(out), target="target",  # noqa: E731
+                                            out=str(where), mode="online", student={"epochs": 2}, guard=OFF,
+                                            run_options=RunOptions(device="cpu"), progress=False, **kw)
+    whole = adapt(opts(tmp_path / "whole"), **QUIET)
+    assert [e["epoch"] for e in whole["epochs"]] == [1, 2] and all(e["passed"] for e in whole["epochs"])
+    last = torch.load(tmp_path / "whole" / "student" / "last.pt", weights_only=True)
+    assert last["ema_teacher"]["steps"] > 0 and last["config"]["select"] == "final"
+    assert json.loads((tmp_path / "whole" / "student" / "config.json").read_text())["target"]["online"]["momentum"] == 0.999
+    assert "source model" in (tmp_path / "whole" / "adapt.txt").read_text()
+    from seg.train.epochs import EpochRunner
+
+    real, calls = EpochRunner.train_epoch, []
+
+    def killed(self, source, epoch, target=None):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, source, epoch, target)
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(opts(tmp_path / "cut"), **QUIET)
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    assert [e["epoch"] for e in json.loads((tmp_path / "cut" / "adapt.json").read_text())["epochs"]] == [1]
+    resumed = adapt(opts(tmp_path / "cut"), **QUIET)
+    assert [(e["val_miou"], e["coverage"], e["student_confidence"]) for e in resumed["epochs"]] == \
+        [(e["val_miou"], e["coverage"], e["student_confidence"]) for e in whole["epochs"]]
+    a, b = (torch.load(p / "student" / "best.pt", weights_only=True)["head"] for p in (tmp_path / "whole", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SegError, match="in online mode, not rounds"):
+        adapt(AdaptOptions(run=str(teacher), cache=str(out), target="target", out=str(tmp_path / "cut"),
+                           run_options=RunOptions(device="cpu"), progress=False), **QUIET)
+    with pytest.raises(SegError, match=r"other settings \(differs in mix\)"):
+        adapt(opts(tmp_path / "cut", mix="none"), **QUIET)
+
+
+def test_the_online_guard_stops_at_the_first_epoch_of_a_teacher_wrong_about_a_class(adapted_cache, teacher, tmp_path):
+    """The EMA teacher starts as a source model that never predicts Landscape: its first epoch's
+    pseudo-labels collapse Landscape, the epoch is not kept, and the source model stays the model."""
+    out, _, _ = adapted_cache
+    wrong = tmp_path / "wrong"
+    shutil.copytree(teacher, wrong)
+    best = torch.load(wrong / "best.pt", weights_only=True)
+    landscape = [c["name"] for c in best["class_table"]["classes"]].index("Landscape")
+    best["head"]["classifier.bias"][landscape] = -1e4
+    torch.save(best, wrong / "best.pt")
+    state = adapt(AdaptOptions(run=str(wrong), cache=str(out), target="target", out=str(tmp_path / "a"), mode="online",
+                               student={"epochs": 2}, run_options=RunOptions(device="cpu"), progress=False), **QUIET)
+    (e1,) = state["epochs"]
+    assert not e1["passed"] and e1["guard"][0].startswith("collapse: Landscape is 0.0% of the pseudo-labels")
+    assert state["final"]["model"] == str(wrong.resolve()) and "no epoch passed the guard" in state["final"]["why"]
+    assert not (tmp_path / "a" / "student" / "best.pt").exists()
+    assert "STOPPED: collapse: Landscape" in (tmp_path / "a" / "adapt.txt").read_text()

@@ -92,3 +92,14 @@ def test_init_from_accepts_a_class_table_that_differs_only_in_ignored_values(pha
         c[change] = "Shrubs" if change == "name" else [4243] if change == "values" else [1, 2, 3]
         with pytest.raises(SegError, match="trained on other classes than this cache's"):
             init_head_from(head, phase3_run, other)
+
+
+def test_adapt_owns_its_record_and_step_folders_and_nothing_named_like_them(tmp_path):
+    from seg.adapt.record import adapt_output
+
+    (tmp_path / "adapt.json").write_text('{"mode": "online"}')
+    owns = adapt_output(tmp_path).owns
+    assert owns("student/best.pt") and owns("round-2/pseudo/masks.npy") and owns("adapt.txt")
+    assert not owns("student-notes.txt") and not owns("round-notes/a.txt") and not owns("students/x")
+    (tmp_path / "adapt.json").write_text('{"mode": "mine"}')  # a record seg adapt did not write vouches for nothing
+    assert not adapt_output(tmp_path).owns("adapt.txt")

@@ -60,19 +60,19 @@ def mean_confidence(record: dict) -> Optional[float]:
 
 
 def drift_problem(student_conf: Optional[float], teacher_conf: Optional[float], student_val: float,
-                  teacher_val: float, g: GuardSettings) -> Optional[str]:
+                  teacher_val: float, g: GuardSettings, pair: str = "teacher -> student") -> Optional[str]:
     if student_conf is None or teacher_conf is None:
         return None
     if student_conf > teacher_conf and student_val < teacher_val - g.val_drop:
-        return (f"drift: confidence on the target rose {teacher_conf:.3f} -> {student_conf:.3f} (teacher -> student) "
+        return (f"drift: confidence on the target rose {teacher_conf:.3f} -> {student_conf:.3f} ({pair}) "
                 f"while source val mIoU fell {teacher_val:.4f} -> {student_val:.4f}")
     return None
 
 
 def shift_problem(teacher_shares: list[float], student_shares: list[float], names: list[str],
-                  g: GuardSettings) -> Optional[str]:
+                  g: GuardSettings, teacher: str = "its teacher") -> Optional[str]:
     """The class whose predicted share on the target changed most, teacher -> student, when it
-    changed by more than shift_factor either way."""
+    changed by more than shift_factor either way (`teacher` names the model compared with)."""
     worst, name = 1.0, None
     for n, t, s in zip(names, teacher_shares, student_shares):
         if max(t, s) < g.min_prior:
@@ -81,6 +81,6 @@ def shift_problem(teacher_shares: list[float], student_shares: list[float], name
         if ratio > worst:
             worst, name, pair = ratio, n, (t, s)
     if name is not None and worst > g.shift_factor:
-        return (f"shift: the student predicts {name} on {pair[1]:.1%} of the target pixels, its teacher on "
+        return (f"shift: the student predicts {name} on {pair[1]:.1%} of the target pixels, {teacher} on "
                 f"{pair[0]:.1%} ({worst:.1f}x, over {g.shift_factor:g}x)")
     return None

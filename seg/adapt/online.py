@@ -73,8 +73,8 @@ def _train_student(opts, settings: OnlineSettings, cache: FeatureCache, folder: 
         seen = _student_on_target(trainer, cache.split(opts.target))
         problems = label_problems({"source_prior": src["prior"], "shares": taught["shares"], "classes": names}, g)
         problems += [p for p in (drift_problem(seen["confidence"], src["confidence"], row["val_miou"],
-                                               src["val_miou"], g),
-                                 shift_problem(src["shares"], seen["shares"], names, g)) if p]
+                                               src["val_miou"], g, "source model -> student"),
+                                 shift_problem(src["shares"], seen["shares"], names, g, "the source model")) if p]
         state["epochs"] = [e for e in state["epochs"] if e["epoch"] <= epoch] + [{
             "epoch": epoch + 1, "coverage": taught["coverage"], "shares": taught["shares"],
             "teacher_confidence": taught["teacher_confidence"], "mean_confidence": taught["mean_confidence"],

@@ -4,6 +4,7 @@ the same settings), and how a model is measured for the guard."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -18,6 +19,7 @@ from seg.runtime.output import Output
 from seg.scoring.metrics import confusion_matrix, summarize
 
 RECORD, TABLE, LOCK = "adapt.json", "adapt.txt", ".seg-adapt.lock"
+STEP = re.compile(r"round-[0-9]+|student")  # the folders of the rounds, or of the on-line student
 MODES = ("rounds", "online")
 
 
@@ -27,7 +29,7 @@ def adapt_output(out: Path) -> Output:
         vouched = json.loads((out / RECORD).read_text()).get("mode") in MODES
     except (OSError, ValueError, AttributeError):
         vouched = False
-    owns = lambda rel: vouched and (rel in (RECORD, TABLE) or rel.startswith(("round-", "student")))  # noqa: E731
+    owns = lambda rel: vouched and (rel in (RECORD, TABLE) or STEP.fullmatch(rel.split("/")[0]) is not None)  # noqa: E731
     return Output(out, "adapt", owns, LOCK, what="adaptation")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
 from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
-from seg.adapt.record import MODES, adapt_output, load_state, measure, save_state
+from seg.adapt.record import MODES, RECORD, TABLE, adapt_output, load_state, measure, save_state
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
 from seg.cache.pseudo import read_pseudo
