@@ -75,7 +75,9 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
         say(f"WARNING: --aug-seeds {cfg.aug_seeds} with policy {cfg.aug_policy}: each train image gets only "
             f"{cfg.aug_seeds} augmented view(s), standing in for one fresh draw per epoch (30-40 in the "
             f"published runs); {DEFAULT_AUG_SEEDS} or more is recommended")
-    unlabeled = [unlabeled_split(spec) for spec in cfg.unlabeled]  # their names checked before anything else
+    if cfg.every != 1 and not cfg.unlabeled:
+        raise SegError("--every applies to --unlabeled splits (every N-th image or video frame): add one")
+    unlabeled = [unlabeled_split(spec, cfg.every) for spec in cfg.unlabeled]  # names checked before anything else
     device = resolve_device(rank_device(d, cfg.device))
     layout = resolve_layout(cfg.data, cfg.layout)
     table = table_for(layout, cfg.classes)

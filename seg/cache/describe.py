@@ -43,7 +43,7 @@ def describe(path: str | Path, class_stats: bool = True) -> list[str]:
         total_bytes += b
         lines.append(f"split {name:6s} {len(s['images'])} images x seeds {_seeds_text(s['seeds'])} = "
                      f"{s['num_samples']} samples in {len(s['shards'])} shards, {b / 1e6:.1f} MB"
-                     + (f"; UNLABELED (images of {s['data_dir']}; `seg pseudo-label` labels them)"
+                     + (f"; UNLABELED ({_unlabeled_source(s)}; `seg pseudo-label` labels them)"
                         if cf.split_labels(m, name) == "none" else ""))
     lines.append(f"total        {total_bytes / 1e6:.1f} MB on disk")
     if m.get("val_split"):
@@ -84,3 +84,13 @@ def _seeds_text(seeds: list[int]) -> str:
     if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1)):
         return f"{seeds[0]}..{seeds[-1]}"
     return ",".join(map(str, seeds))
+
+
+def _unlabeled_source(s: dict) -> str:
+    """'images of FOLDER', or 'frames 0, 10, ... of VIDEO' for a video's frames."""
+    if s.get("layout") != "video" or not s["images"]:
+        return f"images of {s['data_dir']}"
+    first = s["images"][0].rpartition("@")
+    step = (int(s["images"][1].rpartition("@")[2]) - int(first[2])) if len(s["images"]) > 1 else 0
+    return (f"frames {int(first[2])}" + (f", {int(first[2]) + step}, ..." if step else "")
+            + f" of {Path(s['data_dir']) / first[0]}")

@@ -21,7 +21,7 @@ from typing import Optional
 
 from seg.runtime.atomic import write_json
 from seg.runtime.output import owned_name
-from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, UNLABELED, sample_paths
+from seg.data.layouts import LAYOUTS, SPLITS as SPLIT_NAMES, UNLABELED, VIDEO, sample_paths
 from seg.data.unlabeled import NAME as UNLABELED_NAME
 from seg.runtime.errors import SegError
 from seg.runtime.json_file import read_json
@@ -231,9 +231,10 @@ def manifest_problems(manifest: dict) -> list[str]:
 
 def split_problems(manifest: dict, name: str, s: dict) -> list[str]:
     unlabeled = s.get("labels") == "none"
-    if unlabeled and not (UNLABELED_NAME.match(name) and name not in SPLIT_NAMES and s.get("layout") == UNLABELED):
+    if unlabeled and not (UNLABELED_NAME.match(name) and name not in SPLIT_NAMES and s.get("layout") in (UNLABELED,
+                                                                                                         VIDEO)):
         return [f"unlabeled split {name!r}: not a lower-case word other than {', '.join(SPLIT_NAMES)}, or not a "
-                "folder of images"]
+                "folder of images or a video's frames"]
     if not unlabeled and name not in SPLIT_NAMES:
         return [f"split {name!r} is not one of {', '.join(SPLIT_NAMES)}"]
     images, seeds = s.get("images"), s.get("seeds")

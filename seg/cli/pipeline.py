@@ -36,10 +36,12 @@ from seg.cli.group import main
                    "(class 0, as the published scripts did).")
 @click.option("--splits", default="train,val", show_default=True,
               help="Comma-separated labelled splits to extract (none: only the --unlabeled ones).")
-@click.option("--unlabeled", multiple=True, metavar="NAME=FOLDER",
-              help="Also cache a folder of images without masks as split NAME (repeatable), augmented like train; "
-                   "into an existing cache of the same settings, it is added and the other splits stay as they are. "
-                   "`seg pseudo-label` labels it.")
+@click.option("--unlabeled", multiple=True, metavar="NAME=FOLDER|VIDEO",
+              help="Also cache a folder of images, or a video's frames, without masks as split NAME (repeatable), "
+                   "augmented like train; into an existing cache of the same settings, it is added and the other "
+                   "splits stay as they are. `seg pseudo-label` labels it.")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--unlabeled: keep every N-th image (in name order) or video frame.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
 @click.option("--tap-block", type=click.IntRange(min=0), default=None,
               help="Store the un-normed stream entering block B (all tokens) instead of normed layers: "
@@ -76,7 +78,7 @@ def extract(**kw) -> None:
         random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"], border_fill=kw["border_fill"],
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",")
                                                  if s.strip() and s.strip() != "none"),
-        unlabeled=tuple(kw["unlabeled"]),
+        unlabeled=tuple(kw["unlabeled"]), every=kw["every"],
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         token_dtype=kw["token_dtype"], copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),

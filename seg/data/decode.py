@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 
 from seg.data.classes import IGNORE_INDEX, ClassTable
-from seg.data.layouts import SplitFiles
+from seg.data.layouts import VIDEO, SplitFiles
 from seg.data.file_names import check_utf8_name
+from seg.data.video_frames import parse_frame_name, read_frame
 from seg.runtime.errors import SegError
 
 
@@ -90,6 +91,9 @@ def mask_size_problem(mask_path: Path, mask_hw: tuple[int, int], image_hw: tuple
 
 def read_split_pair(files: SplitFiles, i: int, decoder: Optional[MaskDecoder]
                     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    if files.layout == VIDEO:  # a frame, read from the video itself
+        _, index = parse_frame_name(files.names[i])
+        return read_frame(files.image_path(i), index), None
     return read_pair(files.image_path(i), files.mask_path(i) if files.has_masks else None, decoder)
 
 

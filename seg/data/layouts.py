@@ -28,6 +28,7 @@ from seg.runtime.errors import SegError
 LAYOUTS = ("falcon", "folders", "cityscapes", "ade20k", "voc")
 SPLITS = ("train", "val", "test")
 UNLABELED = "images"  # the per-split layout of an unlabeled folder of images
+VIDEO = "video"       # ... of every N-th frame of a video (samples named FILE@NNNNNNN, seg.data.video_frames)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FALCON_TRAIN, FALCON_TEST = "Offroad_Segmentation_Training_Dataset", "Offroad_Segmentation_testImages"
 CITYSCAPES_IMAGE, CITYSCAPES_MASK = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -87,6 +88,8 @@ def sample_paths(layout: str, data_dir: str | Path, split: str, name: str) -> tu
         return root / "JPEGImages" / name, mask_file(root / "SegmentationClass", name)
     if layout == UNLABELED:  # a folder of images without masks (seg.data.unlabeled): no mask path exists
         return root / name, root / f".{name}.no-mask"
+    if layout == VIDEO:  # a frame of a video in the data dir: its source file is the video
+        return root / name.rpartition("@")[0], root / f".{name}.no-mask"
     raise SegError(f"unknown dataset layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 

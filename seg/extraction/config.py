@@ -43,7 +43,8 @@ class ExtractConfig:
     copy_paste: Optional[str] = None        # none | auto | class names/ids (train seeds only)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
     val_fraction: float = DEFAULT_VAL_FRACTION  # a plain folder (images/, masks/): the share drawn for val
-    unlabeled: tuple[str, ...] = ()         # NAME=FOLDER: images without masks, cached as split NAME
+    unlabeled: tuple[str, ...] = ()         # NAME=FOLDER or NAME=VIDEO: images without masks, cached as split NAME
+    every: int = 1                          # of those, every N-th image (name order) or video frame
 
     @property
     def copy_paste_enabled(self) -> bool:

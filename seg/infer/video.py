@@ -10,34 +10,12 @@ from typing import Callable
 import cv2
 
 from seg.data.file_names import check_utf8_name
+from seg.data.video_frames import VIDEO_SUFFIXES, frame_count, frames_of  # noqa: F401 (the API's names)
 from seg.infer.api import Predictor
 from seg.runtime.atomic import write_atomic
 from seg.runtime.errors import SegError
 from seg.runtime.output import temp_path
 from seg.runtime.progress import progress_bar
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
-
-
-def frames_of(path: Path, batch: int):
-    """Batches of RGB frames, in order, until the video ends."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise SegError(f"{path}: cannot open video (missing, corrupt, or a codec OpenCV lacks)")
-    try:
-        chunk = []
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            chunk.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            if len(chunk) == batch:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-    finally:
-        cap.release()
 
 
 def predict_video(path: Path, out_dir: Path, stem: str, predictor: Predictor, alpha: float, frame_masks: bool, progress: bool,
@@ -86,9 +64,3 @@ def predict_video(path: Path, out_dir: Path, stem: str, predictor: Predictor, al
             writer.release()
         partial.unlink(missing_ok=True)
     return n, written + [final.name]
-
-
-def frame_count(path: Path) -> int:
-    """Frames a video file holds, counted by decoding them (container metadata can be wrong)."""
-    return sum(len(c) for c in frames_of(path, 64))
-
