@@ -18,7 +18,7 @@ from seg.cache import format as cf
 from seg.data.augment import Augmenter, parse_size
 from seg.data.copy_paste import build_config, parse_copy_paste
 from seg.data.layouts import list_split, resolve_layout
-from seg.data.unlabeled import unlabeled_split
+from seg.data.unlabeled import flipped_twin, unlabeled_split
 from seg.data.public_tables import decoder_for, table_for
 from seg.data.decode import palette_contradiction
 from seg.extraction.data_check import check_data
@@ -77,7 +77,10 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print, dist_ctx: Op
             f"published runs); {DEFAULT_AUG_SEEDS} or more is recommended")
     if cfg.every != 1 and not cfg.unlabeled:
         raise SegError("--every applies to --unlabeled splits (every N-th image or video frame): add one")
+    if cfg.flip_views and not cfg.unlabeled:
+        raise SegError("--flip-views applies to --unlabeled splits (their teacher's flip TTA): add one")
     unlabeled = [unlabeled_split(spec, cfg.every) for spec in cfg.unlabeled]  # names checked before anything else
+    unlabeled += [flipped_twin(files) for files in unlabeled] if cfg.flip_views else []
     device = resolve_device(rank_device(d, cfg.device))
     layout = resolve_layout(cfg.data, cfg.layout)
     table = table_for(layout, cfg.classes)

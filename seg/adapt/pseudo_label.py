@@ -2,7 +2,10 @@
 where their confidence passes CBST's class-balanced thresholds (seg.adapt.thresholds).
 
 Every cached view (seed) is labelled from its own tokens, so each mask lines up with the view it was
-predicted on. Two passes over the split through the run's head (the backbone never runs): the first
+predicted on; with flip TTA (`--tta`, on by default when `extract --flip-views` cached the split's
+mirrored twin) its probabilities are the mean of the view's and of its mirror's flipped back, as
+`seg eval --tta flip` computes them from images. Two passes over the split through the run's head
+(the backbone never runs): the first
 collects the confidences the thresholds come from, the second writes the labels. The record says
 what the labels were made from and what they hold: coverage, per-class pixels and shares, the
 teacher's mean confidence per class, and, for a split that has masks, how often a kept label is right.
@@ -45,6 +48,21 @@ class PseudoOptions:
     batch_size: int = 8
     device: str = "auto"
     progress: bool = True
+    tta: str = "auto"           # auto (flip when the split's mirrored twin is cached) | none | flip
+
+
+TTA = ("auto", "none", "flip")
+
+
+def tta_twin(cache: FeatureCache, split: str, tta: str, where: str) -> Optional[str]:
+    """The mirrored twin split a teacher's flip TTA reads, or None (no TTA)."""
+    if tta not in TTA:
+        raise SegError(f"--tta must be one of {', '.join(TTA)}, got {tta!r}")
+    twin = cf.flip_twin(cache.manifest, split)
+    if tta == "flip" and twin is None:
+        raise SegError(f"{where}: --tta flip needs the mirrored views of {split!r}, which are not cached: extract "
+                       f"the split with --flip-views (or use --tta none)")
+    return twin if tta != "none" else None
 
 
 def pseudo_output(out: Path) -> Output:
@@ -62,18 +80,21 @@ def pseudo_label(opts: PseudoOptions, log: Callable[[str], None] = print) -> dic
     cache = FeatureCache(opts.cache)
     check_cache_compatible(run, cache.manifest, opts.cache)
     split = cache.split(opts.split)
-    cache.check_shards([opts.split])
+    twin = tta_twin(cache, opts.split, opts.tta, opts.cache)
+    cache.check_shards([opts.split] + ([twin] if twin else []))
     out = Path(opts.out)
     if out.resolve() == Path(opts.cache).resolve():
         raise SegError(f"{out}: pseudo-labels go beside the cache, never into it: choose another --out")
     with pseudo_output(out):
-        return _label(opts, run, cache, split, out, device, log)
+        return _label(opts, run, cache, split, out, device, log, cache.split(twin) if twin else None)
 
 
 def split_predictions(run, split, device, batch_size: int, progress: bool = False, desc: str = "",
-                      samples: Optional[range] = None):
+                      samples: Optional[range] = None, twin=None):
     """(rows, logits [B, K, H, W] float32, cached masks [B, H, W]) batch by batch over the split's
-    samples (all, or the given range), through the run's head."""
+    samples (all, or the given range), through the run's head. With `twin` (the split's mirrored
+    views), flip TTA: the logits are the log of the mean of the view's softmax and its mirror's,
+    flipped back (their softmax is that mean)."""
     h, w = split.manifest["mask_shape"]
     amp = run.amp_dtype(device)
     samples = samples if samples is not None else range(len(split))
@@ -82,18 +103,23 @@ def split_predictions(run, split, device, batch_size: int, progress: bool = Fals
         for b0 in range(samples.start, samples.stop, batch_size):
             rows = np.arange(b0, min(b0 + batch_size, samples.stop))
             tokens, masks = read_batch(split, rows, device, run.levels)
-            yield rows, head_logits(run.head, tokens, (h, w), amp, run.grid), masks
+            logits = head_logits(run.head, tokens, (h, w), amp, run.grid)
+            if twin is not None:
+                mirrored = head_logits(run.head, read_batch(twin, rows, device, run.levels)[0], (h, w), amp, run.grid)
+                logits = ((logits.softmax(1) + mirrored.softmax(1).flip(-1)) / 2).clamp_min(1e-30).log()
+            yield rows, logits, masks
             bar.update(len(rows))
     bar.close()
 
 
-def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> dict:
+def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log, twin) -> dict:
     k = run.class_table.num_classes
     names = list(run.class_table.names)
     labelled = cf.split_labels(cache.manifest, opts.split) != "none"
     sampled: list[list[np.ndarray]] = [[] for _ in range(k)]
     conf_sum, conf_n = np.zeros(k), np.zeros(k, np.int64)
-    for _, logits, _ in split_predictions(run, split, device, opts.batch_size, opts.progress, "pseudo-label 1/2"):
+    for _, logits, _ in split_predictions(run, split, device, opts.batch_size, opts.progress, "pseudo-label 1/2",
+                                          twin=twin):
         probs = logits.softmax(1)
         pred, conf = sampled_confidences(probs, opts.stride)
         pred, conf = pred.cpu().numpy(), conf.cpu().numpy()
@@ -110,7 +136,7 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> di
     try:
         masks = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), h, w))
         for rows, logits, truth in split_predictions(run, split, device, opts.batch_size, opts.progress,
-                                                     "pseudo-label 2/2"):
+                                                     "pseudo-label 2/2", twin=twin):
             labels = select_labels(logits.softmax(1), t)
             masks[rows[0]:rows[-1] + 1] = labels.cpu().numpy()
             kept = labels != IGNORE
@@ -133,7 +159,9 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> di
         "split_fingerprint": split_fingerprint(cache.manifest, opts.split),
         "teacher": {"run": str(run.path.resolve()), "best_pt_sha256": file_sha256(run.path / "best.pt")},
         "method": {"thresholds": "CBST class-balanced (CRST kc_parameters, label_selection)", "portion": opts.portion,
-                   "stride": opts.stride, "tta": "none (cached views)"},
+                   "stride": opts.stride,
+                   "tta": f"flip (mean softmax with the mirrored views of {twin.name!r})" if twin else "none"},
+        **({"tta_split_fingerprint": split_fingerprint(cache.manifest, twin.name)} if twin else {}),
         "samples": len(split), "mask_shape": [h, w], "masks_sha256": file_sha256(out / MASKS),
         "classes": names, "thresholds": thresholds.tolist(),
         "pixels": counts.tolist(), "coverage": float(counts.sum() / pixels),
@@ -144,7 +172,8 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log) -> di
         "kept_label_accuracy": (right / kept_scored if kept_scored else None) if labelled else None,
     }
     write_json(out / RECORD, record)
-    log(f"pseudo-labels of {opts.split} ({len(split)} cached views) by {run.path}: {record['coverage']:.1%} of pixels "
+    log(f"pseudo-labels of {opts.split} ({len(split)} cached views) by {run.path}"
+        + (f" with flip TTA ({twin.name})" if twin else "") + f": {record['coverage']:.1%} of pixels "
         f"labelled at portion {opts.portion:g}" + (f"; kept labels right {record['kept_label_accuracy']:.1%} "
                                                     "(the split has masks)" if labelled and kept_scored else ""))
     for line in pseudo_table(record):

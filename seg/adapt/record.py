@@ -66,10 +66,12 @@ def prediction_summary(logits: Iterable[torch.Tensor], k: int) -> dict:
     return {"confidence": total / pixels, "shares": (counts / pixels).tolist()}
 
 
-def measure(run_dir: str | Path, cache: FeatureCache, target: Optional[str], device: torch.device) -> dict:
+def measure(run_dir: str | Path, cache: FeatureCache, target: Optional[str], device: torch.device,
+            twin: Optional[str] = None) -> dict:
     """A model as the guard judges it, from one load: its mIoU on the cache's labelled val split
     (seed 0), and with a target split its mean confidence and the share of the pixels predicted as
-    each class over every pixel of every cached view of it."""
+    each class over every pixel of every cached view of it (with `twin`, under flip TTA, as its
+    teacher's pseudo-labels were made)."""
     run = load_run(run_dir, device)
     k = run.class_table.num_classes
     val = cache.split("val")
@@ -80,5 +82,5 @@ def measure(run_dir: str | Path, cache: FeatureCache, target: Optional[str], dev
     seen = {"val_miou": float(summarize(cm, list(run.class_table.names))["miou"])}
     if target is None:
         return seen
-    return {**seen, **prediction_summary((logits for _, logits, _ in split_predictions(run, cache.split(target),
-                                                                                         device, 8)), k)}
+    views = split_predictions(run, cache.split(target), device, 8, twin=cache.split(twin) if twin else None)
+    return {**seen, **prediction_summary((logits for _, logits, _ in views), k)}

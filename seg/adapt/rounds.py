@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
-from seg.adapt.pseudo_label import PseudoOptions, pseudo_label
+from seg.adapt.pseudo_label import PseudoOptions, pseudo_label, tta_twin
 from seg.adapt.record import MODES, RECORD, TABLE, adapt_output, load_state, measure, save_state
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
@@ -47,6 +47,7 @@ class AdaptOptions:
     momentum: float = 0.999      # online: the EMA teacher's
     threshold: float = 0.968     # online: the confidence whose pixel share weighs the pseudo-labels
     mix: str = "classmix"        # online: classmix (on the token grid) | none
+    tta: str = "auto"            # rounds: the teachers' flip TTA (auto: when the target's mirrored twin is cached)
     guard: GuardSettings = field(default_factory=GuardSettings)
     student: dict = field(default_factory=dict)  # train-head settings for the students, over the teacher's
     run_options: RunOptions = field(default_factory=RunOptions)
@@ -76,6 +77,7 @@ def adapt(opts: AdaptOptions, log: Callable[[str], None] = print) -> dict:
 def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
     device = resolve_device(opts.run_options.device)
     state = _state(out, opts)
+    twin = tta_twin(cache, opts.target, opts.tta, opts.cache)
     teacher = str(Path(opts.run).resolve())
     if state["source"] is None:
         state["source"] = {"run": teacher, "val_miou": measure(teacher, cache, None, device)["val_miou"]}
@@ -88,7 +90,7 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
             row = {"round": r, "teacher": teacher, "portion": min(1.0, opts.portion + (r - 1) * opts.portion_step)}
             state["rounds"].append(row)
         rdir = out / f"round-{r}"
-        pseudo = _pseudo_labels(opts, row, rdir / "pseudo", log)
+        pseudo = _pseudo_labels(opts, row, rdir / "pseudo", twin, log)
         row.update(coverage=pseudo["coverage"], shares=pseudo["shares"], prior=pseudo["source_prior"],
                    teacher_confidence=pseudo["teacher_confidence"], mean_confidence=mean_confidence(pseudo),
                    kept_label_accuracy=pseudo["kept_label_accuracy"])
@@ -96,7 +98,7 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
         problems = label_problems(pseudo, opts.guard)
         if not problems:
             student = _student(opts, row, rdir / "student", log)
-            seen = measure(student, cache, opts.target, device)
+            seen = measure(student, cache, opts.target, device, twin)
             row.update(student=student, val_miou=seen["val_miou"], student_confidence=seen["confidence"],
                        student_shares=seen["shares"],
                        # the teacher's predictions were counted while it labelled the split
@@ -128,22 +130,24 @@ def _state(out: Path, opts: AdaptOptions) -> dict:
     settings = {"run": str(Path(opts.run).resolve()), "cache": str(Path(opts.cache).resolve()),
                 "target": opts.target, "portion": opts.portion, "portion_step": opts.portion_step,
                 "student_init": opts.student_init, "stride": opts.stride, "guard": opts.guard.to_dict(),
-                "student": opts.student}
+                "student": opts.student, **({"tta": opts.tta} if opts.tta != "auto" else {})}
     return load_state(out, "rounds", settings, {"source": None, "rounds": [], "final": None})
 
 
-def _pseudo_labels(opts: AdaptOptions, row: dict, folder: Path, log) -> dict:
-    """The round's pseudo-labels: kept when complete and made by this teacher at this portion."""
+def _pseudo_labels(opts: AdaptOptions, row: dict, folder: Path, twin: Optional[str], log) -> dict:
+    """The round's pseudo-labels: kept when complete and made by this teacher at this portion, with
+    flip TTA exactly when the mirrored twin is read."""
     try:
         record = read_pseudo(folder)
         if (record["teacher"]["best_pt_sha256"] == file_sha256(Path(row["teacher"]) / "best.pt")
-                and record["method"]["portion"] == row["portion"]):
+                and record["method"]["portion"] == row["portion"]
+                and record["method"]["tta"].startswith("flip") == (twin is not None)):
             return record
     except SegError:
         pass
     return pseudo_label(PseudoOptions(run=row["teacher"], cache=opts.cache, split=opts.target, out=str(folder),
                                       portion=row["portion"], stride=opts.stride, device=opts.run_options.device,
-                                      progress=opts.progress), log)
+                                      progress=opts.progress, tta="flip" if twin else "none"), log)
 
 
 def _student(opts: AdaptOptions, row: dict, folder: Path, log) -> str:

@@ -88,6 +88,8 @@ def _seeds_text(seeds: list[int]) -> str:
 
 def _unlabeled_source(s: dict) -> str:
     """'images of FOLDER', or 'frames 0, 10, ... of VIDEO' for a video's frames."""
+    if s.get("flip_of"):
+        return f"the views of {s['flip_of']!r} flipped left-right, for a flip-TTA teacher"
     if s.get("layout") != "video" or not s["images"]:
         return f"images of {s['data_dir']}"
     first = s["images"][0].rpartition("@")

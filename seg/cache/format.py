@@ -141,6 +141,11 @@ def split_labels(manifest: dict, split: str) -> str:
     return manifest["splits"][split].get("labels", "true")
 
 
+def flip_twin(manifest: dict, split: str) -> Optional[str]:
+    """The split holding `split`'s views flipped left-right (`extract --flip-views`), if cached."""
+    return next((n for n, s in manifest["splits"].items() if s.get("flip_of") == split), None)
+
+
 def prefix_tokens(manifest: dict) -> int:
     """Prefix tokens (cls + registers) stored per layer and sample; 0 for caches before version 7."""
     return int(manifest.get("prefix_tokens") or 0)
@@ -254,6 +259,11 @@ def split_problems(manifest: dict, name: str, s: dict) -> list[str]:
     if stated != plan:
         problems.append(f"{name}: the shard list (files, starts, sample counts) does not match the planned "
                         f"layout of {n} samples in shards of {manifest.get('shard_size')}")
+    twin_of = manifest["splits"].get(s["flip_of"]) if "flip_of" in s else None
+    if "flip_of" in s and not (unlabeled and isinstance(twin_of, dict) and twin_of.get("images") == images
+                               and twin_of.get("seeds") == seeds):
+        problems.append(f"{name}: flip_of names {s['flip_of']!r}, which is not an unlabeled split of the same "
+                        "images and seeds")
     counts = s.get("class_counts")
     if counts is not None and (not isinstance(counts, list) or len(counts) != n):
         problems.append(f"{name}: class_counts has {len(counts) if isinstance(counts, list) else counts!r} "

@@ -22,16 +22,19 @@ from seg.cli.group import main
               help="CBST's portion: per class, the share of the pixels predicted as it that keep their label.")
 @click.option("--stride", default=4, show_default=True, type=COUNT,
               help="Thresholds from every N-th pixel in each direction (CRST's ds_rate).")
+@click.option("--tta", type=click.Choice(["auto", "none", "flip"]), default="auto", show_default=True,
+              help="The teacher's flip TTA: its softmax averaged with the mirrored views' (cached by extract "
+                   "--flip-views as split NAME-flip); auto: when they are cached.")
 @click.option("--batch-size", default=8, show_default=True, type=COUNT)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N].")
 @NO_PROGRESS
 @user_errors
-def pseudo_label(run_dir, cache_dir, split, out, portion, stride, batch_size, device, no_progress) -> None:
+def pseudo_label(run_dir, cache_dir, split, out, portion, stride, tta, batch_size, device, no_progress) -> None:
     """Label an unlabeled split of a cache with a trained run: class-balanced thresholds (CBST) keep the
     confident share of each class, the rest is ignored. The cache is never written."""
     from seg.adapt.pseudo_label import PseudoOptions, pseudo_label as run
 
-    run(PseudoOptions(run=run_dir, cache=cache_dir, split=split, out=out, portion=portion, stride=stride,
+    run(PseudoOptions(run=run_dir, cache=cache_dir, split=split, out=out, portion=portion, stride=stride, tta=tta,
                       batch_size=batch_size, device=device, progress=not no_progress), log=click.echo)
 
 
@@ -54,6 +57,8 @@ def pseudo_label(run_dir, cache_dir, split, out, portion, stride, batch_size, de
               help="rounds mode: CBST's portion in round 1.")
 @click.option("--portion-step", default=0.05, show_default=True, type=click.FloatRange(0, 1),
               help="rounds mode: added to the portion each round.")
+@click.option("--tta", type=click.Choice(["auto", "none", "flip"]), default="auto", show_default=True,
+              help="rounds mode: the teachers' flip TTA over the cached mirrored views (extract --flip-views).")
 @click.option("--momentum", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="online mode: the EMA teacher's momentum (DAFormer's alpha).")
 @click.option("--threshold", default=0.968, show_default=True, type=click.FloatRange(0, 1),
@@ -72,7 +77,7 @@ def pseudo_label(run_dir, cache_dir, split, out, portion, stride, batch_size, de
 @NO_PROGRESS
 @click.pass_context
 @user_errors(on_interrupt="interrupted; rerun the same command to continue (finished steps are kept)")
-def adapt(ctx, run_dir, cache_dir, target, out, mode, rounds, portion, portion_step, momentum, threshold, mix,
+def adapt(ctx, run_dir, cache_dir, target, out, mode, rounds, portion, portion_step, tta, momentum, threshold, mix,
           student_init, collapse_fraction, val_drop, shift_factor, no_progress) -> None:
     """Self-train on an unlabeled split, guarded. Rounds: the teacher labels it (CBST), a student trains
     on source + target, round after round. Online: one student trains on source and ClassMix-ed target
@@ -87,7 +92,7 @@ def adapt(ctx, run_dir, cache_dir, target, out, mode, rounds, portion, portion_s
 
     settings, run_flags = train_head_flags(list(ctx.args), 3)
     run(AdaptOptions(run=run_dir, cache=cache_dir, target=target, out=out, mode=mode, rounds=rounds, portion=portion,
-                     portion_step=portion_step, momentum=momentum, threshold=threshold, mix=mix,
+                     portion_step=portion_step, tta=tta, momentum=momentum, threshold=threshold, mix=mix,
                      student_init=student_init,
                      guard=GuardSettings(collapse_fraction=collapse_fraction, val_drop=val_drop,
                                          shift_factor=shift_factor),

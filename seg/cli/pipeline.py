@@ -42,6 +42,9 @@ from seg.cli.group import main
                    "splits stay as they are. `seg pseudo-label` labels it.")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(min=1),
               help="--unlabeled: keep every N-th image (in name order) or video frame.")
+@click.option("--flip-views", is_flag=True,
+              help="--unlabeled: also cache each view flipped left-right as split NAME-flip, for a teacher's flip "
+                   "TTA (`seg pseudo-label --tta`); twice the split's extraction time and disk.")
 @click.option("--layers", default="1", show_default=True, help="Last N blocks (e.g. 4) or block indices (e.g. 8,9,10,11); all normed.")
 @click.option("--tap-block", type=click.IntRange(min=0), default=None,
               help="Store the un-normed stream entering block B (all tokens) instead of normed layers: "
@@ -78,7 +81,7 @@ def extract(**kw) -> None:
         random_init=kw["random_init"], random_init_seed=kw["random_init_seed"], aug_policy=kw["aug_policy"], border_fill=kw["border_fill"],
         aug_seeds=kw["aug_seeds"], splits=tuple(s.strip() for s in kw["splits"].split(",")
                                                  if s.strip() and s.strip() != "none"),
-        unlabeled=tuple(kw["unlabeled"]), every=kw["every"],
+        unlabeled=tuple(kw["unlabeled"]), every=kw["every"], flip_views=kw["flip_views"],
         layers=kw["layers"], tap_block=kw["tap_block"], batch_size=kw["batch_size"], device=kw["device"], workers=kw["workers"],
         shard_size=kw["shard_size"], classes=kw["classes"], overwrite=kw["overwrite"], half=not kw["fp32"],
         token_dtype=kw["token_dtype"], copy_paste=kw["copy_paste"], copy_paste_scale=parse_pair(kw["copy_paste_scale"], "--copy-paste-scale"),

@@ -44,6 +44,7 @@ class SplitFiles:
     names: tuple[str, ...]          # sorted image file names (no folders); masks follow from them
     has_masks: bool
     layout: str = "falcon"
+    flip_of: Optional[str] = None   # an unlabeled split's twin: its views, each flipped left-right
 
     def image_path(self, i: int) -> Path:
         return sample_paths(self.layout, self.root, self.split, self.names[i])[0]

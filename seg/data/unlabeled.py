@@ -5,6 +5,7 @@ images and labelled later by a teacher (`seg pseudo-label`). `--unlabeled NAME=F
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from seg.data.layouts import SPLITS, UNLABELED, VIDEO, SplitFiles, _images_in
@@ -36,3 +37,12 @@ def unlabeled_split(spec: str, every: int = 1) -> SplitFiles:
             raise SegError(f"{root}: no frame could be decoded")
         return SplitFiles(name, root.parent, tuple(frame_name(root, i) for i in range(0, frames, every)), False, VIDEO)
     return SplitFiles(name, root, tuple(_images_in(root)[::every]), False, UNLABELED)
+
+
+def flipped_twin(files: SplitFiles) -> SplitFiles:
+    """The split NAME-flip that holds each of NAME's views (same image, same augmentation seed)
+    flipped left-right: the other half of a flip-TTA teacher's input (`seg pseudo-label --tta flip`)."""
+    twin = f"{files.split}-flip"
+    if not NAME.match(twin):
+        raise SegError(f"--flip-views: the twin split's name {twin!r} would be too long; shorten {files.split!r}")
+    return replace(files, split=twin, flip_of=files.split)

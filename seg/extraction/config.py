@@ -45,6 +45,7 @@ class ExtractConfig:
     val_fraction: float = DEFAULT_VAL_FRACTION  # a plain folder (images/, masks/): the share drawn for val
     unlabeled: tuple[str, ...] = ()         # NAME=FOLDER or NAME=VIDEO: images without masks, cached as split NAME
     every: int = 1                          # of those, every N-th image (name order) or video frame
+    flip_views: bool = False                # and each one's twin split NAME-flip: its views mirrored (flip TTA)
 
     @property
     def copy_paste_enabled(self) -> bool:

@@ -85,6 +85,7 @@ def build_manifest(cfg: ExtractConfig, info, model, layers: list[int], size: tup
         splits[name] = {
             "data_dir": str(data_dir),
             **({} if files.has_masks else {"labels": "none", "layout": files.layout}),
+            **({"flip_of": files.flip_of} if files.flip_of else {}),
             "sources": cf.source_record(files.layout if not files.has_masks else layout, data_dir, name,
                                         list(files.names)),
             "images": list(files.names),

@@ -41,6 +41,8 @@ class ExtractionSamples(Dataset):
                 image, mask, _ = copy_paste(image, mask, i, self.files.names[i], seed, self.paste,
                                             lambda j: read_split_pair(self.files, j, self.decoder))
             image, mask = self.augmenter(image, mask, self.files.names[i], seed)
+            if self.files.flip_of is not None:  # the twin of a view: the same draw, mirrored
+                image, mask = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
         except SegError as exc:
             # Raised in a worker, an exception comes back wrapped in a traceback; pass the text instead.
             return {"error": str(exc), "k": k}
