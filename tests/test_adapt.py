@@ -53,6 +53,24 @@ def teacher(adapted_cache, tmp_path_factory):
     return out
 
 
+def adapt_killed_in_second_epoch(opts, monkeypatch) -> None:
+    """Runs adapt(opts) and kills it (KeyboardInterrupt) as the second epoch it trains begins."""
+    from seg.train.epochs import EpochRunner
+
+    real, calls = EpochRunner.train_epoch, []
+
+    def killed(self, source, epoch, target=None):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, source, epoch, target)
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(opts, **QUIET)
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+
+
 def test_an_unlabeled_split_is_added_and_the_others_stay_byte_for_byte(adapted_cache):
     out, before, folder = adapted_cache
     assert {n: sha(out / n) for n in before} == before
@@ -179,20 +197,7 @@ def test_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, teacher, t
                                       guard=GuardSettings(collapse_fraction=0.0, val_drop=1.0, shift_factor=1e9),
                                       progress=False)
     whole = adapt(opts(tmp_path / "whole"), **QUIET)
-    from seg.train.epochs import EpochRunner
-
-    real, calls = EpochRunner.train_epoch, []
-
-    def killed(self, source, epoch, target=None):
-        calls.append(epoch)
-        if len(calls) == 2:  # round 2's student, in its first epoch
-            raise KeyboardInterrupt
-        return real(self, source, epoch, target)
-
-    monkeypatch.setattr(EpochRunner, "train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        adapt(opts(tmp_path / "cut"), **QUIET)
-    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    adapt_killed_in_second_epoch(opts(tmp_path / "cut"), monkeypatch)  # round 2's student, in its first epoch
     state = json.loads((tmp_path / "cut" / "adapt.json").read_text())
     assert state["rounds"][0]["passed"] and "val_miou" not in state["rounds"][1]
     resumed = adapt(opts(tmp_path / "cut"), **QUIET)
@@ -291,20 +296,7 @@ def test_online_adapt_resumes_after_a_kill_to_the_same_result(adapted_cache, tea
     assert last["ema_teacher"]["steps"] > 0 and last["config"]["select"] == "final"
     assert json.loads((tmp_path / "whole" / "student" / "config.json").read_text())["target"]["online"]["momentum"] == 0.999
     assert "source model" in (tmp_path / "whole" / "adapt.txt").read_text()
-    from seg.train.epochs import EpochRunner
-
-    real, calls = EpochRunner.train_epoch, []
-
-    def killed(self, source, epoch, target=None):
-        calls.append(epoch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, source, epoch, target)
-
-    monkeypatch.setattr(EpochRunner, "train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        adapt(opts(tmp_path / "cut"), **QUIET)
-    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    adapt_killed_in_second_epoch(opts(tmp_path / "cut"), monkeypatch)
     assert [e["epoch"] for e in json.loads((tmp_path / "cut" / "adapt.json").read_text())["epochs"]] == [1]
     resumed = adapt(opts(tmp_path / "cut"), **QUIET)
     assert [(e["val_miou"], e["coverage"], e["student_confidence"]) for e in resumed["epochs"]] == \

@@ -91,3 +91,18 @@ def test_flip_tta_without_the_mirrored_views_is_refused(flipped, phase3_run, sma
                                    device="cpu", progress=False, tta="flip"), **QUIET)
     with pytest.raises(SegError, match="--flip-views applies to --unlabeled splits"):
         extract(ExtractConfig(data=str(tmp_path), out=str(tmp_path / "c"), flip_views=True, **TINY), **QUIET)
+
+
+def test_cache_info_shows_a_pseudo_label_folder(flipped, tmp_path):
+    out, run_dir, _ = flipped
+    pseudo_label(PseudoOptions(run=str(run_dir), cache=str(out), split="target", out=str(tmp_path / "p"), device="cpu",
+                               progress=False), **QUIET)
+    r = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "split 'target'" in r.output and f"teacher      {run_dir.resolve()}" in r.output
+    assert "TTA flip (mean softmax with the mirrored views of 'target-flip')" in r.output
+    assert "threshold" in r.output and "Landscape" in r.output and "coverage" in r.output
+    masks = tmp_path / "p" / "masks.npy"
+    masks.write_bytes(masks.read_bytes()[:-1] + b"\x07")
+    r = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "p")])
+    assert r.exit_code != 0 and "changed since `seg pseudo-label` wrote it" in r.output

@@ -24,7 +24,8 @@ from seg.adapt.thresholds import IGNORE, class_thresholds, sampled_confidences, 
 from seg.backbones import file_sha256
 from seg.cache import FeatureCache
 from seg.cache import format as cf
-from seg.cache.pseudo import MASKS, PSEUDO_FORMAT, PSEUDO_VERSION, RECORD, settings_fingerprint, split_fingerprint
+from seg.cache.pseudo import (MASKS, PSEUDO_FORMAT, PSEUDO_VERSION, RECORD, read_pseudo, settings_fingerprint,
+                              split_fingerprint)
 from seg.heads import head_logits
 from seg.infer.runs import check_cache_compatible, load_run
 from seg.runtime.atomic import publish, write_json
@@ -191,3 +192,17 @@ def pseudo_table(record: dict) -> list[str]:
         rows.append(f"{name[:16]:16s} {t:9.3f} {share:7.1%} " + (f"{p:7.1%}" if p is not None else f"{'-':>7s}")
                     + (f" {conf:12.3f}" if conf is not None else f" {'-':>12s}"))
     return rows
+
+
+def describe_pseudo(folder: str | Path) -> list[str]:
+    """`seg cache info` of a pseudo-label folder: what labelled what, how, and what the labels hold
+    (the record read and its masks' sha256 checked first)."""
+    r = read_pseudo(folder)
+    h, w = r["mask_shape"]
+    acc = r.get("kept_label_accuracy")
+    return [f"pseudo-labels {folder}: split {r['split']!r} of {r['cache']} ({r['samples']} views, {w}x{h})",
+            f"teacher      {r['teacher']['run']} (best.pt sha256 {r['teacher']['best_pt_sha256'][:16]}...)",
+            f"method       {r['method']['thresholds']}, portion {r['method']['portion']:g}, stride "
+            f"{r['method']['stride']}, TTA {r['method']['tta']}",
+            f"coverage     {r['coverage']:.1%} of pixels labelled" + (f"; kept labels right {acc:.1%}" if acc else ""),
+            *pseudo_table(r), f"masks        {Path(folder) / MASKS} (sha256 checked)"]

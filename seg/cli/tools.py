@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -74,14 +75,22 @@ def cache() -> None:
     """Inspect and check feature caches."""
 
 
-@cache.command("info", epilog=example("seg cache info cache/b14"))
+@cache.command("info", epilog=example("seg cache info cache/b14", "seg cache info pseudo/r1"))
 @click.argument("cache_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest (or pseudo-label record).")
 @user_errors
 def cache_info(cache_dir: str, as_json: bool) -> None:
-    """Print a cache's manifest in human form (--json: the manifest itself, per-split class_counts included)."""
+    """Print a cache's manifest in human form (--json: the manifest itself, per-split class_counts included).
+    Given a `seg pseudo-label` folder: its teacher, thresholds, coverage and per-class shares."""
     from seg.cache import describe
-    from seg.cache.format import read_manifest
+    from seg.cache.format import MANIFEST, read_manifest
+    from seg.cache.pseudo import RECORD, read_pseudo
+
+    if (Path(cache_dir) / RECORD).is_file() and not (Path(cache_dir) / MANIFEST).is_file():
+        from seg.adapt.pseudo_label import describe_pseudo
+
+        click.echo(json.dumps(read_pseudo(cache_dir), indent=2) if as_json else "\n".join(describe_pseudo(cache_dir)))
+        return
 
     if as_json:
         click.echo(json.dumps(read_manifest(cache_dir), indent=2))
