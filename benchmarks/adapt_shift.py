@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mix", default="classmix", help="the online mode's mix: classmix | none")
+    ap.add_argument("--skip-rounds", action="store_true", help="only the online mode (and source-only, oracle)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -92,6 +94,22 @@ def main() -> None:
                                     out=str(work / "scores" / f"{run.parent.name}-{run.name}-{kind}{tag}")),
                         **quiet)["miou"]
 
+    def rounds_of(source: Path, seed: int, kind: str) -> dict:
+        """seg adapt's rounds, guarded, and the same rounds with the guard off: what each round does to
+        the target when nothing stops it."""
+        state = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
+                                   f"adapt-{kind}"), rounds=args.rounds, student={"seed": seed},
+                                   run_options=RunOptions(device="cpu"), progress=False), **quiet)
+        free = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
+                                  f"unguarded-{kind}"), rounds=args.rounds, student={"seed": seed}, guard=off,
+                                  run_options=RunOptions(device="cpu"), progress=False), **quiet)
+        return {"rounds": [{"round": r["round"], "passed": r["passed"], "guard": r["guard"], "coverage": r["coverage"],
+                            "kept_label_accuracy": r["kept_label_accuracy"], "val_miou": r.get("val_miou"),
+                            "target_miou": score(Path(r["student"]), kind) if r.get("student") else None}
+                           for r in state["rounds"]],
+                "adapt_final": score(Path(state["final"]["model"]), kind), "final_why": state["final"]["why"],
+                "unguarded": [score(Path(r["student"]), kind) for r in free["rounds"]]}
+
     rows = []
     off = GuardSettings(collapse_fraction=0.0, swallow_share=1.0, val_drop=1e9, shift_factor=1e9)
     recipe = {"epochs": args.epochs, "patience": 0}
@@ -107,27 +125,14 @@ def main() -> None:
         for kind in targets:
             row = {"seed": seed, "target": kind, "source_only": score(source, kind),
                    "source_longer": score(longer, kind)}
-            state = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
-                                       f"adapt-{kind}"), rounds=args.rounds, student={"seed": seed},
-                                       run_options=RunOptions(device="cpu"), progress=False), **quiet)
-            row["rounds"] = [{"round": r["round"], "passed": r["passed"], "guard": r["guard"],
-                              "coverage": r["coverage"], "kept_label_accuracy": r["kept_label_accuracy"],
-                              "val_miou": r.get("val_miou"),
-                              "target_miou": score(Path(r["student"]), kind) if r.get("student") else None}
-                             for r in state["rounds"]]
-            row["adapt_final"] = score(Path(state["final"]["model"]), kind)
-            row["final_why"] = state["final"]["why"]
-            # the same rounds with the guard off: what each round does to the target when nothing stops it
-            free = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(work / f"seed{seed}" /
-                                      f"unguarded-{kind}"), rounds=args.rounds, student={"seed": seed}, guard=off,
-                                      run_options=RunOptions(device="cpu"), progress=False), **quiet)
-            row["unguarded"] = [score(Path(r["student"]), kind) for r in free["rounds"]]
+            row.update(rounds_of(source, seed, kind) if not args.skip_rounds else
+                       {"rounds": [], "adapt_final": None, "final_why": None, "unguarded": [None] * args.rounds})
             for guarded in (True, False):  # online: the student scored after every epoch it kept
                 where, per_epoch = work / f"seed{seed}" / f"online-{'guarded' if guarded else 'unguarded'}-{kind}", []
                 seen = RunOptions(device="cpu", on_epoch=lambda e, r, w=where, p=per_epoch:
                                   p.append(score(w / "student", kind, f"-epoch{e + 1}")))  # best.pt: this epoch (select final)
                 state = adapt(AdaptOptions(run=str(source), cache=str(cache), target=kind, out=str(where), mode="online",
-                                           student={"seed": seed}, run_options=seen, progress=False,
+                                           mix=args.mix, student={"seed": seed}, run_options=seen, progress=False,
                                            **({} if guarded else {"guard": off})), **quiet)
                 key = "online" if guarded else "online_unguarded"
                 row[key] = {"epochs": per_epoch, "final": score(Path(state["final"]["model"]), kind),
@@ -158,10 +163,12 @@ def main() -> None:
         on_free = [r["online_unguarded"]["final"] for r in mine]
         on_fin = [r["online"]["final"] for r in mine]
         gap = statistics.mean(orc) - statistics.mean(so)
-        closed = [(statistics.mean(v) - statistics.mean(so)) / gap if gap > 0 else None for v in (fin, on_fin)]
+        closed = [(statistics.mean(v) - statistics.mean(so)) / gap if gap > 0 and None not in v else None
+                  for v in (fin, on_fin)]
         longer = [r["source_longer"] for r in mine]
         print(f"| {kind} | {ms(so)} | {ms(longer)} | " + " | ".join(ms(v) for v in per_round) + f" | {ms(fin)} | {ms(on_free)} | "
-              f"{ms(on_fin)} | {ms(orc)} | " + (" / ".join(f"{c:.0%}" for c in closed) + " |" if gap > 0
+              f"{ms(on_fin)} | {ms(orc)} | " + (" / ".join(f"{c:.0%}" if c is not None else "-" for c in closed) + " |"
+                                               if gap > 0
                                                else "no gap: the oracle is not above source-only |"))
         epochs = max(len(r["online_unguarded"]["epochs"]) for r in mine)
         per_epoch = [[r["online_unguarded"]["epochs"][e] for r in mine if len(r["online_unguarded"]["epochs"]) > e]
