@@ -106,3 +106,23 @@ def test_cache_info_shows_a_pseudo_label_folder(flipped, tmp_path):
     masks.write_bytes(masks.read_bytes()[:-1] + b"\x07")
     r = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "p")])
     assert r.exit_code != 0 and "changed since `seg pseudo-label` wrote it" in r.output
+
+
+def test_adapt_rounds_label_and_measure_under_flip_tta(flipped, tmp_path):
+    """With the twin cached, a round's teacher labels with flip TTA and its student's target shares
+    (the shift sign's input) are measured the same way."""
+    from seg.adapt.guard import GuardSettings
+    from seg.adapt.record import measure
+    from seg.adapt.rounds import AdaptOptions, adapt
+    from seg.cache.pseudo import read_pseudo
+
+    out, run_dir, _ = flipped
+    off = GuardSettings(collapse_fraction=0.0, swallow_share=1.0, val_drop=1e9, shift_factor=1e9)
+    state = adapt(AdaptOptions(run=str(run_dir), cache=str(out), target="target", out=str(tmp_path / "a"), rounds=1,
+                               student={"epochs": 1}, guard=off, run_options=RunOptions(device="cpu"), progress=False),
+                  **QUIET)
+    (r1,) = state["rounds"]
+    assert read_pseudo(tmp_path / "a" / "round-1" / "pseudo")["method"]["tta"].startswith("flip")
+    cache, cpu = FeatureCache(out), torch.device("cpu")
+    assert r1["student_shares"] == measure(r1["student"], cache, "target", cpu, "target-flip")["shares"]
+    assert r1["student_shares"] != measure(r1["student"], cache, "target", cpu)["shares"]
