@@ -3,6 +3,8 @@ onnxruntime answers equal the eager model's within the stated bound; a graph out
 and never published; a file seg did not write is never replaced."""
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,12 +148,27 @@ def export(*args):
     return CliRunner().invoke(main, ["export", *map(str, args)])
 
 
-def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def exported(phase3_run, tmp_path_factory):
+    """One export of the phase-3 run at its own size (an export costs 10-14 s), copied by the tests
+    that read it or start from it: (folder holding m.onnx and m.parity.json, the command's output)."""
+    folder = tmp_path_factory.mktemp("exported")
+    r = export("--run", phase3_run, "--out", folder / "m.onnx")
+    assert r.exit_code == 0, r.output
+    return folder, r.output
+
+
+def copy_export(exported, to):
+    for name in ("m.onnx", "m.parity.json"):
+        shutil.copy2(exported[0] / name, to / name)
+    return to / "m.onnx"
+
+
+def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, exported, tmp_path):
     import onnx
 
-    out = tmp_path / "m.onnx"
-    r = export("--run", run_dir, "--out", out)
-    assert r.exit_code == 0, r.output
+    out = copy_export(exported, tmp_path)
+    r = SimpleNamespace(output=exported[1])
     assert "eager float32 graph at 224x126" in r.output and "seg predict (bfloat16 backbone" in r.output
     # the reported (unbounded) row shows no tolerance to read it against, and "sure flips" is explained
     predict_row = next(ln for ln in r.output.splitlines() if ln.startswith("seg predict (bfloat16"))
@@ -184,9 +201,9 @@ def test_seg_export_writes_a_checked_graph_with_its_report(run_dir, tmp_path):
     # an earlier export is replaced only with --overwrite
     r = export("--run", run_dir, "--out", out)
     assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
-    r = export("--run", run_dir, "--out", out, "--overwrite", "--size", "196x112")
+    r = export("--run", run_dir, "--out", out, "--overwrite", "--size", "112x56")
     assert r.exit_code == 0, r.output
-    assert open_session(out).get_inputs()[0].shape[1:] == [112, 196, 3]
+    assert open_session(out).get_inputs()[0].shape[1:] == [56, 112, 3]
 
 
 def test_a_dynamic_size_graph_labels_any_image_as_the_api_does_in_float32(run_dir, tmp_path):
@@ -255,7 +272,7 @@ def test_seg_export_never_replaces_a_file_it_did_not_write(run_dir, tmp_path):
     assert "not written by seg export" in r.output and out.read_bytes() == b"the user's own model"
 
 
-def test_a_graph_outside_the_bound_is_refused_and_not_published(run_dir, tmp_path, monkeypatch):
+def test_a_graph_outside_the_bound_is_refused_and_not_published(run_dir, exported, tmp_path, monkeypatch):
     import seg.export_model as em
 
     real = em.open_session
@@ -268,9 +285,8 @@ def test_a_graph_outside_the_bound_is_refused_and_not_published(run_dir, tmp_pat
             labels, logits = self.session.run(names, feeds)
             return labels, logits + 0.01 * max(1.0, float(np.abs(logits).max()))
 
-    out = tmp_path / "m.onnx"
+    out = copy_export(exported, tmp_path)  # an earlier good model, with its report
     small = ("--size", "112x56")  # what is under test is the refusal and which files it touches
-    assert export("--run", run_dir, "--out", out, *small).exit_code == 0
     good = {p.name: p.read_bytes() for p in (out, tmp_path / "m.parity.json")}
     monkeypatch.setattr(em, "open_session", Drifting)
     r = export("--run", run_dir, "--out", out, "--overwrite", *small)
