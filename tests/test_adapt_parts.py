@@ -103,3 +103,21 @@ def test_adapt_owns_its_record_and_step_folders_and_nothing_named_like_them(tmp_
     assert not owns("student-notes.txt") and not owns("round-notes/a.txt") and not owns("students/x")
     (tmp_path / "adapt.json").write_text('{"mode": "mine"}')  # a record seg adapt did not write vouches for nothing
     assert not adapt_output(tmp_path).owns("adapt.txt")
+
+
+def test_a_stopped_step_says_its_first_problem_and_how_many_more():
+    from seg.adapt.guard import verdict
+
+    assert verdict(["collapse: Sky"]) == "collapse: Sky"
+    assert verdict(["collapse: Sky", "shift: Rocks", "drift"]) == "collapse: Sky (+2 more)"
+
+
+def test_the_source_prior_is_each_classes_share_of_the_train_pixels(small_cache):
+    from seg.adapt.pseudo_label import source_prior
+    from seg.cache import FeatureCache
+
+    cache = FeatureCache(small_cache)
+    counts = cache.class_counts("train").sum(0)
+    prior = source_prior(cache)
+    assert sum(prior) == pytest.approx(1.0) and all(p >= 0 for p in prior)
+    assert prior[int(counts.argmax())] == pytest.approx(counts.max() / counts.sum())

@@ -84,3 +84,8 @@ def shift_problem(teacher_shares: list[float], student_shares: list[float], name
         return (f"shift: the student predicts {name} on {pair[1]:.1%} of the target pixels, {teacher} on "
                 f"{pair[0]:.1%} ({worst:.1f}x, over {g.shift_factor:g}x)")
     return None
+
+
+def verdict(problems: list[str]) -> str:
+    """The first problem in one line, with how many more there are."""
+    return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")

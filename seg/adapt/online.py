@@ -16,18 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from seg.adapt.guard import drift_problem, label_problems, shift_problem
+from seg.adapt.guard import drift_problem, label_problems, shift_problem, verdict
+from seg.adapt.pseudo_label import head_predictions, source_prior
 from seg.adapt.record import load_state, measure, prediction_summary, save_state
 from seg.cache import FeatureCache
-from seg.heads import head_logits
 from seg.runtime.device import resolve_device
 from seg.train.config_file import config_from_file
 from seg.train.ema_teacher import OnlineSettings
 from seg.train.presets import TARGET_DEFAULTS
-from seg.train.sources import read_batch
 from seg.train_head import RunOptions, train
 
 
@@ -39,9 +35,8 @@ def online(opts, cache: FeatureCache, out: Path, log) -> dict:
                                        "guard": opts.guard.to_dict(), "student": opts.student},
                        {"source": None, "epochs": [], "final": None})
     if state["source"] is None:
-        prior = cache.class_counts("train").sum(0)
         state["source"] = {"run": str(Path(opts.run).resolve()), **measure(opts.run, cache, opts.target, device),
-                           "prior": (prior / max(prior.sum(), 1)).tolist()}
+                           "prior": source_prior(cache)}
         _save(out, state)
     src = state["source"]
     if state["final"] is not None:
@@ -82,7 +77,7 @@ def _train_student(opts, settings: OnlineSettings, cache: FeatureCache, folder: 
             "guard": problems, "passed": not problems}]
         save()
         if problems:
-            return "STOPPED by the guard: " + problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+            return "STOPPED by the guard: " + verdict(problems)
         return None
 
     flags = {**TARGET_DEFAULTS, "select": "final", **opts.student}  # DAFormer keeps its last iteration
@@ -94,18 +89,12 @@ def _train_student(opts, settings: OnlineSettings, cache: FeatureCache, folder: 
     train(cfg, opts.cache, str(folder), run_opts, log=log)
 
 
-@torch.no_grad()
 def _student_on_target(trainer, split) -> dict:
     """The student's mean confidence and predicted class shares over every cached view of the target."""
-    h, w = split.manifest["mask_shape"]
     trainer.head.eval()
-
-    def batches():
-        for b0 in range(0, len(split), 8):
-            tokens, _ = read_batch(split, np.arange(b0, min(b0 + 8, len(split))), trainer.device, trainer.levels)
-            yield head_logits(trainer.head, tokens, (h, w), trainer.amp_dtype, trainer.epochs.grid)
-
-    return prediction_summary(batches(), len(trainer.names))
+    views = head_predictions(trainer.head, trainer.amp_dtype, trainer.epochs.grid, trainer.levels, split,
+                             trainer.device, 8)
+    return prediction_summary((logits for _, logits, _ in views), len(trainer.names))
 
 
 def _save(out: Path, state: dict) -> None:

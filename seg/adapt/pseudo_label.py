@@ -93,20 +93,27 @@ def pseudo_label(opts: PseudoOptions, log: Callable[[str], None] = print) -> dic
 def split_predictions(run, split, device, batch_size: int, progress: bool = False, desc: str = "",
                       samples: Optional[range] = None, twin=None):
     """(rows, logits [B, K, H, W] float32, cached masks [B, H, W]) batch by batch over the split's
-    samples (all, or the given range), through the run's head. With `twin` (the split's mirrored
-    views), flip TTA: the logits are the log of the mean of the view's softmax and its mirror's,
-    flipped back (their softmax is that mean)."""
+    samples (all, or the given range), through the run's head (`head_predictions`)."""
+    return head_predictions(run.head, run.amp_dtype(device), run.grid, run.levels, split, device, batch_size, progress,
+                            desc, samples, twin)
+
+
+def head_predictions(head, amp, grid, levels: bool, split, device, batch_size: int, progress: bool = False,
+                     desc: str = "", samples: Optional[range] = None, twin=None):
+    """split_predictions for a head as a run or a trainer holds it (its autocast dtype, tap grid, and
+    whether it reads packed levels). With `twin` (the split's mirrored views), flip TTA: the logits
+    are the log of the mean of the view's softmax and its mirror's, flipped back (their softmax is
+    that mean)."""
     h, w = split.manifest["mask_shape"]
-    amp = run.amp_dtype(device)
     samples = samples if samples is not None else range(len(split))
     bar = progress_bar(enabled=progress, total=len(samples), unit="sample", desc=desc)
     with torch.inference_mode():
         for b0 in range(samples.start, samples.stop, batch_size):
             rows = np.arange(b0, min(b0 + batch_size, samples.stop))
-            tokens, masks = read_batch(split, rows, device, run.levels)
-            logits = head_logits(run.head, tokens, (h, w), amp, run.grid)
+            tokens, masks = read_batch(split, rows, device, levels)
+            logits = head_logits(head, tokens, (h, w), amp, grid)
             if twin is not None:
-                mirrored = head_logits(run.head, read_batch(twin, rows, device, run.levels)[0], (h, w), amp, run.grid)
+                mirrored = head_logits(head, read_batch(twin, rows, device, levels)[0], (h, w), amp, grid)
                 logits = ((logits.softmax(1) + mirrored.softmax(1).flip(-1)) / 2).clamp_min(1e-30).log()
             yield rows, logits, masks
             bar.update(len(rows))
@@ -152,7 +159,6 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log, twin)
     finally:
         tmp.unlink(missing_ok=True)
     pixels = len(split) * h * w
-    prior = cache.class_counts("train").sum(0) if "train" in cache.manifest["splits"] else None
     record = {
         "format": PSEUDO_FORMAT, "format_version": PSEUDO_VERSION,
         "cache": str(cache.path.resolve()), "split": opts.split,
@@ -167,7 +173,7 @@ def _label(opts: PseudoOptions, run, cache, split, out: Path, device, log, twin)
         "classes": names, "thresholds": thresholds.tolist(),
         "pixels": counts.tolist(), "coverage": float(counts.sum() / pixels),
         "shares": (counts / max(counts.sum(), 1)).tolist(),
-        "source_prior": (prior / max(prior.sum(), 1)).tolist() if prior is not None else None,
+        "source_prior": source_prior(cache),
         "teacher_confidence": [float(s / n) if n else None for s, n in zip(conf_sum, conf_n)],
         "teacher_pixels": conf_n.tolist(),
         "kept_label_accuracy": (right / kept_scored if kept_scored else None) if labelled else None,
@@ -192,6 +198,14 @@ def pseudo_table(record: dict) -> list[str]:
         rows.append(f"{name[:16]:16s} {t:9.3f} {share:7.1%} " + (f"{p:7.1%}" if p is not None else f"{'-':>7s}")
                     + (f" {conf:12.3f}" if conf is not None else f" {'-':>12s}"))
     return rows
+
+
+def source_prior(cache) -> Optional[list[float]]:
+    """The share of each class among the train split's pixels (after augmentation); None without one."""
+    if "train" not in cache.manifest["splits"]:
+        return None
+    prior = cache.class_counts("train").sum(0)
+    return (prior / max(prior.sum(), 1)).tolist()
 
 
 def describe_pseudo(folder: str | Path) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem
+from seg.adapt.guard import GuardSettings, drift_problem, label_problems, mean_confidence, shift_problem, verdict
 from seg.adapt.pseudo_label import PseudoOptions, pseudo_label, tta_twin
 from seg.adapt.record import MODES, RECORD, TABLE, adapt_output, load_state, measure, save_state
 from seg.backbones import file_sha256
@@ -111,8 +111,7 @@ def _rounds(opts: AdaptOptions, cache: FeatureCache, out: Path, log) -> dict:
         row["passed"] = not problems
         _save(out, state)
         if problems:
-            log(f"round {r}: STOPPED by the guard: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1
-                                                                      else "") + f"; keeping {teacher}")
+            log(f"round {r}: STOPPED by the guard: {verdict(problems)}; keeping {teacher}")
             break
         log(f"round {r}: passed; student val mIoU {row['val_miou']:.4f} (teacher {teacher_val:.4f}), "
             f"{row['coverage']:.1%} of target pixels labelled")
