@@ -27,7 +27,8 @@ from seg.infer.panels import compare_panel, legend_strip, present
 from seg.infer.segmenter import ImageFolderSamples, Segmenter, collate_samples
 from seg.infer.api import Predictor
 from seg.infer.runs import load_run
-from seg.infer.video import VIDEO_SUFFIXES, predict_video
+from seg.data.video_frames import VIDEO_SUFFIXES
+from seg.infer.video import predict_video
 from seg.runtime.progress import progress_bar
 
 

@@ -185,9 +185,10 @@ class Trainer:
             self.log(f"resuming {self.out} at epoch {st.start_epoch + 1}/{cfg.epochs}")
         if self.opts.online is not None:  # the teacher starts as the student, or as last.pt left it
             self.epochs.teacher = EmaTeacher(self.opts.online, self.head, len(self.names), self.grid)
-            if saved is not None and "ema_teacher" not in saved:
-                raise SegError(f"{self.out}: last.pt holds no EMA teacher (not an on-line student's run); cannot resume")
             if saved is not None:
+                if "ema_teacher" not in saved:
+                    raise SegError(f"{self.out}: last.pt holds no EMA teacher (not an on-line student's run); "
+                                   "cannot resume")
                 self.epochs.teacher.load_state_dict(saved["ema_teacher"])
         eff = self.rank_batch * self.rank_accum * self.d.world
         if cfg.warmup_note():

@@ -92,7 +92,7 @@ def test_api_refuses_a_run_without_best_pt(tmp_path):
 
 
 def test_video_in_annotated_video_out_with_every_frame(run_dir, dataset, tmp_path):
-    from seg.infer.video import frame_count
+    from seg.data.video_frames import frame_count
 
     files = list_split(dataset, "val")
     clip = tmp_path / "in" / "clip.avi"

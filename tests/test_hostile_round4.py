@@ -99,7 +99,7 @@ def write_video(path: Path, frames: int, colour: int, fourcc: str) -> None:
 
 
 def test_videos_with_one_name_get_outputs_of_their_own(phase3_run, tmp_path):
-    from seg.infer.video import frame_count
+    from seg.data.video_frames import frame_count
 
     a, b, c = tmp_path / "a" / "drive.mp4", tmp_path / "b" / "drive.mp4", tmp_path / "a" / "drive.avi"
     write_video(a, 2, 0, "mp4v")

@@ -9,6 +9,7 @@ import numpy as np
 from seg.cache import format as cf
 from seg.cache.reader import FeatureCache
 from seg.data.class_stats import describe_counts
+from seg.data.video_frames import parse_frame_name
 
 
 def describe(path: str | Path, class_stats: bool = True) -> list[str]:
@@ -92,7 +93,6 @@ def _unlabeled_source(s: dict) -> str:
         return f"the views of {s['flip_of']!r} flipped left-right, for a flip-TTA teacher"
     if s.get("layout") != "video" or not s["images"]:
         return f"images of {s['data_dir']}"
-    first = s["images"][0].rpartition("@")
-    step = (int(s["images"][1].rpartition("@")[2]) - int(first[2])) if len(s["images"]) > 1 else 0
-    return (f"frames {int(first[2])}" + (f", {int(first[2]) + step}, ..." if step else "")
-            + f" of {Path(s['data_dir']) / first[0]}")
+    video, first = parse_frame_name(s["images"][0])
+    step = parse_frame_name(s["images"][1])[1] - first if len(s["images"]) > 1 else 0
+    return f"frames {first}" + (f", {first + step}, ..." if step else "") + f" of {Path(s['data_dir']) / video}"

@@ -9,8 +9,7 @@ from typing import Callable
 
 import cv2
 
-from seg.data.file_names import check_utf8_name
-from seg.data.video_frames import VIDEO_SUFFIXES, frame_count, frames_of  # noqa: F401 (the API's names)
+from seg.data.video_frames import frames_of, open_video
 from seg.infer.api import Predictor
 from seg.runtime.atomic import write_atomic
 from seg.runtime.errors import SegError
@@ -24,8 +23,7 @@ def predict_video(path: Path, out_dir: Path, stem: str, predictor: Predictor, al
     overlay, at the input's frame rate; with frame_masks, `<stem>/NNNNNN.png` the colour masks. `stem`
     is the output name predict gave this video (unique among its inputs). The video is written
     under a temporary name and renamed when complete."""
-    check_utf8_name(path)
-    cap = cv2.VideoCapture(str(path))
+    cap = open_video(path)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     cap.release()

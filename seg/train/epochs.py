@@ -198,7 +198,6 @@ class EpochRunner:
         return sums[0].item() / max(sums[1].item(), 1), cm
 
 
-
 def _joined(source: tuple, target: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A source batch and a target batch as one: (tokens, masks, how many come first from the source)."""
     return torch.cat((source[0], target[0])), torch.cat((source[1], target[1])), len(source[0])

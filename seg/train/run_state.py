@@ -131,7 +131,6 @@ def resume_amp_dtype(recorded: Optional[str], current: Optional[str], choice: st
                        f"({exc}); resume it on a device that can, or start a new run") from None
 
 
-
 def refuse_non_finite(epoch: int, train_loss: float, val_loss: float, head, last_good: Callable[[], str]) -> None:
     """Never checkpoint weights or results that are not finite numbers."""
     bad = []
