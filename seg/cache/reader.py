@@ -25,8 +25,6 @@ from seg.data.classes import ClassTable
 from seg.runtime.errors import SegError
 
 
-
-
 class FeatureCache:
     """A complete cache directory; `split(name)` gives its samples."""
 
